@@ -1,0 +1,203 @@
+"""``python infer.py``: separate recordings, classify every source, write files, deliver events."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .config import DEFAULT_MODEL, SAMPLE_RATE, load_config
+from .errors import AstsepError
+
+log = logging.getLogger("astsep")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "separator.yaml"
+
+
+def default_outbox() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "astsep" / "outbox.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infer.py",
+        description="Separate recordings into sources with the AST-guided separator, classify each source "
+                    "(AudioSet label; danger / help / warning / other) and deliver the events to a backend.",
+    )
+    p.add_argument("-i", "--input", nargs="+", required=True, metavar="PATH",
+                   help="audio file(s) or folder(s) of audio files (WAV, FLAC, Ogg, … any rate, any channels)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="output folder (one input: files go straight in; several: one subfolder per input)")
+    p.add_argument("-m", "--model", default=None,
+                   help=f"AST model: Hub id or local folder saved with save_pretrained (default {DEFAULT_MODEL})")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="separator config (default configs/separator.yaml when present)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="device (default auto)")
+    p.add_argument("--max-passes", type=int, default=None, help="separation passes per window (default 3)")
+    p.add_argument("--min-eratio", type=float, default=None,
+                   help="stop when a pass removes less than this share of the energy (default 0.001)")
+    p.add_argument("--fast", action="store_true",
+                   help="bfloat16 AST and no compute on the zero-padded part of short windows")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="keep AST results on disk: re-running the same audio runs no AST forward")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickle (pytorch_model.bin) model weights; only for folders you trust")
+    p.add_argument("--debug", action="store_true", help="write debug_pass_K.png figures per pass")
+    p.add_argument("--backend-url", default=None, metavar="URL",
+                   help="POST every non-'other' event here (http/https); token from $ASTSEP_BACKEND_TOKEN")
+    p.add_argument("--user-id", default="0", help="user_id sent with events (default 0)")
+    p.add_argument("--angle", type=int, default=0, help="direction of arrival in degrees sent with events")
+    p.add_argument("--outbox", default=None, metavar="PATH",
+                   help=f"undelivered events wait here for a later run (default {default_outbox()})")
+    p.add_argument("--backend-timeout", type=float, default=5.0, help="seconds per request (default 5)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv for debug)")
+    return p
+
+
+def _setup_logging(args) -> None:
+    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
+                                              logging.INFO if args.verbose == 1 else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def _config(args):
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    overrides = {
+        "guide.model": args.model, "guide.device": args.device, "guide.cache_dir": args.cache_dir,
+        "separator.max_passes": args.max_passes, "separator.min_eratio": args.min_eratio,
+    }
+    cfg = load_config(path, overrides)
+    if args.fast:
+        cfg.guide.dtype = "bfloat16"
+        cfg.guide.trim_padding = True
+    if args.allow_pickle:
+        cfg.guide.allow_pickle = True
+    if cfg.separator.max_passes < 1:
+        raise AstsepError("--max-passes must be at least 1")
+    if not 0 <= cfg.separator.min_eratio < 1:
+        raise AstsepError("--min-eratio must be in [0, 1)")
+    return cfg
+
+
+def run(args) -> int:
+    from .audio import find_inputs, load_audio
+    from .pipeline import Pipeline
+
+    cfg = _config(args)
+    client = outbox = None
+    if args.backend_url:
+        from .backend import BackendClient, Outbox, validate_url
+
+        validate_url(args.backend_url)
+        client = BackendClient(args.backend_url, timeout=args.backend_timeout)
+        outbox_path = Path(args.outbox) if args.outbox else default_outbox()
+        outbox_path.parent.mkdir(parents=True, exist_ok=True)
+        outbox = Outbox(outbox_path)
+
+    inputs = find_inputs(args.input)
+    out_root = Path(args.output)
+    if out_root.exists() and not out_root.is_dir():
+        raise AstsepError(f"--output {out_root} exists and is not a folder")
+    stems = [p.stem for p in inputs]
+    multi = len(inputs) > 1
+
+    # Decode the first input before loading the model: a bad file fails in milliseconds.
+    t0 = time.perf_counter()
+    first = load_audio(inputs[0])
+    t_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pipe = Pipeline(cfg)
+    t_model = time.perf_counter() - t0
+    log.info("model %s loaded on %s in %.2f s", cfg.guide.model, pipe.guide.device, t_model)
+
+    failures = 0
+    show_bar = not args.quiet and (multi or first[0].numel() > 30 * SAMPLE_RATE)
+    bar = None
+    if show_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(inputs), unit="file", disable=None, file=sys.stderr)
+    for n, path in enumerate(inputs):
+        try:
+            t0 = time.perf_counter()
+            x, info = first if n == 0 else load_audio(path)
+            t_dec = t_first if n == 0 else time.perf_counter() - t0
+            result = pipe.run(x, str(path), info, keep_traces=args.debug)
+            result.stats["seconds"]["decode"] = round(t_dec, 4)
+            result.stats["seconds"]["model_load"] = round(t_model, 4)
+            sub = stems[n] if stems.count(stems[n]) == 1 else f"{stems[n]}_{n}"
+            out_dir = out_root / sub if multi else out_root
+            manifest = result.write(out_dir, debug=args.debug, config=cfg)
+            if client is not None:
+                _deliver(result, client, outbox, args, manifest)
+            summary = ", ".join(f"{e['label']} ({e['category']})" for e in result.events if e["kind"] == "source")
+            log.info("%s: %d source(s)%s -> %s", path, len(result.labels), f": {summary}" if summary else "", out_dir)
+            if not args.quiet:
+                print(f"{path} -> {out_dir}: {summary or 'no separated source'}", file=sys.stderr)
+        except AstsepError as exc:
+            failures += 1
+            print(f"astsep: error: {exc}", file=sys.stderr)
+            if not multi:
+                return exc.exit_code
+        finally:
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return 1 if failures else 0
+
+
+def _deliver(result, client, outbox, args, manifest: Path) -> None:
+    """Deliver after the files are written: delivery never blocks or loses separation output."""
+    from .audio import write_bytes_atomic
+    from .backend import deliver, flush
+
+    t0 = time.perf_counter()
+    earlier = flush(outbox, client)
+    report = deliver(result.events, client, outbox, user_id=args.user_id, angle=args.angle)
+    result.stats["delivery"] = {"earlier": earlier.to_dict(), "this_run": report.to_dict(),
+                                "seconds": round(time.perf_counter() - t0, 4)}
+    data = json.loads(manifest.read_text())
+    data["stats"]["delivery"] = result.stats["delivery"]
+    write_bytes_atomic(manifest, json.dumps(data, indent=2, allow_nan=False).encode())
+    log.info("delivery: %s", report.summary())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return run(args)
+    except AstsepError as exc:
+        print(f"astsep: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("astsep: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a bad input: still one line unless -v
+        if args.verbose:
+            raise
+        print(f"astsep: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

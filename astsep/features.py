@@ -1,0 +1,141 @@
+"""Spectral features on batched tensors: STFT/iSTFT for masking, slaney mel bands, and the AST fbank.
+
+Shapes: waveforms ``(B, N)`` samples at 16 kHz; STFTs ``(B, F, T)`` with ``F = n_fft // 2 + 1``
+bins and ``T = N // hop + 1`` frames (centred); mel powers ``(B, n_mels, T)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+import torchaudio.compliance.kaldi as kaldi
+import torchaudio.functional as AF
+
+from .config import SAMPLE_RATE, STFTConfig
+
+
+@functools.lru_cache(maxsize=8)
+def _hann(win_length: int, device: str) -> torch.Tensor:
+    return torch.hann_window(win_length, device=device)
+
+
+def stft(x: torch.Tensor, cfg: STFTConfig) -> torch.Tensor:
+    """Complex STFT ``(B, F, T)`` of ``(B, N)`` samples (Hann window, centred, reflect-free zero pad)."""
+    window = _hann(cfg.win_length, str(x.device)).to(x.dtype)
+    return torch.stft(
+        x, n_fft=cfg.n_fft, hop_length=cfg.hop, win_length=cfg.win_length, window=window,
+        center=True, pad_mode="constant", return_complex=True,
+    )
+
+
+def istft(spec: torch.Tensor, cfg: STFTConfig, length: int) -> torch.Tensor:
+    """Inverse of :func:`stft`: ``(B, F, T)`` complex to ``(B, length)`` samples."""
+    window = _hann(cfg.win_length, str(spec.device)).to(spec.real.dtype)
+    return torch.istft(
+        spec, n_fft=cfg.n_fft, hop_length=cfg.hop, win_length=cfg.win_length, window=window,
+        center=True, length=length,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_fb(n_freqs: int, n_mels: int, device: str) -> torch.Tensor:
+    # (F, M) slaney-normalised triangular filters, as the reference builds them
+    return AF.melscale_fbanks(n_freqs=n_freqs, f_min=0.0, f_max=SAMPLE_RATE / 2, n_mels=n_mels,
+                              sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney").to(device)
+
+
+def mel_filterbank(n_freqs: int, n_mels: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Slaney mel filter bank ``(F, M)``: ``mel_power = P^T @ fb``."""
+    return _mel_fb(n_freqs, n_mels, str(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_to_linear(n_freqs: int, n_mels: int, device: str) -> torch.Tensor:
+    fb = _mel_fb(n_freqs, n_mels, device)  # (F, M)
+    # Row-normalised so that a per-band value becomes a per-bin weighted average (0-1 stays 0-1).
+    # Bins no filter covers (DC) take the nearest band.
+    w = fb / fb.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    empty = fb.sum(dim=1) <= 1e-12
+    if bool(empty.any()):
+        nearest = fb.argmax(dim=1)
+        nearest[empty] = 0
+        w[empty] = F.one_hot(nearest[empty], n_mels).to(w.dtype)
+    return w
+
+
+def mel_to_linear(values: torch.Tensor, n_freqs: int) -> torch.Tensor:
+    """Map per-mel-band values ``(..., M)`` to per-STFT-bin values ``(..., F)`` (weighted average)."""
+    w = _mel_to_linear(n_freqs, values.shape[-1], str(values.device)).to(values.dtype)
+    return values @ w.T
+
+
+def mel_power(P: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """Mel band power ``(B, M, T)`` from STFT power ``(B, F, T)``."""
+    fb = mel_filterbank(P.shape[-2], n_mels, P.device).to(P.dtype)
+    return torch.einsum("bft,fm->bmt", P, fb)
+
+
+# --- AST fbank (Kaldi-compatible, batched) -------------------------------------------------------
+_FB_WIN = 400  # 25 ms at 16 kHz
+_FB_SHIFT = 160  # 10 ms
+_FB_PAD = 512  # next power of two of the window
+_PREEMPH = 0.97
+
+
+@functools.lru_cache(maxsize=4)
+def _kaldi_mel(n_mels: int, device: str) -> torch.Tensor:
+    banks, _ = kaldi.get_mel_banks(n_mels, _FB_PAD, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
+    banks = F.pad(banks, (0, 1))  # (M, 257): Nyquist column is zero, as in kaldi.fbank
+    return banks.to(device)
+
+
+def ast_fbank(x: torch.Tensor, n_mels: int = 128) -> torch.Tensor:
+    """Log-mel fbank ``(B, frames, n_mels)`` of ``(B, N)`` 16 kHz samples.
+
+    Matches ``torchaudio.compliance.kaldi.fbank(wave, htk_compat=True, window_type="hanning",
+    num_mel_bins=n_mels, use_energy=False, dither=0.0, frame_shift=10)`` as used by the AST feature
+    extractor, but batched and on any device. Inputs shorter than one 25 ms frame give 0 frames.
+    """
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    B, N = x.shape
+    n_frames = 0 if N < _FB_WIN else 1 + (N - _FB_WIN) // _FB_SHIFT
+    if n_frames == 0:
+        return x.new_zeros(B, 0, n_mels)
+    frames = x.unfold(1, _FB_WIN, _FB_SHIFT)[:, :n_frames]  # (B, T, W)
+    frames = frames - frames.mean(dim=-1, keepdim=True)  # remove DC offset
+    prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+    frames = frames - _PREEMPH * prev
+    window = torch.hann_window(_FB_WIN, periodic=False, device=x.device, dtype=x.dtype)
+    frames = frames * window
+    spec = torch.fft.rfft(frames, n=_FB_PAD).abs().pow(2)  # (B, T, 257)
+    mel = spec @ _kaldi_mel(n_mels, str(x.device)).to(spec.dtype).T
+    return torch.log(mel.clamp_min(torch.finfo(mel.dtype).eps))
+
+
+def n_frames(num_samples: int, hop: int) -> int:
+    """Number of centred STFT frames for a signal of ``num_samples``."""
+    return num_samples // hop + 1
+
+
+def ast_input(x: torch.Tensor, max_frames: int, mean: float, std: float, trim: bool) -> tuple[torch.Tensor, int]:
+    """Normalised AST input ``(B, frames, 128)`` and the number of frames that hold audio.
+
+    The log fbank is zero-padded, then normalised (as ``ASTFeatureExtractor`` does), to
+    ``max_frames``, or, with ``trim``, only to the next length the patch grid accepts
+    (16 + 10·k frames) so the AST spends no compute on padding.
+    """
+    fb = ast_fbank(x)
+    real = fb.shape[1]
+    if real > max_frames:
+        fb, real = fb[:, :max_frames], max_frames
+    target = max_frames
+    if trim:
+        k = max(0, math.ceil((max(real, 16) - 16) / 10))
+        target = min(max_frames, 16 + 10 * k)
+    if fb.shape[1] < target:
+        fb = F.pad(fb, (0, 0, 0, target - fb.shape[1]))
+    return (fb - mean) / (std * 2), real

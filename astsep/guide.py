@@ -1,0 +1,335 @@
+"""The AST guide: one forward gives class probabilities, where the model looks, and an embedding.
+
+``ASTGuide`` wraps an AudioSet-trained ``ASTForAudioClassification``. Per input window it returns
+
+- ``logits`` ``(B, C)``: the 527 AudioSet classes;
+- ``grid`` ``(B, Fp, Tp)``: the last layer's attention from the CLS token to the patch grid
+  (12 frequency × 101 time patches for a 10.24 s window), averaged over heads;
+- ``embedding`` ``(B, H)``: the pooled (CLS + distillation) representation.
+
+The model runs with SDPA attention (no attention maps are materialised in any layer); the last
+layer's CLS row is recomputed from that layer's input hidden states, which costs one
+``(1 × seq)`` attention row per head instead of the 2.3× slower eager path.
+
+Results are cached by content: a SHA-256 over the samples, the model's fingerprint and every
+setting that changes the output. The cache lives in memory (LRU) and optionally on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .audio import write_bytes_atomic
+from .config import GuideConfig
+from .errors import ModelError
+from .features import ast_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GuideOutput:
+    """Batched AST results. ``tp_valid`` time patches of ``grid`` cover real audio."""
+
+    logits: torch.Tensor  # (B, C) float32
+    grid: torch.Tensor  # (B, Fp, Tp) float32, rows sum to < 1 (CLS→patch share of attention)
+    embedding: torch.Tensor  # (B, H) float32
+    tp_valid: int
+
+    @property
+    def probs(self) -> torch.Tensor:
+        # AudioSet is multi-label; AST checkpoints are trained with BCE. The reference reports
+        # softmax probabilities, and its thresholds (0.7, 0.8) are calibrated on those.
+        return torch.softmax(self.logits, dim=-1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ModelError(f"unknown device {name!r} (use auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def load_ast_model(name_or_path: str, *, allow_pickle: bool = False):
+    """Load ``ASTForAudioClassification`` from a Hub id or a local folder, SDPA attention.
+
+    Local folders must hold ``config.json`` and safetensors weights; pickle weights
+    (``pytorch_model.bin``) are refused unless ``allow_pickle`` is set, since unpickling runs code.
+    Raises :class:`ModelError` with a message naming ``--model`` when the model cannot be had.
+    """
+    from transformers import ASTForAudioClassification
+
+    path = Path(name_or_path).expanduser()
+    hint = ("download it on a connected machine (e.g. `hf download MIT/ast-finetuned-audioset-10-10-0.4593 "
+            "--local-dir ast_model`) and pass the folder with --model ast_model")
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelError(f"model folder {path} has no config.json; --model takes a Hub id or a folder "
+                             "saved with save_pretrained()")
+        has_st = any(path.glob("*.safetensors"))
+        has_pickle = any(path.glob("pytorch_model*.bin"))
+        if not has_st and not (has_pickle and allow_pickle):
+            if has_pickle:
+                raise ModelError(f"model folder {path} holds only pickle weights (pytorch_model.bin), which can run "
+                                 "code when loaded; convert it to safetensors or pass --allow-pickle if you trust it")
+            raise ModelError(f"model folder {path} holds no weights (*.safetensors)")
+        kwargs = {"use_safetensors": has_st}
+        source = str(path)
+    else:
+        looks_like_path = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1)
+        if looks_like_path or name_or_path.count("/") > 1:
+            raise ModelError(f"model folder not found: {name_or_path} (--model takes a Hub id or a local folder)")
+        kwargs = {} if allow_pickle else {"use_safetensors": True}
+        source = name_or_path
+    if source == name_or_path:  # a Hub id: the local HF cache first, the network only if reachable
+        try:
+            return ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa",
+                                                             local_files_only=True, **kwargs)
+        except (OSError, ValueError):
+            if not _hub_reachable():
+                raise ModelError(f"cannot load AST model {name_or_path!r}: it is not in the local Hugging Face "
+                                 f"cache and the Hub cannot be reached; {hint}") from None
+    try:
+        model = ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load AST model {name_or_path!r} ({first[:160]}); no network or weights here? "
+                         f"{hint}") from exc
+    return model
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all (offline mode or no route: no)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _fingerprint(model) -> str:
+    h = hashlib.sha256()
+    h.update(str(getattr(model.config, "_name_or_path", "")).encode())
+    h.update(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in list(model.named_parameters())[:: max(1, len(list(model.parameters())) // 16)]:
+            h.update(name.encode())
+            flat = p.detach().float().reshape(-1)
+            h.update(flat[:64].cpu().numpy().tobytes())
+            h.update(repr(float(flat.sum())).encode())
+    return h.hexdigest()[:16]
+
+
+class _Cache:
+    """LRU in memory, content-addressed files on disk (``<dir>/<k[:2]>/<k>.pt``)."""
+
+    def __init__(self, size: int, directory: str | None):
+        self.size = size
+        self.mem: OrderedDict[str, dict] = OrderedDict()
+        self.dir = Path(directory).expanduser() if directory else None
+
+    def get(self, key: str) -> dict | None:
+        if key in self.mem:
+            self.mem.move_to_end(key)
+            return self.mem[key]
+        if self.dir is not None:
+            f = self.dir / key[:2] / f"{key}.pt"
+            if f.is_file():
+                try:
+                    item = torch.load(f, map_location="cpu", weights_only=True)
+                except Exception as exc:  # a torn or foreign file is a miss, never a crash
+                    log.warning("ignoring unreadable cache file %s: %s", f, exc)
+                    return None
+                self._remember(key, item)
+                return item
+        return None
+
+    def put(self, key: str, item: dict) -> None:
+        self._remember(key, item)
+        if self.dir is not None:
+            d = self.dir / key[:2]
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                import io
+
+                buf = io.BytesIO()
+                torch.save(item, buf)
+                write_bytes_atomic(d / f"{key}.pt", buf.getvalue())
+            except OSError as exc:
+                log.warning("cannot write AST cache to %s: %s", d, exc)
+
+    def _remember(self, key: str, item: dict) -> None:
+        self.mem[key] = item
+        self.mem.move_to_end(key)
+        while len(self.mem) > self.size:
+            self.mem.popitem(last=False)
+
+
+class ASTGuide:
+    """Runs the AST on batches of 16 kHz windows, with a content-addressed cache.
+
+    Counters: ``forwards`` (windows run through the AST), ``batches`` (AST calls),
+    ``cache_hits`` (windows answered from the cache).
+    """
+
+    def __init__(self, model, cfg: GuideConfig | None = None, name: str | None = None):
+        self.cfg = cfg or GuideConfig()
+        self.device = resolve_device(self.cfg.device)
+        if self.cfg.dtype not in ("float32", "bfloat16"):
+            raise ModelError(f"unknown guide dtype {self.cfg.dtype!r} (float32 or bfloat16)")
+        self.dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
+        self.model = model.to(self.device, self.dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.name = name or str(getattr(model.config, "_name_or_path", "") or "ast")
+        conf = model.config
+        self.max_frames = min(self.cfg.max_frames, conf.max_length)
+        self.freq_patches = (conf.num_mel_bins - conf.patch_size) // conf.frequency_stride + 1
+        self.time_patches = (conf.max_length - conf.patch_size) // conf.time_stride + 1
+        id2label = conf.id2label or {}
+        self.labels = [str(id2label.get(i, id2label.get(str(i), f"class_{i}"))) for i in range(conf.num_labels)]
+        self.fingerprint = _fingerprint(self.model)
+        self.cache = _Cache(self.cfg.cache_size, self.cfg.cache_dir)
+        self.forwards = 0
+        self.batches = 0
+        self.cache_hits = 0
+        self.forward_seconds = 0.0
+
+    @classmethod
+    def from_pretrained(cls, cfg: GuideConfig) -> "ASTGuide":
+        return cls(load_ast_model(cfg.model, allow_pickle=cfg.allow_pickle), cfg, name=cfg.model)
+
+    @classmethod
+    def from_model(cls, model, cfg: GuideConfig | None = None, name: str | None = None) -> "ASTGuide":
+        return cls(model, cfg, name)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def stats(self) -> dict:
+        return {"ast_forwards": self.forwards, "ast_batches": self.batches, "cache_hits": self.cache_hits,
+                "ast_seconds": round(self.forward_seconds, 4)}
+
+    # --- cache keys ---------------------------------------------------------------------------
+    def _settings(self) -> bytes:
+        return json.dumps({"fp": self.fingerprint, "dtype": self.cfg.dtype, "trim": self.cfg.trim_padding,
+                           "max_frames": self.max_frames, "mean": self.cfg.fbank_mean, "std": self.cfg.fbank_std,
+                           "v": 1}, sort_keys=True).encode()
+
+    def key(self, x: torch.Tensor) -> str:
+        h = hashlib.sha256(self._settings())
+        h.update(str(x.numel()).encode())
+        h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    # --- forward ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> GuideOutput:
+        """Guide a batch ``(B, N)`` of 16 kHz windows of equal length (at most 10.24 s are seen)."""
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        keys = [self.key(row) for row in x]
+        found = [self.cache.get(k) for k in keys]
+        miss = [i for i, f in enumerate(found) if f is None]
+        self.cache_hits += len(keys) - len(miss)
+        if miss:
+            fresh = self._forward(x[miss].to(self.device))
+            for j, i in enumerate(miss):
+                item = {name: t[j].detach().to("cpu", torch.float32).clone() for name, t in fresh.items()}
+                self.cache.put(keys[i], item)
+                found[i] = item
+        tp_valid = self._valid_patches(x.shape[-1])
+        grid = torch.stack([f["grid"] for f in found])
+        return GuideOutput(
+            logits=torch.stack([f["logits"] for f in found]),
+            grid=grid,
+            embedding=torch.stack([f["embedding"] for f in found]),
+            tp_valid=min(tp_valid, grid.shape[-1]),
+        )
+
+    def _valid_patches(self, num_samples: int) -> int:
+        conf = self.model.config
+        frames = 0 if num_samples < 400 else 1 + (num_samples - 400) // 160
+        frames = min(max(frames, 1), self.max_frames)
+        return max(1, min(self.time_patches, math.ceil(max(frames - conf.patch_size, 0) / conf.time_stride) + 1))
+
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        feats, _ = ast_input(x.float(), self.max_frames, cfg.fbank_mean, cfg.fbank_std, trim=cfg.trim_padding)
+        feats = feats.to(self.dtype)
+        self.forwards += x.shape[0]
+        self.batches += 1
+        t0 = time.perf_counter()
+        out = self.forward_features(feats)
+        if out["logits"].is_cuda:
+            torch.cuda.synchronize()
+        self.forward_seconds += time.perf_counter() - t0
+        return out
+
+    def forward_features(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """AST forward on normalised fbank ``(B, frames, mel)``; ``frames`` may be fewer than the
+        model's ``max_length`` (the position embeddings of the missing time patches are dropped)."""
+        ast = self.model.audio_spectrogram_transformer
+        emb = ast.embeddings
+        B = feats.shape[0]
+        patches = emb.patch_embeddings(feats)  # (B, Fp*Tp', H), frequency-major
+        H = patches.shape[-1]
+        Fp, Tp = self.freq_patches, self.time_patches
+        tp = patches.shape[1] // Fp
+        pos = emb.position_embeddings
+        patch_pos = pos[:, 2:]
+        if tp != Tp:
+            patch_pos = patch_pos.reshape(1, Fp, Tp, H)[:, :, :tp].reshape(1, Fp * tp, H)
+        h = torch.cat([
+            emb.cls_token.expand(B, -1, -1) + pos[:, :1],
+            emb.distillation_token.expand(B, -1, -1) + pos[:, 1:2],
+            patches + patch_pos,
+        ], dim=1)
+        for layer in ast.layers[:-1]:
+            h = layer(h, None)
+        last = ast.layers[-1]
+        grid = self._cls_attention(last, h)[:, 2:].reshape(B, Fp, tp)
+        h = last(h, None)
+        seq = ast.layernorm(h)
+        pooled = (seq[:, 0] + seq[:, 1]) / 2
+        logits = self.model.classifier(pooled)
+        if tp != Tp:  # keep a fixed grid shape for callers; missing patches attended nothing
+            grid = torch.nn.functional.pad(grid, (0, Tp - tp))
+        return {"logits": logits.float(), "grid": grid.float(), "embedding": pooled.float()}
+
+    @staticmethod
+    def _cls_attention(layer, h: torch.Tensor) -> torch.Tensor:
+        """Head-averaged attention row of the CLS token ``(B, seq)`` in ``layer``, from its input."""
+        attn = layer.attention
+        x = layer.layernorm_before(h)
+        B, S, _ = x.shape
+        nh, hd = attn.num_attention_heads, attn.head_dim
+        q = attn.q_proj(x[:, :1]).view(B, 1, nh, hd).transpose(1, 2).float()  # (B, nh, 1, hd)
+        k = attn.k_proj(x).view(B, S, nh, hd).transpose(1, 2).float()  # (B, nh, S, hd)
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling
+        return scores.softmax(dim=-1).mean(dim=1)[:, 0]  # (B, S)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled AST embedding ``(B, H)`` of ``(B, N)`` windows (cached like every forward)."""
+        return self(x).embedding

@@ -1,0 +1,91 @@
+"""Separation metrics and the training loss, as pure batched functions of waveforms.
+
+Every function takes estimates and references of shape ``(..., N)`` samples and returns one value
+per signal, shape ``(...)``, in dB. They are plain tensor code (differentiable, any device), so the
+loss and the validation metrics are the same functions.
+
+- ``sdr``: plain signal-to-distortion ratio, ``10 log10(|s|^2 / |s - ŝ|^2)`` (the "SDR" of
+  AudioSep / CLAPSep training code; identical to ``torchmetrics``' ``signal_noise_ratio`` with
+  ``zero_mean=False``, *not* the BSS-eval ``signal_distortion_ratio``).
+- ``si_sdr``: scale-invariant SDR (Le Roux et al. 2019): the reference is rescaled to its
+  least-squares projection of the estimate first.
+- ``sdri`` / ``si_sdri``: improvement over the unprocessed mixture, ``metric(ŝ, s) - metric(x, s)``.
+- ``sdr_sisdr_loss``: CLAPSep's ``-λ·SDR - (1-λ)·SI-SDR``, averaged over the batch.
+
+``eps`` (default: the dtype's machine epsilon, as torchmetrics does) keeps silence and perfect
+reconstructions finite.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sdr", "si_sdr", "sdri", "si_sdri", "sdr_sisdr_loss", "separation_metrics"]
+
+
+def _eps(x: torch.Tensor, eps: float | None) -> float:
+    return torch.finfo(x.dtype).eps if eps is None else eps
+
+
+def _check(estimate: torch.Tensor, reference: torch.Tensor) -> None:
+    if estimate.shape != reference.shape:
+        raise ValueError(f"estimate {tuple(estimate.shape)} and reference {tuple(reference.shape)} differ in shape")
+
+
+def sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """Plain SDR in dB, ``(..., N) -> (...)``."""
+    _check(estimate, reference)
+    e = _eps(estimate, eps)
+    signal = reference.pow(2).sum(dim=-1)
+    noise = (reference - estimate).pow(2).sum(dim=-1)
+    return 10.0 * torch.log10((signal + e) / (noise + e))
+
+
+def si_sdr(estimate: torch.Tensor, reference: torch.Tensor, zero_mean: bool = False,
+           eps: float | None = None) -> torch.Tensor:
+    """Scale-invariant SDR in dB, ``(..., N) -> (...)``.
+
+    ``zero_mean`` removes each signal's mean first (torchmetrics' option of the same name).
+    """
+    _check(estimate, reference)
+    e = _eps(estimate, eps)
+    if zero_mean:
+        estimate = estimate - estimate.mean(dim=-1, keepdim=True)
+        reference = reference - reference.mean(dim=-1, keepdim=True)
+    alpha = ((estimate * reference).sum(dim=-1, keepdim=True) + e) / (reference.pow(2).sum(dim=-1, keepdim=True) + e)
+    projection = alpha * reference
+    noise = projection - estimate
+    return 10.0 * torch.log10((projection.pow(2).sum(dim=-1) + e) / (noise.pow(2).sum(dim=-1) + e))
+
+
+def sdri(estimate: torch.Tensor, mixture: torch.Tensor, reference: torch.Tensor,
+         eps: float | None = None) -> torch.Tensor:
+    """SDR improvement over the mixture in dB, ``(..., N) -> (...)``."""
+    return sdr(estimate, reference, eps) - sdr(mixture, reference, eps)
+
+
+def si_sdri(estimate: torch.Tensor, mixture: torch.Tensor, reference: torch.Tensor,
+            zero_mean: bool = False, eps: float | None = None) -> torch.Tensor:
+    """SI-SDR improvement over the mixture in dB, ``(..., N) -> (...)``."""
+    return si_sdr(estimate, reference, zero_mean, eps) - si_sdr(mixture, reference, zero_mean, eps)
+
+
+def sdr_sisdr_loss(estimate: torch.Tensor, reference: torch.Tensor, sdr_weight: float = 0.5,
+                   eps: float | None = None) -> torch.Tensor:
+    """``-λ·SDR - (1-λ)·SI-SDR`` averaged over all signals; a scalar (lower is better).
+
+    ``sdr_weight`` is λ (CLAPSep uses 0.5). Computed in float32 even under mixed precision.
+    """
+    if not 0.0 <= sdr_weight <= 1.0:
+        raise ValueError(f"sdr_weight must be in [0, 1], got {sdr_weight}")
+    estimate, reference = estimate.float(), reference.float()
+    value = -sdr_weight * sdr(estimate, reference, eps) - (1.0 - sdr_weight) * si_sdr(estimate, reference, eps=eps)
+    return value.mean()
+
+
+def separation_metrics(estimate: torch.Tensor, mixture: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All four metrics of an estimate: ``{"sdr", "sdri", "si_sdr", "si_sdri"}``, each ``(...)`` dB."""
+    estimate, mixture, reference = estimate.float(), mixture.float(), reference.float()
+    s_est, s_mix = sdr(estimate, reference), sdr(mixture, reference)
+    si_est, si_mix = si_sdr(estimate, reference), si_sdr(mixture, reference)
+    return {"sdr": s_est, "sdri": s_est - s_mix, "si_sdr": si_est, "si_sdri": si_est - si_mix}

@@ -1,0 +1,480 @@
+"""From a recording to sources, events and files: windows, batched separation, cross-fade, output.
+
+``separate()`` is the functional API under ``infer.py``::
+
+    result = astsep.separate("recording.wav")            # or a tensor plus sample_rate
+    result.sources        # {"00_Speech": tensor (N,), …, "03_residual": tensor (N,)}
+    result.events         # list of event dicts (see README)
+    result.write("out/")  # NN_<label>.wav …, events.json
+
+Long inputs are cut into 10.24 s windows that overlap by ``window.overlap_sec`` and are spread
+evenly over the file; each window is separated on its own (windows of a file go through the AST
+together, one batched forward per pass) and the windows are cross-faded back with weights that
+sum to one at every sample. Sources with the same AudioSet class share one output file. The
+residual is the input minus every source, in the time domain, so the files add back up to the
+16 kHz mono input exactly (float32 WAV).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .audio import AudioInfo, dbfs, load_audio, to_mono_16k, validate, write_bytes_atomic, write_wav_atomic
+from .config import SAMPLE_RATE, AstsepConfig, load_config
+from .errors import AudioError, OutputError
+from .events import active_span, event_id, safe_name
+from .guide import ASTGuide
+from .separator import BatchSeparation, Separator
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "events.json"
+LOCK = ".astsep.lock"
+
+
+# --- windows ----------------------------------------------------------------------------------
+def window_starts(n: int, win: int, overlap: int) -> list[int]:
+    """Start samples of windows of ``win`` samples covering ``n`` samples, spread evenly so that
+    neighbours overlap by at least ``overlap`` samples. One window when ``n <= win``."""
+    if n <= win:
+        return [0]
+    hop = max(1, win - overlap)
+    count = math.ceil((n - win) / hop) + 1
+    return [round(i * (n - win) / (count - 1)) for i in range(count)]
+
+
+def crossfade_weights(starts: list[int], win: int, n: int, ramp: int) -> list[torch.Tensor]:
+    """Per-window weights ``(min(win, n),)`` that sum to exactly one at every sample of the file:
+    trapezoids with linear ramps of ``ramp`` samples (none at the file's ends), normalised by
+    their sum over all windows covering each sample."""
+    length = min(win, n)
+    ramp = max(1, min(ramp, length // 2))
+    t = torch.arange(length, dtype=torch.float64)
+    raw = []
+    for s in starts:
+        up = torch.ones(length, dtype=torch.float64) if s == 0 else ((t + 0.5) / ramp).clamp(max=1)
+        down = torch.ones(length, dtype=torch.float64) if s + length >= n else ((length - t - 0.5) / ramp).clamp(max=1)
+        raw.append(torch.minimum(up, down))
+    out = []
+    for i, s in enumerate(starts):
+        denom = raw[i].clone()
+        for j, s2 in enumerate(starts):
+            if j == i or s2 >= s + length or s2 + length <= s:
+                continue
+            lo, hi = max(s, s2), min(s, s2) + length
+            denom[lo - s:hi - s] += raw[j][lo - s2:hi - s2]
+        out.append((raw[i] / denom).float())
+    return out
+
+
+# --- results ----------------------------------------------------------------------------------
+@dataclass
+class Track:
+    """One output file: the sum of (cross-faded) sources of one class, or the residual."""
+
+    index: int
+    label: str
+    class_id: int
+    kind: str  # "source" | "residual"
+    segments: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (start sample, samples)
+
+    @property
+    def filename(self) -> str:
+        return f"{self.index:02d}_{safe_name(self.label, 'sound')}.wav"
+
+    def render(self, n: int) -> torch.Tensor:
+        out = torch.zeros(n)
+        for s, seg in self.segments:
+            out[s:s + seg.numel()] += seg
+        return out
+
+
+@dataclass
+class SeparationResult:
+    """Everything one input gave: tracks (sources + residual), events and run statistics."""
+
+    input: str
+    audio: torch.Tensor  # (N,) the 16 kHz mono input
+    tracks: list[Track]
+    events: list[dict]
+    stats: dict
+    traces: list[tuple[int, int, Any]] = field(default_factory=list)  # (window, start, BatchSeparation item)
+    _residual: torch.Tensor | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.audio.numel())
+
+    @property
+    def residual(self) -> torch.Tensor:
+        if self._residual is None:
+            total = torch.zeros(self.num_samples)
+            for tr in self.tracks:
+                if tr.kind == "source":
+                    for s, seg in tr.segments:
+                        total[s:s + seg.numel()] += seg
+            self._residual = self.audio - total
+        return self._residual
+
+    @property
+    def sources(self) -> dict[str, torch.Tensor]:
+        """``{file stem: samples (N,)}`` for every output file, residual last."""
+        out = {}
+        for tr in self.tracks:
+            out[tr.filename[:-4]] = self.residual if tr.kind == "residual" else tr.render(self.num_samples)
+        return out
+
+    @property
+    def labels(self) -> list[str]:
+        return [tr.label for tr in self.tracks if tr.kind == "source"]
+
+    def manifest(self) -> dict:
+        return {"astsep_version": __version__, "files": [tr.filename for tr in self.tracks], "events": self.events,
+                "stats": self.stats}
+
+    def write(self, out_dir: str | os.PathLike, debug: bool = False, config: AstsepConfig | None = None) -> Path:
+        """Write the files and ``events.json`` into ``out_dir`` (see :func:`write_outputs`)."""
+        return write_outputs(self, Path(out_dir), debug=debug, config=config)
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+class Pipeline:
+    """Holds the configuration, the AST guide (and its cache) and the separator."""
+
+    def __init__(self, cfg: AstsepConfig | None = None, guide: ASTGuide | None = None):
+        self.cfg = cfg or AstsepConfig()
+        self.guide = guide if guide is not None else ASTGuide.from_pretrained(self.cfg.guide)
+        self.separator = Separator(self.cfg, self.guide)
+
+    def run(self, audio: torch.Tensor, name: str = "<tensor>", info: AudioInfo | None = None,
+            keep_traces: bool = False, progress: Callable[[int], None] | None = None) -> SeparationResult:
+        """Separate ``audio`` ``(N,)`` (16 kHz mono float32, validated)."""
+        cfg, sc = self.cfg, self.cfg.separator
+        t_start = time.perf_counter()
+        g0 = dict(self.guide.stats())
+        x = audio.float().cpu()
+        n = x.numel()
+        win = int(round(cfg.window.window_sec * SAMPLE_RATE))
+        ovl = int(round(cfg.window.overlap_sec * SAMPLE_RATE))
+        starts = window_starts(n, win, ovl)
+        length = min(win, n)
+        weights = crossfade_weights(starts, win, n, ovl)
+        total_energy = float(x.double().pow(2).sum())
+        input_key = self.guide.key(x) if n <= 4 * win else f"{name}:{n}:{float(x.double().sum()):.10e}"
+
+        tracks: dict[int, Track] = {}
+        events: list[dict] = []
+        residual_cls: list[dict | None] = []
+        traces: list[tuple[int, int, Any]] = []
+        residual_forwards = 0
+        t_sep = t_res = 0.0
+        device = self.guide.device
+        bw = max(1, cfg.window.batch_windows)
+        for c0 in range(0, len(starts), bw):
+            chunk = starts[c0:c0 + bw]
+            xb = torch.stack([x[s:s + length] for s in chunk]).to(device)
+            t0 = time.perf_counter()
+            out = self.separator.separate_batch(xb, keep_traces=keep_traces)
+            t_sep += time.perf_counter() - t0
+            # windowed sources and residuals
+            src = out.sources.cpu()
+            res = out.residual.cpu()
+            t0 = time.perf_counter()
+            before = self.guide.forwards
+            cls = self._classify_residuals(res, xb.cpu(), out.silent.cpu())
+            residual_forwards += self.guide.forwards - before
+            t_res += time.perf_counter() - t0
+            for j, s in enumerate(chunk):
+                w_idx = c0 + j
+                wgt = weights[w_idx]
+                residual_cls.append(cls[j])
+                if keep_traces:
+                    traces.append((w_idx, s, _slice_item(out, j)))
+                for k in range(out.kept.shape[1]):
+                    if not bool(out.kept[j, k]):
+                        continue
+                    cid = int(out.class_ids[j, k])
+                    seg = src[j, k] * wgt
+                    tr = tracks.get(cid)
+                    if tr is None:
+                        tr = tracks[cid] = Track(len(tracks), self.guide.labels[cid], cid, "source")
+                    tr.segments.append((s, seg))
+                    events.append(self._event(tr, seg, s, w_idx, k, out, j, total_energy, input_key))
+            if progress:
+                progress(len(chunk))
+
+        # residual track: named by its class when every classified window agrees confidently
+        confident = [c for c in residual_cls if c is not None and c["confidence"] >= sc.residual_confidence]
+        classified = [c for c in residual_cls if c is not None]
+        same = bool(classified) and len(confident) == len(classified) and len({c["class_id"] for c in confident}) == 1
+        res_label = confident[0]["label"] if same else "residual"
+        res_track = Track(len(tracks), res_label, confident[0]["class_id"] if same else -1, "residual")
+        result = SeparationResult(name, x, list(tracks.values()) + [res_track], events, {}, traces)
+        resid = result.residual
+        for w_idx, s in enumerate(starts):
+            seg = resid[s:s + length] * weights[w_idx]
+            events.append(self._residual_event(res_track, seg, s, w_idx, residual_cls[w_idx], total_energy,
+                                               input_key, silent=dbfs(x[s:s + length]) < sc.silence_dbfs))
+
+        g1 = self.guide.stats()
+        result.stats = {
+            "input": name,
+            "duration_sec": round(n / SAMPLE_RATE, 4),
+            "input_sample_rate": info.sample_rate if info else SAMPLE_RATE,
+            "input_channels": info.channels if info else 1,
+            "input_duration_sec": round(info.duration_sec, 4) if info else round(n / SAMPLE_RATE, 4),
+            "output_sample_rate": SAMPLE_RATE,
+            "model": self.guide.name,
+            "device": str(self.guide.device),
+            "dtype": self.guide.cfg.dtype,
+            "windows": len(starts),
+            "passes_max": sc.max_passes,
+            "ast_forwards": g1["ast_forwards"] - g0["ast_forwards"],
+            "ast_forwards_separation": g1["ast_forwards"] - g0["ast_forwards"] - residual_forwards,
+            "ast_forwards_residual": residual_forwards,
+            "residuals_classified": sum(1 for c in residual_cls if c is not None),
+            "ast_batches": g1["ast_batches"] - g0["ast_batches"],
+            "cache_hits": g1["cache_hits"] - g0["cache_hits"],
+            "sources": len(tracks),
+            "silent": bool(all(e.get("silent") for e in events if e["kind"] == "residual")) and not tracks,
+            "seconds": {
+                "separate": round(t_sep, 4),
+                "ast": round(g1["ast_seconds"] - g0["ast_seconds"], 4),
+                "classify_residual": round(t_res, 4),
+                "total": round(time.perf_counter() - t_start, 4),
+            },
+        }
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    def _classify_residuals(self, res: torch.Tensor, xb: torch.Tensor, silent: torch.Tensor) -> list[dict | None]:
+        """Classify the residual of each window when it holds enough energy to be a sound."""
+        sc = self.cfg.separator
+        e_res = res.double().pow(2).sum(dim=1)
+        e_in = xb.double().pow(2).sum(dim=1).clamp_min(1e-30)
+        rms_db = 10 * torch.log10(res.double().pow(2).mean(dim=1).clamp_min(1e-30))
+        cand = (~silent) & (e_res / e_in >= sc.residual_min_share) & (rms_db >= sc.silence_dbfs)
+        out: list[dict | None] = [None] * res.shape[0]
+        idx = cand.nonzero().squeeze(1).tolist()
+        if not idx:
+            return out
+        g = self.guide(res[idx].to(self.guide.device))
+        probs = g.probs.cpu()
+        for r, i in enumerate(idx):
+            p, c = probs[r].max(dim=-1)
+            tp, ti = probs[r].topk(min(5, probs.shape[-1]))
+            out[i] = {"class_id": int(c), "label": self.guide.labels[int(c)], "confidence": float(p),
+                      "top5": [{"label": self.guide.labels[int(a)], "class_id": int(a), "prob": round(float(b), 6)}
+                               for a, b in zip(ti, tp)]}
+        return out
+
+    def _event(self, tr: Track, seg: torch.Tensor, start: int, w_idx: int, k: int, out: BatchSeparation, j: int,
+               total_energy: float, input_key: str) -> dict:
+        sc = self.cfg.separator
+        cid = int(out.class_ids[j, k])
+        span = active_span(seg, sc.active_threshold_db, sc.silence_dbfs)
+        s0, s1 = span if span else (0.0, seg.numel() / SAMPLE_RATE)
+        t5 = [{"label": self.guide.labels[int(a)], "class_id": int(a), "prob": round(float(b), 6)}
+              for a, b in zip(out.top5_ids[j, k].tolist(), out.top5_probs[j, k].tolist()) if a >= 0]
+        return {
+            "event_id": event_id(input_key, w_idx, k),
+            "kind": "source",
+            "file": tr.filename,
+            "pass": k + 1,
+            "window": w_idx,
+            "window_start_sec": round(start / SAMPLE_RATE, 4),
+            "start_sec": round(start / SAMPLE_RATE + s0, 3),
+            "end_sec": round(start / SAMPLE_RATE + s1, 3),
+            "label": self.guide.labels[cid],
+            "class_id": cid,
+            "confidence": round(float(out.confidences[j, k]), 6),
+            "top5": t5,
+            "category": self.cfg.categories.category(cid),
+            "level_dbfs": _round_db(dbfs(seg)),
+            "energy_share": round(float(seg.double().pow(2).sum()) / max(total_energy, 1e-30), 6),
+            "model": f"baseline:{self.guide.name}",
+        }
+
+    def _residual_event(self, tr: Track, seg: torch.Tensor, start: int, w_idx: int, cls: dict | None,
+                        total_energy: float, input_key: str, silent: bool) -> dict:
+        sc = self.cfg.separator
+        span = active_span(seg, sc.active_threshold_db, sc.silence_dbfs)
+        s0, s1 = span if span else (0.0, 0.0)
+        confident = cls is not None and cls["confidence"] >= sc.residual_confidence
+        return {
+            "event_id": event_id(input_key, w_idx, "residual"),
+            "kind": "residual",
+            "file": tr.filename,
+            "pass": None,
+            "window": w_idx,
+            "window_start_sec": round(start / SAMPLE_RATE, 4),
+            "start_sec": round(start / SAMPLE_RATE + s0, 3) if span else None,
+            "end_sec": round(start / SAMPLE_RATE + s1, 3) if span else None,
+            "label": cls["label"] if cls else ("silence" if silent else "residual"),
+            "class_id": cls["class_id"] if cls else -1,
+            "confidence": round(cls["confidence"], 6) if cls else None,
+            "top5": cls["top5"] if cls else [],
+            "category": self.cfg.categories.category(cls["class_id"]) if confident else "other",
+            "classified": cls is not None,
+            "confident": bool(confident),
+            "silent": bool(silent),
+            "level_dbfs": _round_db(dbfs(seg)),
+            "energy_share": round(float(seg.double().pow(2).sum()) / max(total_energy, 1e-30), 6),
+            "model": f"baseline:{self.guide.name}",
+        }
+
+
+def _round_db(v: float) -> float | None:
+    return round(v, 2) if math.isfinite(v) else None
+
+
+def _slice_item(out: BatchSeparation, j: int) -> dict:
+    return {"traces": [{name: (getattr(tr, name)[j] if isinstance(getattr(tr, name), torch.Tensor) else
+                               getattr(tr, name)) for name in tr.__dataclass_fields__} for tr in out.traces],
+            "sources": out.sources[j].cpu(), "residual": out.residual[j].cpu(), "labels": out.labels[j]}
+
+
+# --- writing ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def output_lock(out_dir: Path):
+    """Exclusive lock on ``out_dir`` for one run; a second run at the same time is refused."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(out_dir / LOCK, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"another astsep run is writing to {out_dir}; wait for it or choose another --output")
+        yield
+    finally:
+        fh.close()
+
+
+def write_outputs(result: SeparationResult, out_dir: Path, debug: bool = False,
+                  config: AstsepConfig | None = None) -> Path:
+    """Write every track as float32 WAV and ``events.json`` into ``out_dir``.
+
+    Files are written into a hidden staging folder inside ``out_dir`` first, then renamed into
+    place, ``events.json`` last; files a previous run listed in its ``events.json`` and this run
+    does not produce are removed afterwards. Returns the path of ``events.json``.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+    with output_lock(out_dir):
+        t0 = time.perf_counter()
+        stage = Path(tempfile.mkdtemp(prefix=".astsep-stage-", dir=str(out_dir)))
+        try:
+            new_files = []
+            for tr in result.tracks:
+                samples = result.residual if tr.kind == "residual" else tr.render(result.num_samples)
+                write_wav_atomic(stage / tr.filename, samples)
+                new_files.append(tr.filename)
+            if debug:
+                from .viz import debug_figures
+
+                new_files += debug_figures(result, stage, config)
+            result.stats["seconds"]["write"] = round(time.perf_counter() - t0, 4)
+            manifest = result.manifest()
+            manifest["files"] = new_files
+            old = _old_files(out_dir)
+            for name in new_files:
+                os.replace(stage / name, out_dir / name)
+            write_bytes_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2, allow_nan=False).encode())
+            for name in old - set(new_files):
+                with contextlib.suppress(OSError):
+                    (out_dir / name).unlink()
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return out_dir / MANIFEST
+
+
+def _old_files(out_dir: Path) -> set[str]:
+    f = out_dir / MANIFEST
+    if not f.is_file():
+        return set()
+    try:
+        names = json.loads(f.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and not n.startswith(".")}
+
+
+# --- functional API -------------------------------------------------------------------------
+_PIPELINES: dict[tuple, Pipeline] = {}
+
+
+def get_pipeline(cfg: AstsepConfig) -> Pipeline:
+    """A process-wide pipeline per (model, device, dtype, trim, cache dir): the model is loaded
+    once and its cache is shared by every call."""
+    g = cfg.guide
+    key = (g.model, g.device, g.dtype, g.trim_padding, g.cache_dir, g.allow_pickle)
+    pipe = _PIPELINES.get(key)
+    if pipe is None:
+        pipe = _PIPELINES[key] = Pipeline(cfg)
+    else:
+        pipe.cfg = cfg
+        pipe.separator.cfg = cfg
+    return pipe
+
+
+def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: int | None = None, *,
+             model: str | None = None, config: AstsepConfig | str | os.PathLike | None = None,
+             guide: ASTGuide | None = None, max_passes: int | None = None, min_eratio: float | None = None,
+             device: str | None = None, cache_dir: str | None = None, keep_traces: bool = False) -> SeparationResult:
+    """Separate a recording into sources, classify them, and describe them as events.
+
+    Args:
+        audio: a path to any file soundfile decodes, or samples: ``(N,)`` or ``(N, channels)``.
+        sample_rate: rate of ``audio`` in Hz when it is samples (required then); ignored for paths.
+        model: AST Hub id or local folder (default: the config's, ``MIT/ast-finetuned-audioset-10-10-0.4593``).
+        config: an :class:`AstsepConfig` or a YAML path (``configs/separator.yaml``).
+        guide: an already built :class:`ASTGuide` (tests, notebooks); overrides ``model``.
+        max_passes, min_eratio, device, cache_dir: override the config.
+        keep_traces: keep per-pass internals (needed for debug figures).
+
+    Returns:
+        :class:`SeparationResult` with ``sources``, ``labels``, ``events``, ``stats``; ``write(dir)``
+        writes the files.
+    """
+    cfg = config if isinstance(config, AstsepConfig) else load_config(config)
+    overrides = {"separator.max_passes": max_passes, "separator.min_eratio": min_eratio, "guide.model": model,
+                 "guide.device": device, "guide.cache_dir": cache_dir}
+    for dotted, value in overrides.items():
+        if value is not None:
+            section, key = dotted.split(".")
+            setattr(getattr(cfg, section), key, value)
+    t0 = time.perf_counter()
+    info = None
+    if isinstance(audio, (str, os.PathLike)):
+        x, info = load_audio(audio)
+        name = str(audio)
+    else:
+        if sample_rate is None:
+            raise AudioError("sample_rate is required when audio is given as samples")
+        arr = audio.detach().cpu() if isinstance(audio, torch.Tensor) else torch.as_tensor(np.asarray(audio))
+        validate(arr.float().reshape(-1), "<samples>")
+        x = to_mono_16k(arr, int(sample_rate))
+        validate(x, "<samples>")
+        name = "<samples>"
+    t_load = time.perf_counter() - t0
+    pipe = Pipeline(cfg, guide) if guide is not None else get_pipeline(cfg)
+    result = pipe.run(x, name, info, keep_traces=keep_traces)
+    result.stats["seconds"]["decode"] = round(t_load, 4)
+    return result

@@ -1,0 +1,176 @@
+"""The trainable mask refiner: a small FiLM-conditioned 2-D U-Net.
+
+It looks at the mixture's log-magnitude STFT and the baseline separator's K masks, and is told
+*which* source to return by a query embedding (CLAP text or audio, or an AST audio embedding).
+Conditioning follows CLAPSep: a positive query (the sound to keep) and an optional negative query
+(a sound to remove); the network sees ``[pos·p, p, neg·n, n]`` where ``p``/``n`` are 0/1 flags
+saying whether each query is present, so "no negative" is distinguishable from a zero embedding.
+Every convolution block is followed by FiLM (per-channel ``γ``, ``β`` from the condition;
+``γ`` starts at 1 and ``β`` at 0, so an untrained network ignores the query).
+
+Shapes: ``F`` STFT bins (201 for n_fft 400), ``T`` frames (any number ≥ 1; the network pads to a
+multiple of ``2**depth`` internally and crops back), ``K`` baseline masks, ``D`` query dim.
+
+Plain ``nn.Module``; runs without Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import STFTConfig
+from .features import istft, stft
+
+__all__ = ["RefinerConfig", "MaskRefiner", "apply_mask", "count_parameters"]
+
+
+@dataclass
+class RefinerConfig:
+    """Size and conditioning of :class:`MaskRefiner` (defaults: about 1.65 M parameters)."""
+
+    n_masks: int = 3  # K baseline masks given as extra input channels (= separator.max_passes)
+    query_dim: int = 512  # D, the query embedding size (CLAP: 512; AST-base pooled: 768)
+    channels: int = 16  # channels of the first level; doubled per level
+    max_channels: int = 128  # channel cap of the deeper levels
+    depth: int = 4  # number of 2x down-sampling levels (pads F and T to a multiple of 2**depth)
+    cond_dim: int = 128  # width of the shared condition MLP that feeds every FiLM layer
+    groups: int = 4  # GroupNorm groups (batch-size independent, safe for batch 1 and DDP)
+    use_negative: bool = True  # accept a negative query (CLAPSep); off: negatives are ignored
+    log_floor: float = 1e-5  # magnitude floor before the log (about -100 dB re full scale)
+    dropout: float = 0.0  # dropout on the condition vector (query dropout regularises)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class FiLM(nn.Module):
+    """Feature-wise affine modulation: ``x·(1+γ(c)) + β(c)``; ``x (B,C,F,T)``, ``c (B,cond)``."""
+
+    def __init__(self, cond_dim: int, channels: int):
+        super().__init__()
+        self.proj = nn.Linear(cond_dim, 2 * channels)
+        nn.init.zeros_(self.proj.weight)  # start as identity: the query's effect is learnt
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.proj(cond).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        return x * (1.0 + gamma) + beta
+
+
+class ConvBlock(nn.Module):
+    """Two 3×3 conv → GroupNorm → GELU layers, then FiLM. ``(B,Cin,F,T) -> (B,Cout,F,T)``."""
+
+    def __init__(self, c_in: int, c_out: int, cond_dim: int, groups: int):
+        super().__init__()
+        g = max(1, min(groups, c_out))
+        while c_out % g:
+            g -= 1
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(g, c_out), nn.GELU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.GroupNorm(g, c_out), nn.GELU(),
+        )
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.film = FiLM(cond_dim, c_out)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.film(self.body(x) + self.skip(x), cond)
+
+
+class MaskRefiner(nn.Module):
+    """FiLM U-Net that turns (mixture, baseline masks, query) into the queried source's mask.
+
+    ``forward(mixture_mag (B,F,T), baseline_masks (B,K,F,T), query (B,D), negative (B,D) | None,
+    has_query (B,) | None, has_negative (B,) | None) -> mask (B,F,T)`` in ``[0, 1]``.
+    """
+
+    def __init__(self, cfg: RefinerConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or RefinerConfig()
+        if cfg.depth < 0 or cfg.channels < 1:
+            raise ValueError(f"depth must be >= 0 and channels >= 1, got {cfg.depth}, {cfg.channels}")
+        in_cond = 2 * cfg.query_dim + 2
+        self.cond = nn.Sequential(
+            nn.Linear(in_cond, cfg.cond_dim), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.cond_dim, cfg.cond_dim), nn.GELU(),
+        )
+        widths = [min(cfg.channels * 2**i, cfg.max_channels) for i in range(cfg.depth + 1)]
+        c_in = 1 + cfg.n_masks
+        self.down = nn.ModuleList()
+        for w in widths[:-1]:
+            self.down.append(ConvBlock(c_in, w, cfg.cond_dim, cfg.groups))
+            c_in = w
+        self.bottleneck = ConvBlock(c_in, widths[-1], cfg.cond_dim, cfg.groups)
+        self.up = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        c_in = widths[-1]
+        for w in reversed(widths[:-1]):
+            self.up.append(nn.ConvTranspose2d(c_in, w, kernel_size=2, stride=2))
+            self.up_blocks.append(ConvBlock(2 * w, w, cfg.cond_dim, cfg.groups))
+            c_in = w
+        self.head = nn.Conv2d(c_in, 1, kernel_size=1)
+
+    def condition(self, query: torch.Tensor, negative: torch.Tensor | None = None,
+                  has_query: torch.Tensor | None = None, has_negative: torch.Tensor | None = None) -> torch.Tensor:
+        """The FiLM condition ``(B, cond_dim)`` from ``[pos·p, p, neg·n, n]``."""
+        B, D = query.shape
+        if D != self.cfg.query_dim:
+            raise ValueError(f"query has {D} dims, the refiner expects query_dim={self.cfg.query_dim}")
+        p = query.new_ones(B) if has_query is None else has_query.to(query.dtype)
+        if negative is None or not self.cfg.use_negative:
+            negative, n = torch.zeros_like(query), query.new_zeros(B)
+        else:
+            if negative.shape != query.shape:
+                raise ValueError(f"negative {tuple(negative.shape)} must match query {tuple(query.shape)}")
+            n = query.new_ones(B) if has_negative is None else has_negative.to(query.dtype)
+        c = torch.cat([query * p[:, None], p[:, None], negative * n[:, None], n[:, None]], dim=1)
+        return self.cond(c)
+
+    def features(self, mixture_mag: torch.Tensor, baseline_masks: torch.Tensor) -> torch.Tensor:
+        """Input channels ``(B, 1+K, F, T)``: standardised log-magnitude, then the K masks."""
+        if baseline_masks.shape[1] != self.cfg.n_masks:
+            raise ValueError(f"got {baseline_masks.shape[1]} baseline masks, the refiner expects n_masks={self.cfg.n_masks}")
+        if baseline_masks.shape[0] != mixture_mag.shape[0] or baseline_masks.shape[2:] != mixture_mag.shape[1:]:
+            raise ValueError(f"baseline masks {tuple(baseline_masks.shape)} do not match the mixture {tuple(mixture_mag.shape)}")
+        logmag = torch.log(mixture_mag.clamp_min(self.cfg.log_floor))
+        # Per-example standardisation: the input level (random gain) does not change the features.
+        mean = logmag.mean(dim=(1, 2), keepdim=True)
+        std = logmag.std(dim=(1, 2), keepdim=True).clamp_min(1e-3) if logmag[0].numel() > 1 else torch.ones_like(mean)
+        logmag = (logmag - mean) / std
+        return torch.cat([logmag.unsqueeze(1), baseline_masks.to(logmag.dtype)], dim=1)
+
+    def forward(self, mixture_mag: torch.Tensor, baseline_masks: torch.Tensor, query: torch.Tensor,
+                negative: torch.Tensor | None = None, has_query: torch.Tensor | None = None,
+                has_negative: torch.Tensor | None = None) -> torch.Tensor:
+        B, Fb, T = mixture_mag.shape
+        cond = self.condition(query.to(mixture_mag.dtype), None if negative is None else negative.to(mixture_mag.dtype),
+                              has_query, has_negative)
+        x = self.features(mixture_mag, baseline_masks)
+        m = 2 ** self.cfg.depth
+        pad_f, pad_t = (-Fb) % m, (-T) % m
+        x = F.pad(x, (0, pad_t, 0, pad_f))
+        skips = []
+        for block in self.down:
+            x = block(x, cond)
+            skips.append(x)
+            x = F.avg_pool2d(x, 2)
+        x = self.bottleneck(x, cond)
+        for up, block, skip in zip(self.up, self.up_blocks, reversed(skips)):
+            x = block(torch.cat([up(x), skip], dim=1), cond)
+        logits = self.head(x)[:, 0, :Fb, :T]
+        return torch.sigmoid(logits)
+
+
+def apply_mask(mixture: torch.Tensor, mask: torch.Tensor, stft_cfg: STFTConfig,
+               spec: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked mixture STFT (mixture phase) back to samples: ``(B,N), (B,F,T) -> (B,N)``.
+
+    ``spec`` is the mixture's STFT if already computed. Runs in float32 (iSTFT under autocast is
+    not supported in half precision).
+    """
+    if spec is None:
+        spec = stft(mixture.float(), stft_cfg)
+    return istft(spec * mask.float(), stft_cfg, length=mixture.shape[-1])

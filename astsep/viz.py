@@ -1,0 +1,101 @@
+"""Debug figures: one PNG per pass (and window) showing what the separator saw and decided."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .config import SAMPLE_RATE, AstsepConfig  # noqa: E402
+
+
+def _istft_len_seconds(n: int) -> np.ndarray:
+    return np.arange(n) / SAMPLE_RATE
+
+
+def pass_figure(window_audio: torch.Tensor, trace: dict, source: torch.Tensor, residual_after: torch.Tensor,
+                label: str, hop: int, path: Path, title_prefix: str = "") -> None:
+    """Write one figure for one pass of one window.
+
+    Panels: input, source and residual waveforms; power spectrogram (dB); mask; time attention
+    against anchor score with the anchor (yellow) and its core (red); similarity over time; the AST
+    CLS→patch attention grid (frequency × time patches).
+    """
+    P = trace["power"].float().cpu().numpy()
+    M = trace["mask"].float().cpu().numpy()
+    T = P.shape[-1]
+    t_frames = np.arange(T) * hop / SAMPLE_RATE
+    a0, a1 = [int(v) for v in trace["anchor"].tolist()]
+    c0, c1 = [int(v) for v in trace["core"].tolist()]
+    fig, ax = plt.subplots(3, 3, figsize=(16, 11))
+    fig.suptitle(f"{title_prefix}pass {trace['index'] + 1}: {label} (confidence {float(trace['confidence']):.3f}, "
+                 f"{'aggressive' if bool(trace['aggressive']) else 'conservative'}"
+                 f"{', weak' if bool(trace['weak']) else ''}, energy share {float(trace['eratio']):.3f})")
+    for a, sig, name, color in ((ax[0, 0], window_audio, "pass input", "tab:blue"),
+                                (ax[0, 1], source, "separated source", "tab:green"),
+                                (ax[0, 2], residual_after, "what is left", "tab:red")):
+        s = sig.float().cpu().numpy()
+        a.plot(_istft_len_seconds(s.size), s, color=color, linewidth=0.4)
+        a.set_title(name)
+        a.set_xlabel("s")
+    db = 10 * np.log10(P + 1e-12)
+    vmin, vmax = np.percentile(db, [5, 99.5])
+    im = ax[1, 0].imshow(db, aspect="auto", origin="lower", vmin=vmin, vmax=vmax, cmap="magma",
+                         extent=(0, t_frames[-1] if T > 1 else 1, 0, SAMPLE_RATE / 2000))
+    ax[1, 0].set_title("power spectrogram (dB)")
+    ax[1, 0].set_ylabel("kHz")
+    fig.colorbar(im, ax=ax[1, 0])
+    im = ax[1, 1].imshow(M, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
+                         extent=(0, t_frames[-1] if T > 1 else 1, 0, SAMPLE_RATE / 2000))
+    ax[1, 1].set_title("mask")
+    fig.colorbar(im, ax=ax[1, 1])
+    ax[1, 2].plot(t_frames, trace["time_attention"].cpu().numpy(), label="time attention")
+    ax[1, 2].plot(t_frames, trace["anchor_score"].cpu().numpy(), label="anchor score")
+    ax[1, 2].axvspan(a0 * hop / SAMPLE_RATE, a1 * hop / SAMPLE_RATE, color="gold", alpha=0.3, label="anchor")
+    ax[1, 2].axvspan(c0 * hop / SAMPLE_RATE, c1 * hop / SAMPLE_RATE, color="red", alpha=0.3, label="core")
+    ax[1, 2].legend(fontsize=7)
+    ax[1, 2].set_title("attention vs anchor score")
+    ax[2, 0].plot(t_frames, trace["similarity"].cpu().numpy(), color="tab:purple")
+    ax[2, 0].axhline(float(trace["confidence"]), color="grey", linestyle="--", label="AST confidence")
+    ax[2, 0].legend(fontsize=7)
+    ax[2, 0].set_title("similarity to the anchor template")
+    grid = trace["grid"].float().cpu().numpy()
+    used = grid[:, : max(1, int((grid.sum(axis=0) > 0).sum()))]
+    im = ax[2, 1].imshow(used, aspect="auto", origin="lower", cmap="viridis")
+    ax[2, 1].set_title("AST CLS→patch attention (freq × time patches)")
+    fig.colorbar(im, ax=ax[2, 1])
+    ax[2, 2].bar(["input", "source", "left"], [float(trace["input_energy"]), float(trace["eratio"] * trace["input_energy"]),
+                                                 float(trace["residual_energy"])], color=["tab:blue", "tab:green", "tab:red"])
+    ax[2, 2].set_title("energy (STFT domain)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def debug_figures(result, out_dir: Path, config: AstsepConfig | None = None) -> list[str]:
+    """Write ``debug_pass_K.png`` (window 0) and ``debug_wNNN_pass_K.png`` (later windows)."""
+    cfg = config or AstsepConfig()
+    names: list[str] = []
+    for w_idx, start, item in result.traces:
+        cur = None
+        for tr in item["traces"]:
+            if not bool(tr["ran"]):
+                continue
+            k = int(tr["index"])
+            n = item["sources"].shape[-1]
+            if cur is None:
+                cur = result.audio[start:start + n].clone()
+            src = item["sources"][k]
+            after = cur - src
+            label = item["labels"][k] or "(dropped: below min_eratio)"
+            name = f"debug_pass_{k + 1}.png" if w_idx == 0 else f"debug_w{w_idx:03d}_pass_{k + 1}.png"
+            pass_figure(cur, tr, src, after, label, cfg.stft.hop, out_dir / name,
+                        title_prefix=f"window {w_idx} " if len(result.traces) > 1 else "")
+            names.append(name)
+            cur = after
+    return names

@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Separate recordings, classify every source and deliver the events: ``python infer.py -h``."""
+
+import sys
+
+from astsep.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
