@@ -6,6 +6,12 @@ FiLM-conditioned mask refiner fine-tuned with Lightning.
 
 __version__ = "0.1.0"
 
-from .pipeline import SeparationResult, separate  # noqa: E402
-
 __all__ = ["separate", "SeparationResult", "__version__"]
+
+
+def __getattr__(name):  # lazy: `python -m astsep.backend` must not pay for importing torch
+    if name in ("separate", "SeparationResult"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'astsep' has no attribute {name!r}")

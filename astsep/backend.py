@@ -924,6 +924,7 @@ def deliver(
     occurred_at: datetime | str | float | None = None,
     lock_timeout: float | None = 10.0,
     stop_on_retryable: bool = True,
+    send: bool = True,
 ) -> DeliveryReport:
     """Send every event whose ``category`` is not ``other`` to the backend, via the outbox.
 
@@ -937,6 +938,8 @@ def deliver(
     how many seconds to wait for another process's send loop to finish (None: forever); when it
     does not, the events stay queued and the report says ``busy``. With ``stop_on_retryable``, the
     first entry that is still failing after its retries ends the send loop (the rest stay pending).
+    With ``send=False`` the events are only queued (e.g. when a :func:`flush` just found the backend
+    unreachable), to be sent by the next :func:`flush`.
 
     Never raises for network problems. Raises :class:`~astsep.errors.BackendError` for an event
     without an ``event_id`` / ``category`` / ``label`` (before anything is queued or sent) or when
@@ -968,9 +971,10 @@ def deliver(
             to_send.append(key)
         else:
             report.duplicates += 1
-    if to_send:
+    if to_send and send:
         _send(to_send, client, outbox, report, lock_timeout=lock_timeout, stop_on_retryable=stop_on_retryable)
     else:
+        report.pending = len(to_send)
         report.outbox_pending = len(outbox.pending())
     log.info("deliver: %s", report.summary())
     return report
@@ -1039,7 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
         with BackendClient(url, timeout=args.timeout, retries=args.retries, token_env=args.token_env) as client:
             report = flush(Outbox(path), client, lock_timeout=args.lock_timeout)
     except BackendError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"astsep: error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(json.dumps(report.to_dict()) if args.json else report.summary())
     return 0 if (report.outbox_pending == 0 and report.rejected == 0 and not report.busy) else 1

@@ -102,13 +102,10 @@ def run(args) -> int:
     cfg = _config(args)
     client = outbox = None
     if args.backend_url:
-        from .backend import BackendClient, Outbox, validate_url
+        from .backend import BackendClient, Outbox
 
-        validate_url(args.backend_url)
         client = BackendClient(args.backend_url, timeout=args.backend_timeout)
-        outbox_path = Path(args.outbox) if args.outbox else default_outbox()
-        outbox_path.parent.mkdir(parents=True, exist_ok=True)
-        outbox = Outbox(outbox_path)
+        outbox = Outbox(Path(args.outbox) if args.outbox else default_outbox())
 
     inputs = find_inputs(args.input)
     out_root = Path(args.output)
@@ -170,7 +167,10 @@ def _deliver(result, client, outbox, args, manifest: Path) -> None:
 
     t0 = time.perf_counter()
     earlier = flush(outbox, client)
-    report = deliver(result.events, client, outbox, user_id=args.user_id, angle=args.angle)
+    # when the flush just found the backend unreachable, queue this run's events without waiting
+    # through another round of retries
+    backend_down = bool(earlier.pending) and not earlier.busy
+    report = deliver(result.events, client, outbox, user_id=args.user_id, angle=args.angle, send=not backend_down)
     result.stats["delivery"] = {"earlier": earlier.to_dict(), "this_run": report.to_dict(),
                                 "seconds": round(time.perf_counter() - t0, 4)}
     data = json.loads(manifest.read_text())

@@ -592,6 +592,13 @@ def test_cli_flush_delivers_and_prints_one_line(server: FakeBackend, tmp_path: P
     assert Outbox(box).pending() == []
 
 
+def test_deliver_send_false_only_queues(server: FakeBackend, tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "ob.jsonl")
+    report = deliver([make_event(0), make_event(1)], make_client(server.url), outbox, user_id=6, angle=0, send=False)
+    assert (report.sent, report.pending, report.outbox_pending) == (0, 2, 2) and server.count() == 0
+    assert flush(outbox, make_client(server.url)).delivered == 2 and server.count() == 2
+
+
 def test_report_is_json_serialisable() -> None:
     rep = DeliveryReport(sent=1, delivered=1)
     assert json.loads(json.dumps(rep.to_dict()))["delivered"] == 1

@@ -1,0 +1,68 @@
+"""Shared fixtures: real audio from ../shared/data, tiny real AST models, model folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for the network
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from astsep.audio import load_audio  # noqa: E402
+from astsep.testing import SHARED_DATA, force_class, tiny_ast  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ESC = SHARED_DATA / "esc50_one_per_class"
+SEED_RECORDING = SHARED_DATA / "examples" / "seed_recording_16k.wav"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SHARED_DATA.is_dir():
+        skip = pytest.mark.skip(reason=f"shared test data not found at {SHARED_DATA}")
+        for item in items:
+            if "shared" in item.fixturenames:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return SHARED_DATA
+
+
+def clip(name: str, seconds: float | None = None) -> torch.Tensor:
+    """A shared ESC-50 clip by class name (``"siren"``), 16 kHz mono, optionally cut."""
+    path = next(ESC.glob(f"{name}__*.flac"))
+    x, _ = load_audio(path)
+    return x[: int(seconds * 16000)] if seconds else x
+
+
+def mixture(*names: str, seconds: float = 5.0) -> torch.Tensor:
+    """Sum of shared clips, each cut to ``seconds``."""
+    parts = [clip(n, seconds) for n in names]
+    n = min(p.numel() for p in parts)
+    return sum(p[:n] for p in parts)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return tiny_ast(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_ast")
+    tiny_ast(seed=0).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def siren_model_dir(tmp_path_factory) -> Path:
+    """A tiny AST whose classifier always answers 396 "Siren" (category danger)."""
+    d = tmp_path_factory.mktemp("siren_ast")
+    m = tiny_ast(seed=1)
+    force_class(m, 396)
+    m.save_pretrained(d)
+    return d

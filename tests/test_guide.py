@@ -1,0 +1,137 @@
+"""The AST guide: features match the reference extractor, attention matches eager, caching works."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchaudio.compliance.kaldi as kaldi
+from transformers import ASTFeatureExtractor, ASTForAudioClassification
+
+from astsep.config import GuideConfig
+from astsep.errors import ModelError
+from astsep.features import ast_fbank, ast_input, istft, mel_to_linear, stft
+from astsep.config import STFTConfig
+from astsep.guide import ASTGuide, load_ast_model
+from astsep.testing import tiny_ast
+
+from conftest import SEED_RECORDING, clip
+
+
+def test_batched_fbank_equals_kaldi_fbank_per_item(shared):
+    x = torch.stack([clip("siren", 2.0), clip("dog", 2.0)])
+    ours = ast_fbank(x)
+    for i in range(2):
+        ref = kaldi.fbank(x[i:i + 1], htk_compat=True, sample_frequency=16000, window_type="hanning",
+                          num_mel_bins=128, use_energy=False, dither=0.0, frame_shift=10)
+        torch.testing.assert_close(ours[i], ref, atol=1e-4, rtol=1e-5)
+
+
+def test_ast_input_equals_transformers_feature_extractor(shared):
+    x = clip("rooster")
+    fe = ASTFeatureExtractor()  # default settings are the AudioSet checkpoint's
+    ref = fe(x.numpy(), sampling_rate=16000, return_tensors="pt")["input_values"]
+    ours, real = ast_input(x.unsqueeze(0), 1024, fe.mean, fe.std, trim=False)
+    assert real == 498
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_stft_roundtrip_and_mel_to_linear_keeps_constants():
+    cfg = STFTConfig()
+    x = torch.randn(2, 12345)
+    torch.testing.assert_close(istft(stft(x, cfg), cfg, 12345), x, atol=1e-5, rtol=1e-4)
+    ones = mel_to_linear(torch.ones(3, 128), 201)
+    torch.testing.assert_close(ones, torch.ones(3, 201))
+
+
+def _eager_copy(model):
+    eager = ASTForAudioClassification(model.config)
+    eager.load_state_dict(model.state_dict())
+    eager.config._attn_implementation = "eager"
+    return eager.eval()
+
+
+def test_sdpa_guide_attention_equals_eager_attention_and_is_not_constant(shared):
+    model = tiny_ast(seed=3)
+    with torch.no_grad():  # sharpen attention so a constant map could not pass by tolerance
+        for layer in model.audio_spectrogram_transformer.layers:
+            layer.attention.q_proj.weight.mul_(8.0)
+    guide = ASTGuide(model)
+    x = torch.stack([clip("siren"), clip("crying_baby")])
+    out = guide(x)
+    feats, _ = ast_input(x, 1024, guide.cfg.fbank_mean, guide.cfg.fbank_std, trim=False)
+    with torch.no_grad():
+        ref = _eager_copy(model)(input_values=feats, output_attentions=True)
+    assert ref.attentions and len(ref.attentions) == model.config.num_hidden_layers
+    ref_grid = ref.attentions[-1][:, :, 0, 2:].mean(dim=1).reshape(2, 12, 101)
+    torch.testing.assert_close(out.grid, ref_grid, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+    spread = (out.grid.amax(dim=(1, 2)) - out.grid.amin(dim=(1, 2))) / out.grid.mean(dim=(1, 2))
+    assert bool((spread > 0.05).all()), f"attention map is (nearly) constant: relative spread {spread.tolist()}"
+    assert out.tp_valid == 50  # 5 s of audio cover 50 of the 101 time patches
+
+
+def test_trimmed_forward_uses_fewer_patches_and_keeps_the_grid_shape(shared):
+    model = tiny_ast(seed=0)
+    full = ASTGuide(model, GuideConfig(trim_padding=False))
+    trim = ASTGuide(model, GuideConfig(trim_padding=True))
+    x = clip("dog", 3.0).unsqueeze(0)
+    a, b = full(x), trim(x)
+    assert a.grid.shape == b.grid.shape == (1, 12, 101)
+    assert float(b.grid[0, :, b.tp_valid:].abs().sum()) == 0.0  # nothing attended beyond the audio
+    assert float(b.grid[0, :, : b.tp_valid].sum()) > 0
+
+
+def test_cache_in_memory_and_on_disk_skips_forwards(tmp_path, shared):
+    model = tiny_ast(seed=0)
+    x = clip("cat", 2.0).unsqueeze(0)
+    g1 = ASTGuide(model, GuideConfig(cache_dir=str(tmp_path)))
+    first = g1(x)
+    g1(x)
+    assert (g1.forwards, g1.cache_hits) == (1, 1)
+    g2 = ASTGuide(model, GuideConfig(cache_dir=str(tmp_path)))  # a new process, same disk cache
+    again = g2(x)
+    assert (g2.forwards, g2.cache_hits) == (0, 1)
+    torch.testing.assert_close(again.logits, first.logits)
+    g3 = ASTGuide(tiny_ast(seed=5), GuideConfig(cache_dir=str(tmp_path)))  # another model: a miss
+    g3(x)
+    assert g3.forwards == 1
+    g4 = ASTGuide(model, GuideConfig(cache_dir=str(tmp_path), trim_padding=True))  # other settings: a miss
+    g4(x)
+    assert g4.forwards == 1
+
+
+def test_model_folder_with_only_pickle_weights_is_refused(tmp_path):
+    model = tiny_ast(seed=0)
+    model.save_pretrained(tmp_path, safe_serialization=False) if _can_save_pickle() else None
+    if not any(tmp_path.glob("pytorch_model*.bin")):
+        model.config.save_pretrained(tmp_path)
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelError, match="pickle"):
+        load_ast_model(str(tmp_path))
+
+
+def _can_save_pickle() -> bool:
+    import inspect
+
+    return "safe_serialization" in inspect.signature(ASTForAudioClassification.save_pretrained).parameters
+
+
+def test_missing_folder_and_offline_hub_id_give_actionable_errors(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        load_ast_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelError, match="--model"):
+        load_ast_model("someone/not-a-real-ast-model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match="config.json"):
+        load_ast_model(str(empty))
+
+
+def test_seed_recording_is_what_the_benchmarks_expect(shared):
+    import soundfile as sf
+
+    info = sf.info(str(SEED_RECORDING))
+    assert info.samplerate == 16000 and np.isclose(info.duration, 5.056, atol=0.01)
