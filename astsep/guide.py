@@ -17,6 +17,7 @@ setting that changes the output. The cache lives in memory (LRU) and optionally 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -197,6 +198,8 @@ class ASTGuide:
         if self.cfg.dtype not in ("float32", "bfloat16"):
             raise ModelError(f"unknown guide dtype {self.cfg.dtype!r} (float32 or bfloat16)")
         self.dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
+        if next(model.parameters()).dtype != self.dtype:
+            model = copy.deepcopy(model)  # never change the caller's model in place
         self.model = model.to(self.device, self.dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

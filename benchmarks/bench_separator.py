@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Benchmark the baseline separator with a full-size AST (random weights, the published compute).
+
+Prints, for ``../shared/data/examples/seed_recording_16k.wav`` (5.06 s):
+- median end-to-end seconds with the model loaded (cold AST cache), seconds per stage, AST forwards,
+  the share of time spent outside AST forwards;
+- the fast option (bfloat16 and/or trimmed padding): median seconds, and how much logits and masks
+  change against the default path;
+- the warm-cache re-run time and the speed-up;
+and for a 60 s file built from shared clips: seconds, forwards, and peak RSS of a child process
+against a 10 s input (peak memory must not grow with input length beyond the output buffers).
+With ``--throughput``: windows per second, 10.24 s windows batched across files.
+
+    python benchmarks/bench_separator.py [--runs 5] [--device cpu|cuda] [--skip-long] [--throughput]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from astsep.audio import load_audio  # noqa: E402
+from astsep.config import AstsepConfig  # noqa: E402
+from astsep.guide import ASTGuide  # noqa: E402
+from astsep.pipeline import Pipeline  # noqa: E402
+from astsep.testing import SHARED_DATA, full_ast  # noqa: E402
+
+SEED = SHARED_DATA / "examples" / "seed_recording_16k.wav"
+ESC = SHARED_DATA / "esc50_one_per_class"
+
+
+def long_input(seconds: float) -> torch.Tensor:
+    """Shared ESC-50 clips, pairwise mixed and concatenated up to ``seconds``."""
+    files = sorted(ESC.glob("*.flac"))
+    parts, total, i = [], 0, 0
+    while total < seconds * 16000:
+        a, _ = load_audio(files[i % len(files)])
+        b, _ = load_audio(files[(i + 7) % len(files)])
+        n = min(a.numel(), b.numel())
+        parts.append(a[:n] + 0.5 * b[:n])
+        total += n
+        i += 1
+    return torch.cat(parts)[: int(seconds * 16000)]
+
+
+def make_pipeline(model, device: str, dtype: str = "float32", trim: bool = False) -> Pipeline:
+    cfg = AstsepConfig()
+    cfg.guide.device, cfg.guide.dtype, cfg.guide.trim_padding = device, dtype, trim
+    return Pipeline(cfg, ASTGuide(model, cfg.guide, name="full-size random AST"))
+
+
+def timed_runs(pipe: Pipeline, x: torch.Tensor, runs: int, keep_traces: bool = False):
+    times, last = [], None
+    for _ in range(runs):
+        pipe.guide.cache.mem.clear()  # cold cache each run
+        t0 = time.perf_counter()
+        last = pipe.run(x, "bench", keep_traces=keep_traces)
+        times.append(time.perf_counter() - t0)
+    return times, last
+
+
+def fmt(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def child_peak_rss(seconds: float, device: str) -> dict:
+    """Run one separation in a fresh process and return its peak RSS (MiB)."""
+    code = f"""
+import json, resource, sys, time, torch
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
+from bench_separator import long_input, make_pipeline
+from astsep.testing import full_ast
+x = long_input({seconds})
+pipe = make_pipeline(full_ast(), {device!r})
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t0 = time.perf_counter(); r = pipe.run(x, "long"); dt = time.perf_counter() - t0
+print(json.dumps({{"seconds": dt, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_before_run_mib": base, "windows": r.stats["windows"], "ast_forwards": r.stats["ast_forwards"],
+                  "sources": len(r.tracks), "output_buffers_mib": (len(r.tracks) + 1) * x.numel() * 4 / 2**20}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-long", action="store_true")
+    ap.add_argument("--throughput", action="store_true")
+    ap.add_argument("--batch", type=int, default=64, help="windows per batch for --throughput")
+    args = ap.parse_args()
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    t0 = time.perf_counter()
+    model = full_ast()
+    print(f"full-size AST built: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
+          f"in {time.perf_counter() - t0:.1f} s")
+    x, _ = load_audio(SEED)
+    print(f"input: {SEED.name}, {x.numel() / 16000:.2f} s")
+
+    pipe = make_pipeline(model, args.device)
+    pipe.run(x, "warm-up")  # first call pays for lazy init (kernels, mel banks)
+    times, res = timed_runs(pipe, x, args.runs, keep_traces=True)
+    med = statistics.median(times)
+    st = res.stats
+    ast_share = st["seconds"]["ast"] / st["seconds"]["total"]
+    print("\n== default path (fp32, SDPA, full 10.24 s window) ==")
+    print(f"end-to-end median {fmt(med)} s over {args.runs} runs (min {fmt(min(times))}, max {fmt(max(times))})")
+    print(f"stages (last run): {json.dumps(st['seconds'])}")
+    print(f"AST forwards: {st['ast_forwards']} (separation {st['ast_forwards_separation']}, "
+          f"residual {st['ast_forwards_residual']}), batches {st['ast_batches']}")
+    print(f"time outside AST forwards: {100 * (1 - ast_share):.1f} %")
+
+    t0 = time.perf_counter()
+    warm = pipe.run(x, "warm")
+    t_warm = time.perf_counter() - t0
+    print(f"\n== warm cache re-run ==\n{fmt(t_warm)} s, {warm.stats['ast_forwards']} forwards, "
+          f"{warm.stats['cache_hits']} cache hits: {med / t_warm:.1f}x faster than the cold median")
+
+    ref_traces = res.traces[0][2]["traces"]
+    for name, dtype, trim in (("bf16", "bfloat16", False), ("trim", "float32", True), ("bf16+trim", "bfloat16", True)):
+        fp = make_pipeline(model, args.device, dtype, trim)
+        fp.run(x, "warm-up")
+        ftimes, fres = timed_runs(fp, x, args.runs, keep_traces=True)
+        # change against the default path: first-pass logits on the same input, masks of every pass
+        g_ref = pipe.guide._forward(x.unsqueeze(0).to(pipe.guide.device))["logits"].float().cpu()
+        g_fast = fp.guide._forward(x.unsqueeze(0).to(fp.guide.device))["logits"].float().cpu()
+        ref_top = g_ref.topk(5).indices[0].tolist()
+        fast_top = g_fast.topk(5).indices[0].tolist()
+        ftr = fres.traces[0][2]["traces"]
+        mask_diff = [float((a["mask"] - b["mask"]).abs().mean()) for a, b in zip(ref_traces, ftr)
+                     if bool(a["ran"]) and bool(b["ran"])]
+        same_labels = res.labels == fres.labels
+        print(f"\n== fast option: {name} ==")
+        print(f"end-to-end median {fmt(statistics.median(ftimes))} s (min {fmt(min(ftimes))}); "
+              f"speed-up {med / statistics.median(ftimes):.2f}x; AST forwards {fres.stats['ast_forwards']}")
+        print(f"logits vs default: max |diff| {float((g_ref - g_fast).abs().max()):.4f}, "
+              f"top-1 same: {ref_top[0] == fast_top[0]}, top-5 overlap {len(set(ref_top) & set(fast_top))}/5")
+        print(f"masks vs default: mean |diff| per pass {[round(v, 4) for v in mask_diff]}; "
+              f"same source labels: {same_labels}")
+
+    if not args.skip_long:
+        print("\n== long input (child processes, peak RSS) ==")
+        for secs in (10.0, 60.0):
+            r = child_peak_rss(secs, args.device)
+            print(f"{secs:.0f} s input: {fmt(r['seconds'])} s, {r['windows']} windows, {r['ast_forwards']} forwards, "
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB (before the run {r['rss_before_run_mib']:.0f} MiB; "
+                  f"output buffers {r['output_buffers_mib']:.1f} MiB)")
+
+    if args.throughput:
+        dev = torch.device(args.device)
+        cfg = AstsepConfig()
+        cfg.guide.device, cfg.guide.dtype = args.device, "bfloat16" if dev.type == "cuda" else "float32"
+        g = ASTGuide(model, cfg.guide)
+        from astsep.separator import Separator
+
+        sep = Separator(cfg, g)
+        wins = long_input(10.24 * args.batch / 4)
+        w = 163840
+        batch = torch.stack([torch.roll(wins, i * 4001)[:w] for i in range(args.batch)]).to(dev)
+        sep.separate_batch(batch)  # warm-up
+        g.cache.mem.clear()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        reps = 3
+        for r in range(reps):
+            g.cache.mem.clear()
+            sep.separate_batch(batch + 1e-6 * r)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        print(f"\n== throughput ==\n{reps * args.batch / dt:.1f} ten-second windows per second "
+              f"(batch {args.batch}, {cfg.guide.dtype}, 3 passes each, {g.forwards} AST window-forwards)")
+    print(f"\nprocess peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
