@@ -97,7 +97,7 @@ def _config(args):
 
 def run(args) -> int:
     from .audio import find_inputs, load_audio
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, window_starts
 
     cfg = _config(args)
     client = outbox = None
@@ -124,18 +124,30 @@ def run(args) -> int:
     log.info("model %s loaded on %s in %.2f s", cfg.guide.model, pipe.guide.device, t_model)
 
     failures = 0
-    show_bar = not args.quiet and (multi or first[0].numel() > 30 * SAMPLE_RATE)
+    durations = [_duration(p) for p in inputs]
+    show_bar = not args.quiet and (multi or sum(durations) > 30)
     bar = None
     if show_bar:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(inputs), unit="file", disable=None, file=sys.stderr)
+        bar = tqdm(total=round(sum(durations), 1), unit="s", desc="audio separated", disable=None, file=sys.stderr,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]")
     for n, path in enumerate(inputs):
         try:
             t0 = time.perf_counter()
             x, info = first if n == 0 else load_audio(path)
             t_dec = t_first if n == 0 else time.perf_counter() - t0
-            result = pipe.run(x, str(path), info, keep_traces=args.debug)
+            done = [0.0]
+            win_total = len(window_starts(x.numel(), int(round(cfg.window.window_sec * SAMPLE_RATE)),
+                                          int(round(cfg.window.overlap_sec * SAMPLE_RATE))))
+
+            def advance(windows: int, dur=durations[n], done=done, total=win_total) -> None:
+                if bar is not None:
+                    step = dur * windows / total
+                    done[0] += step
+                    bar.update(step)
+
+            result = pipe.run(x, str(path), info, keep_traces=args.debug, progress=advance)
             result.stats["seconds"]["decode"] = round(t_dec, 4)
             result.stats["seconds"]["model_load"] = round(t_model, 4)
             sub = stems[n] if stems.count(stems[n]) == 1 else f"{stems[n]}_{n}"
@@ -143,7 +155,11 @@ def run(args) -> int:
             manifest = result.write(out_dir, debug=args.debug, config=cfg)
             if client is not None:
                 _deliver(result, client, outbox, args, manifest)
-            summary = ", ".join(f"{e['label']} ({e['category']})" for e in result.events if e["kind"] == "source")
+            counts: dict[tuple[str, str], int] = {}
+            for e in result.events:
+                if e["kind"] == "source":
+                    counts[(e["label"], e["category"])] = counts.get((e["label"], e["category"]), 0) + 1
+            summary = ", ".join(f"{lab} ({cat}){f' x{c}' if c > 1 else ''}" for (lab, cat), c in counts.items())
             log.info("%s: %d source(s)%s -> %s", path, len(result.labels), f": {summary}" if summary else "", out_dir)
             if not args.quiet:
                 print(f"{path} -> {out_dir}: {summary or 'no separated source'}", file=sys.stderr)
@@ -153,8 +169,8 @@ def run(args) -> int:
             if not multi:
                 return exc.exit_code
         finally:
-            if bar is not None:
-                bar.update(1)
+            if bar is not None and n < len(durations):
+                bar.update(max(0.0, durations[n] - (done[0] if "done" in locals() else 0.0)))
     if bar is not None:
         bar.close()
     return 1 if failures else 0
@@ -177,6 +193,16 @@ def _deliver(result, client, outbox, args, manifest: Path) -> None:
     data["stats"]["delivery"] = result.stats["delivery"]
     write_bytes_atomic(manifest, json.dumps(data, indent=2, allow_nan=False).encode())
     log.info("delivery: %s", report.summary())
+
+
+def _duration(path: Path) -> float:
+    """Seconds of audio in ``path`` from its header (0 when unreadable: decoding will say why)."""
+    import soundfile as sf
+
+    try:
+        return float(sf.info(str(path)).duration)
+    except Exception:  # noqa: BLE001 - any unreadable file is reported later, by load_audio
+        return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
