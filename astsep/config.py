@@ -95,7 +95,9 @@ class WindowConfig:
 
     window_sec: float = 10.24
     overlap_sec: float = 1.0  # cross-faded linearly
-    batch_windows: int = 8  # windows processed together (one batched AST forward per pass)
+    # windows processed together (one batched AST forward per pass); 0 = auto: 1 on CPU, where
+    # batching buys no speed and intermediate memory would grow with it, 32 on a GPU
+    batch_windows: int = 0
 
 
 # AudioSet class ids per alert category (DESIGN.md).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import logging
 import math
@@ -123,12 +124,13 @@ class SeparationResult:
     @property
     def residual(self) -> torch.Tensor:
         if self._residual is None:
-            total = torch.zeros(self.num_samples)
+            # subtract in place: one (N,) buffer, whatever the number of sources (long inputs)
+            res = self.audio.clone()
             for tr in self.tracks:
                 if tr.kind == "source":
                     for s, seg in tr.segments:
-                        total[s:s + seg.numel()] += seg
-            self._residual = self.audio - total
+                        res[s:s + seg.numel()] -= seg
+            self._residual = res
         return self._residual
 
     @property
@@ -184,7 +186,7 @@ class Pipeline:
         residual_forwards = 0
         t_sep = t_res = 0.0
         device = self.guide.device
-        bw = max(1, cfg.window.batch_windows)
+        bw = cfg.window.batch_windows or (32 if device.type == "cuda" else 1)
         for c0 in range(0, len(starts), bw):
             chunk = starts[c0:c0 + bw]
             xb = torch.stack([x[s:s + length] for s in chunk]).to(device)
@@ -349,70 +351,301 @@ def _slice_item(out: BatchSeparation, j: int) -> dict:
             "sources": out.sources[j].cpu(), "residual": out.residual[j].cpu(), "labels": out.labels[j]}
 
 
-# --- writing ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def output_lock(out_dir: Path):
-    """Exclusive lock on ``out_dir`` for one run; a second run at the same time is refused."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(out_dir / LOCK, "a+")
-    try:
+# --- writing ---------------------------------------------------------------------------------
+# All-or-nothing output: the complete new folder is built as a hidden sibling of ``out/`` (same
+# filesystem), ``events.json`` last, then swapped in with one ``renameat2(RENAME_EXCHANGE)``; where
+# the kernel or filesystem cannot exchange, two renames (``out`` → backup, staging → ``out``) and
+# the next run restores the backup if it finds ``out`` missing. A killed run leaves the previous
+# complete folder or the new complete folder, plus hidden leftovers the next run removes.
+STAGE_TAG = ".astsep-new-"  # staging sibling: .<name>.astsep-new-XXXX
+BACKUP_TAG = ".astsep-old"  # backup sibling during a two-rename swap: .<name>.astsep-old
+_LEGACY_STAGE = ".astsep-stage-"  # staging folders inside out/ (in-place writes, older versions)
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _checkpoint(name: str) -> None:
+    """A named point of the write sequence; a no-op. Fault tests replace it to kill the process here."""
+
+
+def _sibling(out_dir: Path, tag: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}{tag}"
+
+
+def _lock_path(out_dir: Path) -> Path:
+    """The lock that guards ``out_dir``'s name: a sibling, so no swap ever moves it."""
+    return _sibling(out_dir, ".astsep.lock")
+
+
+def _flock(path: Path, out_dir: Path):
+    """Open and ``flock`` ``path``; retried when the name stopped pointing at the locked inode
+    (the holder removed or replaced the lock file meanwhile), so a stale inode never counts."""
+    for _ in range(20):
+        fh = open(path, "a+")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            fh.close()
             raise OutputError(f"another astsep run is writing to {out_dir}; wait for it or choose another --output")
-        yield
-    finally:
+        try:
+            st, fst = os.stat(path), os.fstat(fh.fileno())
+            if (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino):
+                return fh
+        except FileNotFoundError:
+            pass
         fh.close()
+    raise OutputError(f"cannot lock {path}: it keeps changing under another run")
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path):
+    """Exclusive lock on ``out_dir`` for one run; a second run at the same time is refused.
+
+    Two ``flock``s, both held until the run has finished writing: ``.<name>.astsep.lock`` beside
+    ``out_dir`` (never moved by a swap, so it also guards the instant ``out_dir`` is renamed; removed
+    again, still locked, when the run ends) and ``out_dir/.astsep.lock`` (carried into every new
+    folder as a hard link to the same inode). Under the lock, leftovers of a killed run are cleaned
+    up (see :func:`recover_output`).
+    """
+    outer_path = _lock_path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        outer = _flock(outer_path, out_dir)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+    try:
+        recover_output(out_dir)
+        if out_dir.is_dir():
+            _foreign_entries(out_dir)  # refuse someone else's folder before putting a lock file in it
+        try:
+            out_dir.mkdir(exist_ok=True)
+            inner = _flock(out_dir / LOCK, out_dir)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+        try:
+            yield
+        finally:
+            inner.close()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(outer_path)  # while still locked: a run that opened it meanwhile re-checks and retries
+        outer.close()
+
+
+def recover_output(out_dir: Path) -> None:
+    """Undo what a killed run left (call under the lock): restore ``out_dir`` from the backup of an
+    interrupted two-rename swap, then remove staging and backup siblings."""
+    backup = _sibling(out_dir, BACKUP_TAG)
+    if backup.is_dir() and not out_dir.exists():
+        log.warning("restoring %s from %s (an earlier run was interrupted while swapping)", out_dir, backup)
+        os.rename(backup, out_dir)
+    leftovers = [backup] if backup.exists() else []
+    leftovers += list(out_dir.parent.glob(f".{glob.escape(out_dir.name)}{STAGE_TAG}*"))
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def write_outputs(result: SeparationResult, out_dir: Path, debug: bool = False,
                   config: AstsepConfig | None = None) -> Path:
-    """Write every track as float32 WAV and ``events.json`` into ``out_dir``.
+    """Write every track as float32 WAV and ``events.json`` into ``out_dir``, all or nothing.
 
-    Files are written into a hidden staging folder inside ``out_dir`` first, then renamed into
-    place, ``events.json`` last; files a previous run listed in its ``events.json`` and this run
-    does not produce are removed afterwards. Returns the path of ``events.json``.
+    The new folder is built complete (sources, figures, ``events.json`` last) as a hidden sibling,
+    then swapped with ``out_dir`` in one atomic rename; the old folder is then removed. Files in
+    ``out_dir`` that the previous run's ``events.json`` does not list (the user's) are carried into
+    the new folder as hard links; a non-empty folder without an astsep ``events.json`` is refused.
+    Where no sibling can be made or renamed (read-only parent, mount point), files are renamed into
+    ``out_dir`` one by one instead, ``events.json`` last. Returns the path of ``events.json``.
     """
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+    out_dir = Path(os.path.abspath(out_dir))
+    if out_dir.is_symlink() or out_dir.exists():
+        out_dir = out_dir.resolve()  # swap the real folder, keep the user's link
     with output_lock(out_dir):
+        keep = _foreign_entries(out_dir)
         t0 = time.perf_counter()
-        stage = Path(tempfile.mkdtemp(prefix=".astsep-stage-", dir=str(out_dir)))
         try:
-            new_files = []
-            for tr in result.tracks:
-                samples = result.residual if tr.kind == "residual" else tr.render(result.num_samples)
-                write_wav_atomic(stage / tr.filename, samples)
-                new_files.append(tr.filename)
-            if debug:
-                from .viz import debug_figures
-
-                new_files += debug_figures(result, stage, config)
-            result.stats["seconds"]["write"] = round(time.perf_counter() - t0, 4)
-            manifest = result.manifest()
-            manifest["files"] = new_files
-            old = _old_files(out_dir)
-            for name in new_files:
-                os.replace(stage / name, out_dir / name)
-            write_bytes_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2, allow_nan=False).encode())
-            for name in old - set(new_files):
-                with contextlib.suppress(OSError):
-                    (out_dir / name).unlink()
+            stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{STAGE_TAG}", dir=str(out_dir.parent)))
+        except OSError as exc:
+            log.info("cannot stage beside %s (%s): writing in place", out_dir, exc.strerror or exc)
+            return _write_in_place(result, out_dir, debug, config, t0)
+        try:
+            _checkpoint("staging")
+            manifest = _write_folder(result, stage, debug, config, t0)
+            for name in keep:
+                _link_tree(out_dir / name, stage / name)
+            with contextlib.suppress(OSError):
+                os.link(out_dir / LOCK, stage / LOCK)
+            write_bytes_atomic(stage / MANIFEST, manifest)
+            _fsync_dir(stage)
+            _checkpoint("staged")
+            try:
+                _swap(stage, out_dir)
+            except OSError as exc:  # a mount point, a busy folder, …: nothing moved, or put back now
+                backup = _sibling(out_dir, BACKUP_TAG)
+                if not out_dir.exists() and backup.is_dir():
+                    os.rename(backup, out_dir)
+                log.info("cannot swap %s (%s): writing in place", out_dir, exc.strerror or exc)
+                shutil.rmtree(stage, ignore_errors=True)
+                return _write_in_place(result, out_dir, debug, config, t0)
+            _checkpoint("swapped")
+        except OSError as exc:
+            raise OutputError(f"cannot write outputs to {out_dir}: {exc.strerror or exc}") from exc
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(stage, ignore_errors=True)  # after the swap: the old folder
+            shutil.rmtree(_sibling(out_dir, BACKUP_TAG), ignore_errors=True)
+        _checkpoint("done")
     return out_dir / MANIFEST
 
 
-def _old_files(out_dir: Path) -> set[str]:
-    f = out_dir / MANIFEST
-    if not f.is_file():
-        return set()
+def _write_folder(result: SeparationResult, folder: Path, debug: bool, config: AstsepConfig | None,
+                  t0: float) -> bytes:
+    """Write the tracks (and figures) into ``folder``; return ``events.json``'s bytes (not written)."""
+    new_files = []
+    for tr in result.tracks:
+        samples = result.residual if tr.kind == "residual" else tr.render(result.num_samples)
+        write_wav_atomic(folder / tr.filename, samples)
+        del samples
+        new_files.append(tr.filename)
+        _checkpoint(f"wrote:{tr.filename}")
+    if debug:
+        from .viz import debug_figures
+
+        new_files += debug_figures(result, folder, config)
+    result.stats["seconds"]["write"] = round(time.perf_counter() - t0, 4)
+    manifest = result.manifest()
+    manifest["files"] = new_files
+    return json.dumps(manifest, indent=2, allow_nan=False).encode()
+
+
+def _write_in_place(result: SeparationResult, out_dir: Path, debug: bool, config: AstsepConfig | None,
+                    t0: float) -> Path:
+    """Fallback: stage inside ``out_dir``, rename file by file, ``events.json`` last (each file is
+    atomic; the set is not)."""
     try:
-        names = json.loads(f.read_text()).get("files", [])
-    except (OSError, ValueError, AttributeError):
+        stage = Path(tempfile.mkdtemp(prefix=_LEGACY_STAGE, dir=str(out_dir)))
+    except OSError as exc:
+        raise OutputError(f"cannot write outputs to {out_dir}: {exc.strerror or exc}") from exc
+    try:
+        manifest = _write_folder(result, stage, debug, config, t0)
+        new_files = json.loads(manifest)["files"]
+        old = _old_files(out_dir)
+        for name in new_files:
+            os.replace(stage / name, out_dir / name)
+        write_bytes_atomic(out_dir / MANIFEST, manifest)
+        for name in old - set(new_files):
+            with contextlib.suppress(OSError):
+                (out_dir / name).unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write outputs to {out_dir}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out_dir / MANIFEST
+
+
+def _foreign_entries(out_dir: Path) -> list[str]:
+    """Names in ``out_dir`` that astsep did not write (to carry over); refuses a folder that is not
+    empty and holds no astsep ``events.json``."""
+    names = [p.name for p in out_dir.iterdir()]
+    ours = _old_files(out_dir)
+    has_manifest = (out_dir / MANIFEST).is_file() and _read_manifest(out_dir) is not None
+    if (out_dir / MANIFEST).exists() and not has_manifest:
+        raise OutputError(f"output folder {out_dir} holds an events.json that astsep did not write; "
+                          "choose a new or empty --output")
+    foreign = sorted(n for n in names if n not in ours and n not in (MANIFEST, LOCK) and not _is_temp(n))
+    if foreign and not has_manifest:
+        shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
+        raise OutputError(f"output folder {out_dir} is not empty and holds no astsep events.json ({shown}); "
+                          "astsep replaces its output folder as a whole: choose a new or empty --output")
+    return foreign
+
+
+def _is_temp(name: str) -> bool:
+    """Temporary names of :func:`write_wav_atomic`/:func:`write_bytes_atomic` and in-place staging."""
+    return name.startswith(_LEGACY_STAGE) or (name.startswith(".") and name.endswith((".wav.tmp", ".json.tmp")))
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Carry ``src`` to ``dst``: hard links for files (copies where linking fails), same tree."""
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+    elif src.is_file():
+        link_or_copy(src, dst)
+    else:
+        log.warning("not carrying special file %s into the new output folder", src)
+
+
+def _renameat2():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux ``renameat2(RENAME_EXCHANGE)``, glibc ≥ 2.28).
+    False where the kernel, libc or filesystem cannot; raises ``OSError`` for real failures."""
+    import ctypes
+    import errno
+
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap(stage: Path, out_dir: Path) -> None:
+    """Put ``stage`` at ``out_dir``; the old folder ends at ``stage`` (exchange) or at the backup
+    sibling (two renames; :func:`recover_output` restores it when a run dies in between)."""
+    if not _exchange(stage, out_dir):
+        backup = _sibling(out_dir, BACKUP_TAG)
+        os.rename(out_dir, backup)
+        _checkpoint("between_renames")
+        os.rename(stage, out_dir)
+    _fsync_dir(out_dir.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _read_manifest(out_dir: Path) -> dict | None:
+    try:
+        data = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), list) or "events" not in data:
+        return None
+    return data
+
+
+def _old_files(out_dir: Path) -> set[str]:
+    data = _read_manifest(out_dir) if (out_dir / MANIFEST).is_file() else None
+    if data is None:
         return set()
+    names = data.get("files", [])
     return {n for n in names if isinstance(n, str) and n == Path(n).name and not n.startswith(".")}
 
 
