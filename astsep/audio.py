@@ -6,6 +6,7 @@ for DSP (resampling) only.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -38,22 +39,140 @@ class AudioInfo:
         return asdict(self)
 
 
-def _read(path: Path) -> tuple[np.ndarray, AudioInfo]:
+# Source seconds decoded at once: decode memory is one block of every channel, whatever the file's
+# length; the block is downmixed to mono before anything else keeps it.
+BLOCK_SEC = 8.0
+_DECODE_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError, OverflowError)
+# torchaudio.functional.resample's defaults; the streaming resampler needs them to size its context
+_LOWPASS_WIDTH = 6
+# Sample rates accepted from a file header: a corrupt header saying 1 Hz would otherwise ask for a
+# 16,000-fold upsampling (memory and hours of compute) of what is really noise.
+MIN_RATE, MAX_RATE = 1000, 768000
+_ROLLOFF = 0.99
+
+
+def _decode_error(path: Path, exc: BaseException) -> AudioError:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return AudioError(f"cannot decode {path} as audio: {msg}")
+
+
+def _check_path(path: Path) -> None:
     if not path.exists():
         raise AudioError(f"input not found: {path}")
     if path.is_dir():
         raise AudioError(f"input is a folder, not an audio file: {path}")
+    if not path.is_file():
+        raise AudioError(f"input is not a regular file: {path}")
     if path.stat().st_size == 0:
         raise AudioError(f"input is an empty file (0 bytes): {path}")
+
+
+def _check_finite(block: np.ndarray, offset: int, name: str) -> None:
+    """``block`` ``(frames, channels)``; ``offset``: index of its first frame in the file."""
+    finite = np.isfinite(block)
+    if not finite.all():
+        bad = ~finite.all(axis=1)
+        raise AudioError(f"input holds {int(bad.sum())} non-finite sample(s) (NaN or inf) in the block from "
+                         f"frame {offset}, first at sample {offset + int(np.argmax(bad))}: {name}")
+
+
+class _StreamResampler:
+    """``torchaudio.functional.resample`` applied block by block, with the same output.
+
+    The sinc kernel of output frame ``f`` reads input samples ``[f*O - width, f*O + width + O)``
+    (``O``/``N``: the rates divided by their gcd), so a block is resampled together with ``ctx``
+    samples of context on each side and only the frames whose whole support is known are kept.
+    Memory: one block plus two contexts, whatever the length of the signal.
+    """
+
+    def __init__(self, orig: int, new: int = SAMPLE_RATE):
+        g = math.gcd(int(orig), int(new))
+        self.orig, self.new = int(orig), int(new)
+        self.O, self.N = self.orig // g, self.new // g
+        width = math.ceil(_LOWPASS_WIDTH * self.O / (min(self.O, self.N) * _ROLLOFF))
+        self.width = width
+        self.ctx = math.ceil((width + 1) / self.O) * self.O
+        self.buf = torch.zeros(0)
+        self.b0 = 0  # input index of buf[0]; a multiple of O
+        self.next_f = 0  # next output frame to emit
+        self.total_in = 0
+
+    def push(self, x: torch.Tensor) -> torch.Tensor:
+        self.buf = torch.cat([self.buf, x]) if self.buf.numel() else x
+        self.total_in += x.numel()
+        end = self.b0 + self.buf.numel()
+        f_end = (end - self.width - self.O) // self.O + 1
+        return self._emit(f_end, None) if f_end > self.next_f else torch.zeros(0)
+
+    def finish(self) -> torch.Tensor:
+        count = -(-self.N * self.total_in // self.O)  # ceil: torchaudio's output length
+        f_end = -(-count // self.N)
+        return self._emit(f_end, count) if f_end > self.next_f else torch.zeros(0)
+
+    def _emit(self, f_end: int, count: int | None) -> torch.Tensor:
+        y = AF.resample(self.buf, self.orig, self.new)
+        f0 = self.b0 // self.O
+        lo = (self.next_f - f0) * self.N
+        hi = (f_end - f0) * self.N if count is None else count - f0 * self.N
+        out = y[lo:hi].clone()
+        self.next_f = f_end
+        nb0 = max(0, f_end * self.O - self.ctx)
+        self.buf = self.buf[nb0 - self.b0:].clone()
+        self.b0 = nb0
+        return out
+
+
+def resample_blocks(blocks, sample_rate: int) -> torch.Tensor:
+    """Resample an iterable of mono float32 blocks at ``sample_rate`` to one 16 kHz tensor ``(samples,)``."""
+    if sample_rate <= 0:
+        raise AudioError(f"invalid sample rate {sample_rate}")
+    parts: list[torch.Tensor] = []
+    rs = _StreamResampler(sample_rate) if sample_rate != SAMPLE_RATE else None
+    for b in blocks:
+        t = torch.as_tensor(b, dtype=torch.float32)
+        parts.append(rs.push(t) if rs is not None else t)
+    if rs is not None:
+        parts.append(rs.finish())
+    parts = [p for p in parts if p.numel()]
+    if not parts:
+        return torch.zeros(0)
+    out = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+    return out.contiguous()
+
+
+def _read_mono_16k(path: Path) -> tuple[torch.Tensor, AudioInfo]:
+    """Decode ``path`` block by block, downmix each block, resample as a stream."""
+    _check_path(path)
     try:
-        with sf.SoundFile(str(path)) as f:
-            sr, channels, fmt, subtype = f.samplerate, f.channels, f.format, f.subtype
-            data = f.read(dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise AudioError(f"cannot decode {path} as audio: {msg}") from exc
-    info = AudioInfo(str(path), int(sr), int(channels), int(data.shape[0]), data.shape[0] / float(sr), fmt, subtype)
-    return data, info
+        f = sf.SoundFile(str(path))
+    except _DECODE_ERRORS as exc:
+        raise _decode_error(path, exc) from exc
+    with f:
+        sr, channels, fmt, subtype = int(f.samplerate), int(f.channels), f.format, f.subtype
+        if not MIN_RATE <= sr <= MAX_RATE or channels <= 0:
+            raise AudioError(f"cannot decode {path} as audio: unsupported {sr} Hz, {channels} channel(s) "
+                             f"(rates {MIN_RATE}-{MAX_RATE} Hz)")
+        block = max(1, int(BLOCK_SEC * sr))
+        frames = 0
+
+        def mono_blocks():
+            nonlocal frames
+            while True:
+                try:
+                    data = f.read(block, dtype="float32", always_2d=True)
+                except _DECODE_ERRORS as exc:
+                    raise _decode_error(path, exc) from exc
+                if data.shape[0] == 0:
+                    return
+                _check_finite(data, frames, str(path))
+                frames += data.shape[0]
+                yield data[:, 0].copy() if channels == 1 else data.mean(axis=1, dtype=np.float32)
+                if data.shape[0] < block:  # short read: end of the data (even if the header claims more)
+                    return
+
+        x = resample_blocks(mono_blocks(), sr)
+    info = AudioInfo(str(path), sr, channels, frames, frames / float(sr), fmt, subtype)
+    return x, info
 
 
 def to_mono_16k(data: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
@@ -68,9 +187,10 @@ def to_mono_16k(data: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tens
         raise AudioError(f"audio must be (samples,) or (samples, channels), got shape {tuple(x.shape)}")
     if sample_rate <= 0:
         raise AudioError(f"invalid sample rate {sample_rate}")
-    if sample_rate != SAMPLE_RATE and x.numel() > 0:
-        x = AF.resample(x, int(sample_rate), SAMPLE_RATE)
-    return x.contiguous()
+    if sample_rate == SAMPLE_RATE or x.numel() == 0:
+        return x.contiguous()
+    step = max(1, int(BLOCK_SEC * sample_rate))
+    return resample_blocks((x[i:i + step] for i in range(0, x.numel(), step)), int(sample_rate))
 
 
 def validate(x: torch.Tensor, name: str) -> None:
@@ -84,14 +204,17 @@ def validate(x: torch.Tensor, name: str) -> None:
 
 
 def load_audio(path: str | os.PathLike) -> tuple[torch.Tensor, AudioInfo]:
-    """Read a file, validate it, and return ``(mono 16 kHz float32 samples, info)``."""
+    """Read a file, validate it, and return ``(mono 16 kHz float32 samples (N,), info)``.
+
+    The file is decoded :data:`BLOCK_SEC` at a time and each block is downmixed before it is
+    resampled, so decoding needs memory for the 16 kHz mono result plus one block, not for the
+    whole file at its own rate and channel count. Raises :class:`AudioError` for anything that is
+    not finite, non-empty audio.
+    """
     p = Path(path)
-    data, info = _read(p)
-    if data.shape[0] == 0:
+    x, info = _read_mono_16k(p)
+    if info.frames == 0:
         raise AudioError(f"input holds no samples: {p}")
-    if not np.isfinite(data).all():
-        validate(torch.from_numpy(data.reshape(-1)), str(p))
-    x = to_mono_16k(data, info.sample_rate)
     validate(x, str(p))
     return x, info
 

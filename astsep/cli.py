@@ -189,9 +189,19 @@ def _deliver(result, client, outbox, args, manifest: Path) -> None:
     report = deliver(result.events, client, outbox, user_id=args.user_id, angle=args.angle, send=not backend_down)
     result.stats["delivery"] = {"earlier": earlier.to_dict(), "this_run": report.to_dict(),
                                 "seconds": round(time.perf_counter() - t0, 4)}
-    data = json.loads(manifest.read_text())
-    data["stats"]["delivery"] = result.stats["delivery"]
-    write_bytes_atomic(manifest, json.dumps(data, indent=2, allow_nan=False).encode())
+    # add the report to this run's events.json, under the folder's lock, and only if no later run
+    # has replaced the folder since
+    from .errors import OutputError
+    from .pipeline import output_lock
+
+    try:
+        with output_lock(manifest.parent):
+            data = json.loads(manifest.read_text())
+            if [e.get("event_id") for e in data.get("events", [])] == [e["event_id"] for e in result.events]:
+                data["stats"]["delivery"] = result.stats["delivery"]
+                write_bytes_atomic(manifest, json.dumps(data, indent=2, allow_nan=False).encode())
+    except (OutputError, OSError, ValueError) as exc:
+        log.warning("delivery report not added to %s: %s", manifest, exc)
     log.info("delivery: %s", report.summary())
 
 
