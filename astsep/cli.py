@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickle (pytorch_model.bin) model weights; only for folders you trust")
     p.add_argument("--debug", action="store_true", help="write debug_pass_K.png figures per pass")
+    r = p.add_argument_group("trained refiner")
+    r.add_argument("--refiner", default=None, metavar="CKPT",
+                   help="refine every baseline source with a refiner checkpoint written by train.py")
+    r.add_argument("--query", default=None, metavar="TEXT",
+                   help="with --refiner: extract only this sound (e.g. 'a dog barking'), plus the rest")
+    r.add_argument("--query-audio", default=None, metavar="FILE",
+                   help="with --refiner: extract the sound that resembles this recording")
+    r.add_argument("--negative", default=None, metavar="TEXT", help="with --query: a sound to leave out")
+    r.add_argument("--negative-audio", default=None, metavar="FILE", help="with --query-audio: a sound to leave out")
+    r.add_argument("--query-table", default=None, metavar="PT",
+                   help="text embedding table from `python -m astsep.embed` (texts are looked up here first)")
+    r.add_argument("--clap-ckpt", default=None, metavar="CKPT", help="laion-clap checkpoint to embed text and audio")
     p.add_argument("--backend-url", default=None, metavar="URL",
                    help="POST every non-'other' event here (http/https); token from $ASTSEP_BACKEND_TOKEN")
     p.add_argument("--user-id", default="0", help="user_id sent with events (default 0)")
@@ -100,6 +112,15 @@ def run(args) -> int:
     from .pipeline import Pipeline, window_starts
 
     cfg = _config(args)
+    if (args.query or args.query_audio or args.negative or args.negative_audio) and not args.refiner:
+        raise AstsepError("--query/--query-audio/--negative need a trained refiner: pass --refiner CKPT")
+    if args.query and args.query_audio:
+        raise AstsepError("give either --query or --query-audio, not both")
+    refiner = None
+    if args.refiner:
+        from .refine import Refiner
+
+        refiner = Refiner.load(args.refiner, table=args.query_table, clap_ckpt=args.clap_ckpt)
     client = outbox = None
     if args.backend_url:
         from .backend import BackendClient, Outbox
@@ -119,7 +140,8 @@ def run(args) -> int:
     first = load_audio(inputs[0])
     t_first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pipe = Pipeline(cfg)
+    pipe = Pipeline(cfg, refiner=refiner)
+    query = _query(args, pipe) if refiner is not None else None
     t_model = time.perf_counter() - t0
     log.info("model %s loaded on %s in %.2f s", cfg.guide.model, pipe.guide.device, t_model)
 
@@ -147,7 +169,7 @@ def run(args) -> int:
                     done[0] += step
                     bar.update(step)
 
-            result = pipe.run(x, str(path), info, keep_traces=args.debug, progress=advance)
+            result = pipe.run(x, str(path), info, keep_traces=args.debug, progress=advance, query=query)
             result.stats["seconds"]["decode"] = round(t_dec, 4)
             result.stats["seconds"]["model_load"] = round(t_model, 4)
             sub = stems[n] if stems.count(stems[n]) == 1 else f"{stems[n]}_{n}"
@@ -203,6 +225,41 @@ def _deliver(result, client, outbox, args, manifest: Path) -> None:
     except (OutputError, OSError, ValueError) as exc:
         log.warning("delivery report not added to %s: %s", manifest, exc)
     log.info("delivery: %s", report.summary())
+
+
+def _query(args, pipe):
+    """The --query / --query-audio embedding (with its negative), or None."""
+    from .audio import load_audio
+    from .refine import Query
+
+    ref = pipe.refiner
+    if not (args.query or args.query_audio):
+        return None
+
+    def audio_embedding(path: str):
+        x, _ = load_audio(path)
+        x = x[: int(round(pipe.cfg.window.window_sec * SAMPLE_RATE))].unsqueeze(0)
+        if ref.query_source == "target_audio":
+            return ref._check_dim(pipe.guide.embed(x.to(pipe.guide.device)).cpu()[0], "AST audio")
+        if ref.text_encoder is None:
+            raise AstsepError("this refiner takes CLAP queries: pass --clap-ckpt CKPT to embed an audio query")
+        return ref._check_dim(ref.text_encoder.encode_audio(x)[0], "CLAP audio")
+
+    def text_embedding(text: str):
+        if ref.query_source == "target_audio":
+            raise AstsepError("this refiner was trained with audio (AST embedding) queries: use --query-audio FILE")
+        return ref.embed_text([text])[0]
+
+    if args.query:
+        pos, text = text_embedding(args.query), args.query
+    else:
+        pos, text = audio_embedding(args.query_audio), Path(args.query_audio).stem
+    neg = neg_text = None
+    if args.negative:
+        neg, neg_text = text_embedding(args.negative), args.negative
+    elif args.negative_audio:
+        neg, neg_text = audio_embedding(args.negative_audio), Path(args.negative_audio).stem
+    return Query(pos, text, neg, neg_text)
 
 
 def _duration(path: Path) -> float:

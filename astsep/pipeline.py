@@ -37,7 +37,7 @@ import torch
 from . import __version__
 from .audio import AudioInfo, dbfs, load_audio, to_mono_16k, validate, write_bytes_atomic, write_wav_atomic
 from .config import SAMPLE_RATE, AstsepConfig, load_config
-from .errors import AudioError, OutputError
+from .errors import AudioError, ConfigError, OutputError
 from .events import active_span, event_id, safe_name
 from .guide import ASTGuide
 from .separator import BatchSeparation, Separator
@@ -165,14 +165,29 @@ class SeparationResult:
 class Pipeline:
     """Holds the configuration, the AST guide (and its cache) and the separator."""
 
-    def __init__(self, cfg: AstsepConfig | None = None, guide: ASTGuide | None = None):
+    def __init__(self, cfg: AstsepConfig | None = None, guide: ASTGuide | None = None, refiner=None):
         self.cfg = cfg or AstsepConfig()
         self.guide = guide if guide is not None else ASTGuide.from_pretrained(self.cfg.guide)
         self.separator = Separator(self.cfg, self.guide)
+        self.refiner = refiner.to(self.guide.device) if refiner is not None else None
+        if self.refiner is not None and self.refiner.n_masks != self.cfg.separator.max_passes:
+            raise ConfigError(f"the refiner takes {self.refiner.n_masks} baseline masks but --max-passes is "
+                              f"{self.cfg.separator.max_passes}; use --max-passes {self.refiner.n_masks}")
+
+    @property
+    def model_name(self) -> str:
+        return f"refiner:{self.refiner.name}" if self.refiner is not None else f"baseline:{self.guide.name}"
 
     def run(self, audio: torch.Tensor, name: str = "<tensor>", info: AudioInfo | None = None,
-            keep_traces: bool = False, progress: Callable[[int], None] | None = None) -> SeparationResult:
-        """Separate ``audio`` ``(N,)`` (16 kHz mono float32, validated)."""
+            keep_traces: bool = False, progress: Callable[[int], None] | None = None,
+            query=None) -> SeparationResult:
+        """Separate ``audio`` ``(N,)`` (16 kHz mono float32, validated).
+
+        With a refiner, every baseline source is refined; with a ``query``
+        (:class:`astsep.refine.Query`) only the queried source is extracted, plus the rest.
+        """
+        if query is not None and self.refiner is None:
+            raise ConfigError("a text or audio query needs a trained refiner (--refiner CKPT)")
         cfg, sc = self.cfg, self.cfg.separator
         t_start = time.perf_counter()
         g0 = dict(self.guide.stats())
@@ -189,8 +204,8 @@ class Pipeline:
         events: list[dict] = []
         residual_cls: list[dict | None] = []
         traces: list[tuple[int, int, Any]] = []
-        residual_forwards = 0
-        t_sep = t_res = 0.0
+        residual_forwards = query_forwards = 0
+        t_sep = t_res = t_ref = 0.0
         device = self.guide.device
         bw = cfg.window.batch_windows or (32 if device.type == "cuda" else 1)
         for c0 in range(0, len(starts), bw):
@@ -199,6 +214,11 @@ class Pipeline:
             t0 = time.perf_counter()
             out = self.separator.separate_batch(xb, keep_traces=keep_traces)
             t_sep += time.perf_counter() - t0
+            if self.refiner is not None:
+                t0, before = time.perf_counter(), self.guide.forwards
+                out = self._refine(xb, out, query)
+                query_forwards += self.guide.forwards - before
+                t_ref += time.perf_counter() - t0
             # windowed sources and residuals
             src = out.sources.cpu()
             res = out.residual.cpu()
@@ -218,11 +238,17 @@ class Pipeline:
                         continue
                     cid = int(out.class_ids[j, k])
                     seg = src[j, k] * wgt
-                    tr = tracks.get(cid)
+                    key = "query" if query is not None else cid
+                    tr = tracks.get(key)
                     if tr is None:
-                        tr = tracks[cid] = Track(len(tracks), self.guide.labels[cid], cid, "source")
+                        label = query.text if query is not None else self.guide.labels[cid]
+                        tr = tracks[key] = Track(len(tracks), label, cid, "source")
                     tr.segments.append((s, seg))
-                    events.append(self._event(tr, seg, s, w_idx, k, out, j, total_energy, input_key))
+                    ev = self._event(tr, seg, s, w_idx, k, out, j, total_energy, input_key)
+                    if query is not None:
+                        ev["query"] = query.text
+                        ev["negative_query"] = query.negative_text
+                    events.append(ev)
             if progress:
                 progress(len(chunk))
 
@@ -230,7 +256,7 @@ class Pipeline:
         confident = [c for c in residual_cls if c is not None and c["confidence"] >= sc.residual_confidence]
         classified = [c for c in residual_cls if c is not None]
         same = bool(classified) and len(confident) == len(classified) and len({c["class_id"] for c in confident}) == 1
-        res_label = confident[0]["label"] if same else "residual"
+        res_label = confident[0]["label"] if same else ("rest" if query is not None else "residual")
         res_track = Track(len(tracks), res_label, confident[0]["class_id"] if same else -1, "residual")
         result = SeparationResult(name, x, list(tracks.values()) + [res_track], events, {}, traces)
         resid = result.residual
@@ -253,8 +279,10 @@ class Pipeline:
             "windows": len(starts),
             "passes_max": sc.max_passes,
             "ast_forwards": g1["ast_forwards"] - g0["ast_forwards"],
-            "ast_forwards_separation": g1["ast_forwards"] - g0["ast_forwards"] - residual_forwards,
+            "ast_forwards_separation": g1["ast_forwards"] - g0["ast_forwards"] - residual_forwards - query_forwards,
             "ast_forwards_residual": residual_forwards,
+            "ast_forwards_query": query_forwards,
+            "refiner": self.refiner.name if self.refiner is not None else None,
             "residuals_classified": sum(1 for c in residual_cls if c is not None),
             "ast_batches": g1["ast_batches"] - g0["ast_batches"],
             "cache_hits": g1["cache_hits"] - g0["cache_hits"],
@@ -264,12 +292,51 @@ class Pipeline:
                 "separate": round(t_sep, 4),
                 "ast": round(g1["ast_seconds"] - g0["ast_seconds"], 4),
                 "classify_residual": round(t_res, 4),
+                "refine": round(t_ref, 4),
                 "total": round(time.perf_counter() - t_start, 4),
             },
         }
         return result
 
     # ------------------------------------------------------------------------------------------
+    def _refine(self, xb: torch.Tensor, out: BatchSeparation, query) -> BatchSeparation:
+        """Replace the baseline's sources by refined ones, or by the queried source alone."""
+        ref, st = self.refiner, self.cfg.stft
+        if query is None:
+            b, K = out.kept.shape
+            queries = torch.zeros(b, K, ref.query_dim)
+            kept = out.kept.cpu()
+            if bool(kept.any()):
+                if ref.query_source == "target_audio":
+                    queries[kept] = ref.source_queries([], out.embeddings.cpu()[kept])
+                else:
+                    labels = [self.guide.labels[int(c)] for c in out.class_ids.cpu()[kept]]
+                    queries[kept] = ref.source_queries(labels, torch.empty(0))
+            src = ref.refine_sources(xb, out.masks, kept, queries, st).to(out.sources.device)
+            out.sources = src
+            out.residual = xb - src.sum(dim=1)
+            return out
+        ext = ref.extract(xb, out.masks, query, st).to(xb.device)
+        audible = ~out.silent & (ext.pow(2).sum(dim=1) > 0)
+        cid = torch.full((xb.shape[0],), -1, dtype=torch.long)
+        conf = torch.zeros(xb.shape[0])
+        t5i = torch.full((xb.shape[0], 5), -1, dtype=torch.long)
+        t5p = torch.zeros(xb.shape[0], 5)
+        emb = torch.zeros(xb.shape[0], self.guide.hidden_size)
+        idx = audible.nonzero().squeeze(1).cpu()
+        if idx.numel():
+            g = self.guide(ext[idx.to(ext.device)])
+            probs = g.probs.cpu()
+            conf[idx], cid[idx] = probs.max(dim=-1)
+            tp, ti = probs.topk(min(5, probs.shape[-1]), dim=-1)
+            t5p[idx, : tp.shape[1]], t5i[idx, : ti.shape[1]] = tp, ti
+            emb[idx] = g.embedding.cpu()
+        return BatchSeparation(
+            sources=ext.unsqueeze(1), residual=xb - ext, masks=out.masks[:, :1] * 0, kept=audible.cpu().unsqueeze(1),
+            class_ids=cid.unsqueeze(1), confidences=conf.unsqueeze(1), top5_ids=t5i.unsqueeze(1),
+            top5_probs=t5p.unsqueeze(1), embeddings=emb.unsqueeze(1), silent=out.silent, traces=out.traces,
+            labels=[[self.guide.labels[int(c)] if c >= 0 else ""] for c in cid])
+
     def _classify_residuals(self, res: torch.Tensor, xb: torch.Tensor, silent: torch.Tensor) -> list[dict | None]:
         """Classify the residual of each window when it holds enough energy to be a sound."""
         sc = self.cfg.separator
@@ -315,7 +382,7 @@ class Pipeline:
             "category": self.cfg.categories.category(cid),
             "level_dbfs": _round_db(dbfs(seg)),
             "energy_share": round(float(seg.double().pow(2).sum()) / max(total_energy, 1e-30), 6),
-            "model": f"baseline:{self.guide.name}",
+            "model": self.model_name,
         }
 
     def _residual_event(self, tr: Track, seg: torch.Tensor, start: int, w_idx: int, cls: dict | None,
@@ -343,7 +410,7 @@ class Pipeline:
             "silent": bool(silent),
             "level_dbfs": _round_db(dbfs(seg)),
             "energy_share": round(float(seg.double().pow(2).sum()) / max(total_energy, 1e-30), 6),
-            "model": f"baseline:{self.guide.name}",
+            "model": self.model_name,
         }
 
 
@@ -676,7 +743,8 @@ def get_pipeline(cfg: AstsepConfig) -> Pipeline:
 def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: int | None = None, *,
              model: str | None = None, config: AstsepConfig | str | os.PathLike | None = None,
              guide: ASTGuide | None = None, max_passes: int | None = None, min_eratio: float | None = None,
-             device: str | None = None, cache_dir: str | None = None, keep_traces: bool = False) -> SeparationResult:
+             device: str | None = None, cache_dir: str | None = None, keep_traces: bool = False,
+             refiner=None, query=None) -> SeparationResult:
     """Separate a recording into sources, classify them, and describe them as events.
 
     Args:
@@ -687,6 +755,8 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
         guide: an already built :class:`ASTGuide` (tests, notebooks); overrides ``model``.
         max_passes, min_eratio, device, cache_dir: override the config.
         keep_traces: keep per-pass internals (needed for debug figures).
+        refiner: an :class:`astsep.refine.Refiner` (``Refiner.load(ckpt)``): refine every source.
+        query: an :class:`astsep.refine.Query`: with a refiner, extract only that sound (plus the rest).
 
     Returns:
         :class:`SeparationResult` with ``sources``, ``labels``, ``events``, ``stats``; ``write(dir)``
@@ -713,7 +783,10 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
         validate(x, "<samples>")
         name = "<samples>"
     t_load = time.perf_counter() - t0
-    pipe = Pipeline(cfg, guide) if guide is not None else get_pipeline(cfg)
-    result = pipe.run(x, name, info, keep_traces=keep_traces)
+    if refiner is not None:
+        pipe = Pipeline(cfg, guide if guide is not None else get_pipeline(cfg).guide, refiner=refiner)
+    else:
+        pipe = Pipeline(cfg, guide) if guide is not None else get_pipeline(cfg)
+    result = pipe.run(x, name, info, keep_traces=keep_traces, query=query)
     result.stats["seconds"]["decode"] = round(t_load, 4)
     return result

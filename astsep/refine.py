@@ -1,0 +1,171 @@
+"""Refined inference: a trained :class:`~astsep.refiner.MaskRefiner` on top of the baseline.
+
+Two uses, both behind ``infer.py --refiner CKPT``:
+
+- **refine every baseline source**: each kept pass's source is re-estimated by the refiner,
+  queried with that source's AST label ("The sound of <label>", needs a text encoder: a CLAP
+  checkpoint or an embedding table) or with the AST embedding of the pass (refiners trained with
+  audio queries); the refined masks of a window are scaled so they never claim more than the whole
+  mixture, and the residual takes the difference, so the files still add up to the input;
+- **extract one queried source** (``--query TEXT`` / ``--query-audio FILE``, optional
+  ``--negative``): the refiner's mask for the query, plus the rest.
+
+Checkpoints are Lightning checkpoints written by ``train.py`` (``hyper_parameters`` hold plain
+types); they are read with ``torch.load(weights_only=True)``: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import STFTConfig
+from .errors import ConfigError, ModelError
+from .features import istft, stft
+from .refiner import MaskRefiner, RefinerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Query:
+    """A positive query embedding ``(D,)`` with its text, and an optional negative one."""
+
+    embedding: torch.Tensor
+    text: str
+    negative: torch.Tensor | None = None
+    negative_text: str | None = None
+
+
+class Refiner:
+    """A trained refiner ready for inference, plus what it needs to embed queries."""
+
+    def __init__(self, net: MaskRefiner, query_source: str, name: str, table=None, text_encoder=None):
+        self.net = net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.query_source = query_source  # "target_audio" (AST embedding queries) or "table" (text)
+        self.name = name
+        self.table = table
+        self.text_encoder = text_encoder
+
+    # --- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, *, table: str | None = None, clap_ckpt: str | None = None) -> "Refiner":
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ModelError(f"refiner checkpoint not found: {p} (--refiner takes a .ckpt written by train.py)")
+        try:
+            ck = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"cannot read refiner checkpoint {p} with weights_only loading: "
+                             f"{str(exc).splitlines()[0][:200]}") from exc
+        if not isinstance(ck, dict) or "state_dict" not in ck or "hyper_parameters" not in ck:
+            raise ModelError(f"{p} is not a refiner checkpoint written by train.py (no state_dict/hyper_parameters)")
+        hp = ck["hyper_parameters"]
+        rcfg = hp.get("refiner") or {}
+        try:
+            net = MaskRefiner(RefinerConfig(**rcfg))
+        except TypeError as exc:
+            raise ModelError(f"refiner checkpoint {p} has an unknown refiner config: {exc}") from exc
+        state = {k[len("refiner."):]: v for k, v in ck["state_dict"].items() if k.startswith("refiner.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelError(f"refiner checkpoint {p} does not match its config (missing {len(missing)}, "
+                             f"unexpected {len(unexpected)} tensors)")
+        tbl = enc = None
+        if table:
+            from .query import EmbeddingTable
+
+            tbl = EmbeddingTable.load(table)
+        if clap_ckpt:
+            from .query import ClapQueryEncoder
+
+            enc = ClapQueryEncoder(clap_ckpt)
+        return cls(net, str(hp.get("query_source", "table")), p.name, tbl, enc)
+
+    @property
+    def query_dim(self) -> int:
+        return self.net.cfg.query_dim
+
+    @property
+    def n_masks(self) -> int:
+        return self.net.cfg.n_masks
+
+    def to(self, device: torch.device) -> "Refiner":
+        self.net.to(device)
+        return self
+
+    # --- queries ------------------------------------------------------------------------------
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """``(N, D)`` text embeddings from the table (exact text) or the text encoder."""
+        if self.table is not None and all(t in self.table for t in texts):
+            emb = self.table.lookup_many(texts)
+        elif self.text_encoder is not None:
+            emb = self.text_encoder.encode_text(texts)
+        else:
+            missing = [t for t in texts if self.table is None or t not in self.table]
+            raise ConfigError(f"no text embedding for {missing[:3]}: pass --query-table TABLE holding these texts "
+                              "or --clap-ckpt CKPT (laion-clap) to embed text")
+        return self._check_dim(emb, "text")
+
+    def _check_dim(self, emb: torch.Tensor, what: str) -> torch.Tensor:
+        if emb.shape[-1] != self.query_dim:
+            raise ConfigError(f"{what} queries have {emb.shape[-1]} dims but the refiner was trained with "
+                              f"{self.query_dim}-dim queries ({self.query_source}); use the matching encoder/model")
+        return emb.float()
+
+    def source_queries(self, labels: list[str], ast_embeddings: torch.Tensor) -> torch.Tensor:
+        """Queries ``(M, D)`` for baseline sources: their AST embeddings for refiners trained on
+        audio queries, else the text "The sound of <label>"."""
+        if self.query_source == "target_audio":
+            return self._check_dim(ast_embeddings, "AST embedding")
+        from .query import label_prompt
+
+        return self.embed_text([label_prompt(lab) for lab in labels])
+
+    # --- masks --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def masks(self, x: torch.Tensor, baseline_masks: torch.Tensor, queries: torch.Tensor,
+              negative: torch.Tensor | None, stft_cfg: STFTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refined masks for ``M`` queries per window.
+
+        ``x (b,N)``, ``baseline_masks (b,K,F,T)``, ``queries (b,M,D)``, ``negative (b,M,D)`` or None.
+        Returns ``(masks (b,M,F,T), spec (b,F,T))``.
+        """
+        b, M = queries.shape[:2]
+        dev = next(self.net.parameters()).device
+        spec = stft(x.float().to(dev), stft_cfg)
+        mag = spec.abs().repeat_interleave(M, dim=0)
+        base = baseline_masks.float().to(dev).repeat_interleave(M, dim=0)
+        q = queries.reshape(b * M, -1).to(dev)
+        neg = negative.reshape(b * M, -1).to(dev) if negative is not None else None
+        m = self.net(mag, base, q, neg)
+        return m.view(b, M, *m.shape[1:]).float(), spec
+
+    def refine_sources(self, x: torch.Tensor, baseline_masks: torch.Tensor, kept: torch.Tensor,
+                       queries: torch.Tensor, stft_cfg: STFTConfig) -> torch.Tensor:
+        """Refined sources ``(b,K,N)`` (zero where ``kept`` is False).
+
+        Masks of one window are scaled down wherever together they would take more than the
+        mixture (Σ ≤ 1 per time-frequency bin), so the residual never has to be negative energy.
+        """
+        masks, spec = self.masks(x, baseline_masks, queries, None, stft_cfg)
+        masks = masks * kept[:, :, None, None].to(masks.device, masks.dtype)
+        total = masks.sum(dim=1, keepdim=True)
+        masks = masks / total.clamp_min(1.0)
+        b, K = masks.shape[:2]
+        out = istft((masks * spec.unsqueeze(1)).reshape(b * K, *spec.shape[1:]), stft_cfg, x.shape[-1])
+        return out.view(b, K, -1).cpu()
+
+    def extract(self, x: torch.Tensor, baseline_masks: torch.Tensor, query: Query,
+                stft_cfg: STFTConfig) -> torch.Tensor:
+        """The queried source ``(b,N)`` of each window."""
+        b = x.shape[0]
+        q = query.embedding.view(1, 1, -1).expand(b, 1, -1)
+        neg = query.negative.view(1, 1, -1).expand(b, 1, -1) if query.negative is not None else None
+        masks, spec = self.masks(x, baseline_masks, q, neg, stft_cfg)
+        return istft(masks[:, 0] * spec, stft_cfg, x.shape[-1]).cpu()

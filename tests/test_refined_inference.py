@@ -1,0 +1,135 @@
+"""``infer.py --refiner``: refined sources still add up; queried extraction; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader
+
+from astsep.lit import RefinerModule
+from astsep.query import EmbeddingTable, label_prompt
+from astsep.refine import Refiner
+from astsep.testing import audioset_labels
+
+from conftest import clip, mixture
+from test_cli import infer, one_error_line
+
+SMALL = {"n_masks": 3, "channels": 8, "max_channels": 16, "depth": 2, "cond_dim": 16, "groups": 4}
+
+
+def _train_and_save(path, query_source: str, query_dim: int) -> None:
+    """Two real optimisation steps on shared-clip mixtures, saved by Lightning."""
+    module = RefinerModule(refiner=dict(SMALL, query_dim=query_dim), guide_model="tiny", guide_seed=0,
+                           query_source=query_source, example_every_n_val=0)
+    tgt = [clip("dog", 2.0), clip("siren", 2.0)]
+    itf = [clip("rain", 2.0), clip("crow", 2.0)]
+    batch = [{"mixture": t + i, "target": t, "query": torch.randn(query_dim), "has_query": torch.tensor(1.0)}
+             for t, i in zip(tgt, itf)]
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(batch, batch_size=2))
+    trainer.save_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def audio_ckpt(tmp_path_factory):
+    p = tmp_path_factory.mktemp("refiner") / "audio_query.ckpt"
+    _train_and_save(p, "target_audio", 32)  # tiny AST: 32-dim pooled embeddings
+    return p
+
+
+@pytest.fixture(scope="module")
+def text_ckpt_and_table(tmp_path_factory):
+    d = tmp_path_factory.mktemp("refiner_text")
+    _train_and_save(d / "text_query.ckpt", "table", 16)
+    texts = [label_prompt(lab) for lab in audioset_labels().values()] + ["a dog barking", "rain falling"]
+    texts = list(dict.fromkeys(texts))
+    g = torch.Generator().manual_seed(0)
+    EmbeddingTable(texts, torch.randn(len(texts), 16, generator=g), "random-test").save(d / "table.pt")
+    return d / "text_query.ckpt", d / "table.pt"
+
+
+def _sum_of_files(out, files):
+    return sum(sf.read(out / f, dtype="float64")[0] for f in files if f.endswith(".wav"))
+
+
+def test_refiner_checkpoint_loads_with_weights_only(audio_ckpt):
+    ref = Refiner.load(audio_ckpt)
+    assert ref.query_source == "target_audio" and ref.query_dim == 32 and ref.n_masks == 3
+
+
+def test_refined_sources_still_add_up_and_say_which_model_made_them(tmp_path, tiny_model_dir, audio_ckpt, shared):
+    path = tmp_path / "mix.wav"
+    x = mixture("dog", "rain", seconds=4.0).numpy()
+    sf.write(path, x, 16000, subtype="FLOAT")
+    out = tmp_path / "out"
+    proc = infer("-i", str(path), "-o", str(out), "-m", str(tiny_model_dir), "--refiner", str(audio_ckpt), "-q")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "events.json").read_text())
+    src = [e for e in m["events"] if e["kind"] == "source"]
+    assert src and all(e["model"] == f"refiner:{audio_ckpt.name}" for e in src)
+    assert m["stats"]["refiner"] == audio_ckpt.name
+    total = _sum_of_files(out, m["files"])
+    assert 10 * np.log10(np.sum(x.astype(np.float64) ** 2) / np.sum((x - total) ** 2)) >= 60
+
+
+def test_audio_query_extracts_one_source_plus_the_rest(tmp_path, tiny_model_dir, audio_ckpt, shared):
+    path, query = tmp_path / "mix.wav", tmp_path / "dog_example.wav"
+    x = mixture("dog", "rain", seconds=4.0).numpy()
+    sf.write(path, x, 16000, subtype="FLOAT")
+    sf.write(query, clip("dog", 2.0).numpy(), 16000)
+    out = tmp_path / "out"
+    proc = infer("-i", str(path), "-o", str(out), "-m", str(tiny_model_dir), "--refiner", str(audio_ckpt),
+                 "--query-audio", str(query), "-q")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "events.json").read_text())
+    wavs = [f for f in m["files"] if f.endswith(".wav")]
+    assert wavs[0] == "00_dog_example.wav" and wavs[-1].startswith("01_")
+    (ev,) = [e for e in m["events"] if e["kind"] == "source"]
+    assert ev["query"] == "dog_example" and ev["category"] in {"danger", "help", "warning", "other"}
+    assert m["stats"]["ast_forwards_query"] == 1
+    total = _sum_of_files(out, wavs)
+    assert 10 * np.log10(np.sum(x.astype(np.float64) ** 2) / np.sum((x - total) ** 2)) >= 60
+
+
+def test_text_query_through_an_embedding_table(tmp_path, tiny_model_dir, text_ckpt_and_table, shared):
+    ckpt, table = text_ckpt_and_table
+    path = tmp_path / "mix.wav"
+    sf.write(path, mixture("dog", "rain", seconds=3.0).numpy(), 16000)
+    out = tmp_path / "out"
+    proc = infer("-i", str(path), "-o", str(out), "-m", str(tiny_model_dir), "--refiner", str(ckpt),
+                 "--query-table", str(table), "--query", "a dog barking", "--negative", "rain falling", "-q")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "events.json").read_text())
+    (ev,) = [e for e in m["events"] if e["kind"] == "source"]
+    assert ev["query"] == "a dog barking" and ev["negative_query"] == "rain falling"
+    assert m["files"][0] == "00_a_dog_barking.wav"
+    # every baseline source refined by label prompts from the same table
+    proc = infer("-i", str(path), "-o", str(tmp_path / "all"), "-m", str(tiny_model_dir), "--refiner", str(ckpt),
+                 "--query-table", str(table), "-q")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("case", ["missing_ckpt", "text_for_audio_refiner", "query_without_refiner", "text_not_in_table"])
+def test_refiner_misuse_gives_one_line(tmp_path, tiny_model_dir, audio_ckpt, text_ckpt_and_table, case):
+    path = tmp_path / "mix.wav"
+    sf.write(path, np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32), 16000)
+    args = ["-i", str(path), "-o", str(tmp_path / "out"), "-m", str(tiny_model_dir)]
+    if case == "missing_ckpt":
+        args += ["--refiner", str(tmp_path / "nope.ckpt")]
+    elif case == "text_for_audio_refiner":
+        args += ["--refiner", str(audio_ckpt), "--query", "a dog barking"]
+    elif case == "query_without_refiner":
+        args += ["--query", "a dog barking"]
+    else:
+        ckpt, table = text_ckpt_and_table
+        args += ["--refiner", str(ckpt), "--query-table", str(table), "--query", "a sound nobody embedded"]
+    proc = infer(*args)
+    assert proc.returncode != 0
+    assert one_error_line(proc).startswith("astsep: error:")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
