@@ -17,8 +17,9 @@ import torchaudio.functional as AF
 from .config import SAMPLE_RATE, STFTConfig
 
 
-@functools.lru_cache(maxsize=8)
 def _hann(win_length: int, device: str) -> torch.Tensor:
+    # Not cached: a window first made under inference_mode would be an inference tensor and
+    # break a later backward pass (training validates before it fits). It costs microseconds.
     return torch.hann_window(win_length, device=device)
 
 

@@ -1,0 +1,240 @@
+"""``python -m astsep.evaluate``: SDR / SDRi / SI-SDR / SI-SDRi on a list of mixtures with references.
+
+The list is a CSV in one of two layouts (relative paths are relative to the CSV's folder):
+
+- ``mixture, target[, caption]``: a recorded or premixed mixture and its target reference;
+- ``target, interferer[, snr_db][, caption]``: the mixture is made here, the interferer rescaled
+  to ``snr_db`` (default 0 dB) below the target's energy.
+
+For every row it scores four estimates of the target:
+
+- ``mixture``: the unprocessed mixture (SDRi = 0 by definition);
+- ``baseline``: the deterministic separator's source with the best SI-SDR against the target
+  (oracle selection among its up to K sources; see ``astsep.lit``);
+- ``refined``: the trained refiner (``--refiner best.ckpt``), queried with the caption's embedding
+  (``--embedding-table``) or with the target's AST embedding, as it was trained;
+- ``oracle_irm``: the ideal ratio mask ``sqrt(|S|² / (|S|² + |N|²))`` on the mixture STFT, an
+  upper bound for any mask on this STFT.
+
+and writes ``report.md`` and ``report.json`` (mean and median per metric, plus every row) to
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .audio import load_audio, write_bytes_atomic
+from .config import DEFAULT_MODEL, SAMPLE_RATE, STFTConfig, load_config
+from .data.audiocaps import mix_at_snr
+from .errors import AstsepError, ConfigError
+from .features import istft, stft
+from .metrics import separation_metrics
+
+log = logging.getLogger(__name__)
+
+METHODS = ("mixture", "baseline", "refined", "oracle_irm")
+METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")
+
+
+@dataclass
+class EvalItem:
+    """One evaluation mixture: ``mixture`` and ``target`` ``(N,)`` at 16 kHz."""
+
+    name: str
+    mixture: torch.Tensor
+    target: torch.Tensor
+    caption: str = ""
+
+
+def _resolve(base: Path, raw: str) -> Path:
+    p = Path(raw.strip()).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def read_eval_csv(csv_path: str | Path, max_seconds: float | None = None) -> list[EvalItem]:
+    """Read either CSV layout into :class:`EvalItem` s (lengths trimmed to the shorter signal)."""
+    csv_path = Path(csv_path).expanduser()
+    if not csv_path.is_file():
+        raise ConfigError(f"mixture list not found: {csv_path}")
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = set(reader.fieldnames or [])
+        rows = list(reader)
+    if {"mixture", "target"} <= fields:
+        layout = "mixture"
+    elif {"target", "interferer"} <= fields:
+        layout = "pair"
+    else:
+        raise ConfigError(f"{csv_path} needs columns 'mixture, target' or 'target, interferer[, snr_db]'; "
+                          f"it has {', '.join(sorted(fields)) or 'none'}")
+    if not rows:
+        raise ConfigError(f"{csv_path} lists no mixtures")
+    base = csv_path.parent
+    limit = int(max_seconds * SAMPLE_RATE) if max_seconds else None
+    items = []
+    for i, row in enumerate(rows):
+        target, _ = load_audio(_resolve(base, row["target"]))
+        if layout == "mixture":
+            mixture, _ = load_audio(_resolve(base, row["mixture"]))
+            n = min(mixture.numel(), target.numel(), limit or math.inf)
+            mixture, target = mixture[:n], target[:n]
+            name = Path(row["mixture"]).stem
+        else:
+            interferer, _ = load_audio(_resolve(base, row["interferer"]))
+            n = min(interferer.numel(), target.numel(), limit or math.inf)
+            snr = float(row.get("snr_db") or 0.0)
+            mixture, target = mix_at_snr(target[:n], interferer[:n], snr_db=snr, gain_db=0.0)
+            name = f"{Path(row['target']).stem}+{Path(row['interferer']).stem}@{snr:g}dB"
+        items.append(EvalItem(name=f"{i:04d}_{name}", mixture=mixture, target=target, caption=(row.get("caption") or "").strip()))
+    return items
+
+
+def oracle_irm(mixture: torch.Tensor, target: torch.Tensor, stft_cfg: STFTConfig) -> torch.Tensor:
+    """Ideal-ratio-mask estimate ``(B,N)``: ``sqrt(|S|²/(|S|²+|N|²))`` on the mixture STFT, ``N = x − s``."""
+    X, S, Nz = stft(mixture, stft_cfg), stft(target, stft_cfg), stft(mixture - target, stft_cfg)
+    ps, pn = S.abs().pow(2), Nz.abs().pow(2)
+    mask = torch.sqrt(ps / (ps + pn).clamp_min(1e-20))
+    return istft(X * mask, stft_cfg, length=mixture.shape[-1])
+
+
+def summarise(rows: list[dict]) -> dict:
+    """``{method: {metric: {"mean", "median"}}}`` over rows of ``{method: {metric: float}}``."""
+    out: dict = {}
+    for method in METHODS:
+        vals = [r[method] for r in rows if method in r]
+        if not vals:
+            continue
+        out[method] = {m: {"mean": statistics.fmean(v[m] for v in vals), "median": statistics.median(v[m] for v in vals)}
+                       for m in METRICS}
+    return out
+
+
+def evaluate(items: list[EvalItem], module=None, separator=None, table=None, stft_cfg: STFTConfig | None = None,
+             progress: bool = True) -> dict:
+    """Score every item; returns ``{"n", "summary", "rows"}``.
+
+    ``module``: a trained ``RefinerModule`` (gives ``refined``, and ``baseline`` from its own guide);
+    ``separator``: a ``Separator`` for ``baseline`` without a refiner; ``table``: an
+    ``EmbeddingTable`` for caption queries when the module was trained on a table.
+    """
+    from tqdm.auto import tqdm
+
+    from .lit import baseline_estimate
+
+    stft_cfg = stft_cfg or STFTConfig()
+    rows = []
+    for item in tqdm(items, desc="evaluating", unit="mix", disable=not progress):
+        x, s = item.mixture.unsqueeze(0), item.target.unsqueeze(0)
+        ests = {"mixture": x, "oracle_irm": oracle_irm(x, s, stft_cfg)}
+        if module is not None:
+            dev = module.device
+            xd, sd = x.to(dev), s.to(dev)
+            if module.hparams.query_source == "target_audio":
+                query = module.query_from_audio(sd)
+            else:
+                if table is None or not item.caption:
+                    raise ConfigError("this refiner was trained with caption queries: pass --embedding-table and a "
+                                      "'caption' column")
+                query = table.lookup(item.caption).unsqueeze(0).to(dev)
+            out = module.separate(xd, query)
+            ests["refined"] = out["estimate"].float().cpu()
+            ests["baseline"] = baseline_estimate(out["sources"].cpu(), out["kept"].cpu(), x, s)[0]
+        elif separator is not None:
+            res = separator.separate_batch(x)
+            ests["baseline"] = baseline_estimate(res.sources.cpu(), res.kept.cpu(), x, s)[0]
+        row = {"name": item.name, "caption": item.caption, "seconds": x.shape[-1] / SAMPLE_RATE}
+        for method, est in ests.items():
+            m = separation_metrics(est, x, s)
+            row[method] = {k: float(v) for k, v in m.items()}
+        rows.append(row)
+    return {"n": len(rows), "summary": summarise(rows), "rows": rows}
+
+
+def markdown(results: dict, title: str = "Separation quality") -> str:
+    lines = [f"# {title}", "", f"{results['n']} mixtures. Values in dB; mean (median).", "",
+             "| method | SDR | SDRi | SI-SDR | SI-SDRi |", "| --- | ---: | ---: | ---: | ---: |"]
+    for method, vals in results["summary"].items():
+        cells = [f"{vals[m]['mean']:.2f} ({vals[m]['median']:.2f})" for m in METRICS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out_dir: str | Path, title: str = "Separation quality") -> tuple[Path, Path]:
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "report.md", out / "report.json"
+    write_bytes_atomic(md, markdown(results, title).encode())
+    write_bytes_atomic(js, json.dumps(results, indent=2).encode())
+    return md, js
+
+
+def load_refiner(path: str | Path, device: str = "cpu"):
+    """A trained ``RefinerModule`` from a Lightning checkpoint (refiner weights only, guide rebuilt)."""
+    from .errors import ModelError
+    from .lit import RefinerModule
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelError(f"refiner checkpoint not found: {p}")
+    module = RefinerModule.load_from_checkpoint(str(p), map_location=device, weights_only=True)
+    return module.to(device).eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m astsep.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--mixtures", required=True, metavar="CSV",
+                   help="'mixture,target[,caption]' or 'target,interferer[,snr_db][,caption]' CSV")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and report.json")
+    p.add_argument("--refiner", default=None, metavar="CKPT", help="trained refiner checkpoint (adds 'refined')")
+    p.add_argument("--embedding-table", default=None, metavar="PT", help="caption embeddings for table-trained refiners")
+    p.add_argument("--guide-model", default=DEFAULT_MODEL,
+                   help="AST for the baseline without --refiner: Hub id, local folder, or 'tiny' (default %(default)s)")
+    p.add_argument("--separator-config", default=None, metavar="YAML", help="separator config for the baseline")
+    p.add_argument("--no-baseline", action="store_true", help="skip the baseline (no AST needed)")
+    p.add_argument("--max-seconds", type=float, default=10.24, help="evaluate at most this much of each row")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        items = read_eval_csv(args.mixtures, args.max_seconds)
+        module = separator = table = None
+        if args.refiner:
+            module = load_refiner(args.refiner, args.device)
+        elif not args.no_baseline:
+            from .lit import build_guide
+            from .separator import Separator
+
+            cfg = load_config(args.separator_config)
+            cfg.guide.device = args.device
+            separator = Separator(cfg, build_guide(args.guide_model, cfg.guide))
+        if args.embedding_table:
+            from .query import EmbeddingTable
+
+            table = EmbeddingTable.load(args.embedding_table)
+        results = evaluate(items, module, separator, table)
+        md, _ = write_report(results, args.out)
+    except AstsepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    sys.stdout.write(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

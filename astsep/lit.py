@@ -1,0 +1,318 @@
+"""Lightning wiring for the refiner: baseline → refiner → loss, metrics, logging. Thin on purpose.
+
+The plain parts live elsewhere and run without Lightning: the frozen AST guide (``guide.py``),
+the deterministic separator (``separator.py``), the network (``refiner.py``), the metrics and the
+loss (``metrics.py``). :class:`RefinerModule` joins them:
+
+``mixture (B,N)`` → separator (no gradients, float32, batched) → ``K`` baseline masks ``(B,K,F,T)``
+→ :class:`MaskRefiner` with the query → mask ``(B,F,T)`` → mask · mixture STFT (mixture phase) →
+iSTFT → ``-λ·SDR - (1-λ)·SI-SDR`` against the target.
+
+**Baseline in the validation metrics.** The separator returns up to K sources without knowing the
+query. The reported baseline is, per mixture, the separated source with the highest SI-SDR
+against the target (oracle selection; the input mixture when no pass kept a source). It is an
+upper bound of what any query-matching rule could pick from the baseline's sources, so the
+refiner's margin over it is, if anything, understated.
+
+**Query sources.** ``query_source="table"`` uses the batch's ``query`` (caption embeddings from an
+``EmbeddingTable``, e.g. CLAP text); ``"target_audio"`` uses the guide's pooled AST embedding of
+the clean target segment (an audio query, as CLAPSep's audio-query mode), which needs no table
+and is what the tiny CPU config uses.
+
+The guide and separator are not submodules: they are frozen, rebuilt from the config on load,
+and kept out of checkpoints (which hold only the refiner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from .config import AstsepConfig, GuideConfig, load_config
+from .errors import ConfigError
+from .features import istft, stft
+from .metrics import sdr_sisdr_loss, separation_metrics, si_sdr
+from .refiner import MaskRefiner, RefinerConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RefinerModule", "AutoWandbLogger", "build_guide", "baseline_estimate"]
+
+METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")
+
+
+def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0):
+    """``ASTGuide`` from a Hub id / local folder, or ``"tiny"`` (random tiny AST, smoke tests)."""
+    from .guide import ASTGuide
+
+    if model == "tiny":
+        from .testing import tiny_ast
+
+        return ASTGuide.from_model(tiny_ast(seed=seed), guide_cfg, name=f"tiny-ast-{seed}")
+    guide_cfg = dataclasses.replace(guide_cfg, model=model)
+    return ASTGuide.from_pretrained(guide_cfg)
+
+
+def baseline_estimate(sources: torch.Tensor, kept: torch.Tensor, mixture: torch.Tensor,
+                      target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle-selected baseline source ``(B,N)`` and its index ``(B,)`` (−1: no source, mixture used).
+
+    ``sources (B,K,N)``, ``kept (B,K)``, ``mixture``/``target`` ``(B,N)``.
+    """
+    scores = si_sdr(sources.float(), target.float().unsqueeze(1).expand_as(sources))
+    scores = scores.masked_fill(~kept, float("-inf"))
+    best = scores.argmax(dim=1)
+    any_kept = kept.any(dim=1)
+    est = sources.gather(1, best.view(-1, 1, 1).expand(-1, 1, sources.shape[-1])).squeeze(1)
+    est = torch.where(any_kept.unsqueeze(1), est, mixture)
+    return est, torch.where(any_kept, best, torch.full_like(best, -1))
+
+
+class AutoWandbLogger(WandbLogger):
+    """``WandbLogger`` that runs offline (a real run folder on disk, synced later with
+    ``wandb sync``) unless ``WANDB_API_KEY`` is set or ``offline`` is given explicitly."""
+
+    def __init__(self, offline: bool | None = None, **kwargs: Any):
+        if offline is None:
+            offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE", "") != "online"
+        kwargs.setdefault("project", "astsep-refiner")
+        super().__init__(offline=offline, **kwargs)
+
+
+class RefinerModule(pl.LightningModule):
+    """Trains :class:`MaskRefiner` on top of the frozen AST-guided separator.
+
+    Args:
+        refiner: network size and conditioning (``n_masks`` must equal the separator's passes).
+        guide_model: AST Hub id, local folder, or ``"tiny"`` (random tiny AST for smoke tests).
+        guide_seed: seed of the ``"tiny"`` guide.
+        separator_config: YAML of the separator (``configs/separator.yaml`` layout); None: defaults.
+        guide_dtype: AST precision (``float32`` or ``bfloat16``).
+        trim_padding: run the AST only on the patches that hold audio (5 s segments: half the cost).
+        query_source: ``"table"`` (batch ``query``) or ``"target_audio"`` (AST embedding of the target).
+        sdr_weight: λ of the loss ``-λ·SDR - (1-λ)·SI-SDR``.
+        lr, weight_decay, betas: AdamW.
+        warmup_steps: linear warm-up; then ``schedule`` ``"cosine"`` (to ``min_lr_ratio·lr`` at the
+            last step) or ``"constant"``.
+        example_every_n_val: log audio examples and mask images every N validations (0: never).
+        n_examples: examples per logging.
+        cache_val_baseline: keep the baseline's results of the fixed validation batches in memory.
+    """
+
+    def __init__(self, refiner: RefinerConfig | dict | None = None, guide_model: str = "tiny", guide_seed: int = 0,
+                 separator_config: str | None = None, guide_dtype: str = "float32", trim_padding: bool = True,
+                 query_source: str = "table", sdr_weight: float = 0.5, lr: float = 1e-3,
+                 weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
+                 schedule: str = "cosine", min_lr_ratio: float = 0.05, example_every_n_val: int = 5,
+                 n_examples: int = 2, cache_val_baseline: bool = True):
+        super().__init__()
+        if isinstance(refiner, dict):
+            refiner = RefinerConfig(**refiner)
+        refiner = refiner or RefinerConfig()
+        if query_source not in ("table", "target_audio"):
+            raise ConfigError(f"query_source must be 'table' or 'target_audio', got {query_source!r}")
+        if schedule not in ("cosine", "constant"):
+            raise ConfigError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        self.save_hyperparameters()
+        self.hparams["refiner"] = dataclasses.asdict(refiner)  # plain types: checkpoints load with weights_only
+        self.cfg = load_config(separator_config)
+        self.cfg.guide.dtype = guide_dtype
+        self.cfg.guide.trim_padding = trim_padding
+        self.cfg.guide.cache_size = 0  # training mixtures never repeat; validation is cached here instead
+        if self.cfg.separator.max_passes != refiner.n_masks:
+            raise ConfigError(f"refiner.n_masks={refiner.n_masks} must equal the separator's max_passes="
+                              f"{self.cfg.separator.max_passes}")
+        self.refiner = MaskRefiner(refiner)
+        self._baseline = None  # (guide, separator), built on first use on the batch's device
+        self._val_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._examples: list[dict] = []
+        self.n_validations = 0
+        self.skipped_steps = 0
+        self.baseline_seconds = 0.0  # wall time spent in the baseline (benchmarks read it)
+
+    # --- baseline ---------------------------------------------------------------------------------
+    def baseline(self, device: torch.device):
+        if self._baseline is None or self._baseline[0].device != device:
+            from .separator import Separator
+
+            gcfg = dataclasses.replace(self.cfg.guide, device=str(device))
+            guide = build_guide(self.hparams.guide_model, gcfg, self.hparams.guide_seed)
+            self._baseline = (guide, Separator(self.cfg, guide))
+        return self._baseline
+
+    @torch.no_grad()
+    def run_baseline(self, mixture: torch.Tensor, cache: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Baseline ``(masks (B,K,F,T), sources (B,K,N), kept (B,K))`` of ``(B,N)`` mixtures, float32."""
+        key = None
+        if cache:
+            key = hashlib.sha256(mixture.detach().float().cpu().numpy().tobytes()).hexdigest()
+            if key in self._val_cache:
+                return tuple(t.to(mixture.device) for t in self._val_cache[key])
+        t0 = time.perf_counter()
+        _, separator = self.baseline(mixture.device)
+        with torch.autocast(mixture.device.type, enabled=False):
+            res = separator.separate_batch(mixture.float())
+        out = (res.masks.float(), res.sources.float(), res.kept)
+        if mixture.device.type == "cuda":
+            torch.cuda.synchronize(mixture.device)
+        self.baseline_seconds += time.perf_counter() - t0
+        if key is not None:
+            self._val_cache[key] = tuple(t.cpu() for t in out)
+        return out
+
+    @torch.no_grad()
+    def query_from_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """AST pooled embedding ``(B,H)`` of ``(B,N)`` audio queries."""
+        guide, _ = self.baseline(audio.device)
+        with torch.autocast(audio.device.type, enabled=False):
+            return guide.embed(audio.float()).to(audio.device)
+
+    def _query(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if self.hparams.query_source == "target_audio":
+            q = self.query_from_audio(batch["target"])
+            has_q = torch.ones(q.shape[0], device=q.device)
+        else:
+            q, has_q = batch["query"], batch.get("has_query")
+        if q.shape[-1] != self.refiner.cfg.query_dim:
+            raise ConfigError(f"queries have {q.shape[-1]} dims but refiner.query_dim={self.refiner.cfg.query_dim} "
+                              f"(query_source={self.hparams.query_source}); set refiner.query_dim to match")
+        neg = batch.get("negative") if self.refiner.cfg.use_negative else None
+        has_neg = batch.get("has_negative") if neg is not None else None
+        return q, has_q, neg, has_neg
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(self, mixture: torch.Tensor, masks: torch.Tensor, query: torch.Tensor,
+                negative: torch.Tensor | None = None, has_query: torch.Tensor | None = None,
+                has_negative: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refined ``(estimate (B,N), mask (B,F,T))`` from mixtures ``(B,N)`` and baseline masks."""
+        with torch.autocast(mixture.device.type, enabled=False):
+            spec = stft(mixture.float(), self.cfg.stft)
+        mask = self.refiner(spec.abs(), masks, query, negative, has_query, has_negative)
+        with torch.autocast(mixture.device.type, enabled=False):
+            est = istft(spec * mask.float(), self.cfg.stft, length=mixture.shape[-1])
+        return est, mask
+
+    @torch.no_grad()
+    def separate(self, mixture: torch.Tensor, query: torch.Tensor, negative: torch.Tensor | None = None) -> dict:
+        """Inference: ``{"estimate" (B,N), "mask" (B,F,T), "baseline_masks" (B,K,F,T), "sources" (B,K,N)}``."""
+        masks, sources, kept = self.run_baseline(mixture)
+        est, mask = self(mixture, masks, query.to(mixture.device), negative)
+        return {"estimate": est, "mask": mask.float(), "baseline_masks": masks, "sources": sources, "kept": kept}
+
+    # --- steps ------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int):
+        mixture, target = batch["mixture"], batch["target"]
+        masks, _, _ = self.run_baseline(mixture)
+        q, has_q, neg, has_neg = self._query(batch)
+        est, _ = self(mixture, masks, q, neg, has_q, has_neg)
+        loss = sdr_sisdr_loss(est, target, self.hparams.sdr_weight)
+        if not torch.isfinite(loss):
+            self.skipped_steps += 1
+            log.warning("skipping step %d: loss is %s (%d skipped so far)", self.global_step, loss.item(), self.skipped_steps)
+            if self._trainer is not None:
+                self.log("train/skipped_steps", float(self.skipped_steps), batch_size=mixture.shape[0])
+            if self._trainer is not None and self._trainer.world_size > 1:
+                # every rank must join the all-reduce: a zero loss with zero gradients
+                return sum(p.sum() for p in self.refiner.parameters()) * 0.0
+            return None  # Lightning skips backward and the optimizer step
+        if self._trainer is not None:
+            self.log("train/loss", loss, prog_bar=True, batch_size=mixture.shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> dict:
+        mixture, target = batch["mixture"], batch["target"]
+        masks, sources, kept = self.run_baseline(mixture, cache=self.hparams.cache_val_baseline and stage == "val")
+        q, has_q, neg, has_neg = self._query(batch)
+        est, mask = self(mixture, masks, q, neg, has_q, has_neg)
+        base, _ = baseline_estimate(sources, kept, mixture, target)
+        B = mixture.shape[0]
+        out = {}
+        for name, estimate in (("refined", est), ("baseline", base)):
+            m = separation_metrics(estimate, mixture, target)
+            for k in METRICS:
+                self.log(f"{stage}/{name}/{k}", m[k].mean(), batch_size=B, sync_dist=True, prog_bar=(name == "refined" and k == "si_sdri"))
+            out[name] = m
+        self.log(f"{stage}/loss", sdr_sisdr_loss(est, target, self.hparams.sdr_weight), batch_size=B, sync_dist=True)
+        if stage == "val" and batch_idx == 0 and len(self._examples) == 0:
+            n = min(self.hparams.n_examples, B)
+            self._examples = [{
+                "mixture": mixture[i].float().cpu(), "target": target[i].float().cpu(), "refined": est[i].float().cpu(),
+                "baseline": base[i].float().cpu(), "mask": mask[i].float().cpu(), "baseline_masks": masks[i].float().cpu(),
+                "caption": (batch.get("caption") or [""] * B)[i],
+            } for i in range(n)]
+        return out
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        return self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int):
+        return self._eval_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        mixture = batch["mixture"]
+        masks, sources, kept = self.run_baseline(mixture)
+        q, has_q, neg, has_neg = self._query(batch)
+        est, mask = self(mixture, masks, q, neg, has_q, has_neg)
+        return {"estimate": est.float().cpu(), "mask": mask.float().cpu(), "caption": batch.get("caption")}
+
+    def on_validation_epoch_start(self) -> None:
+        self._examples = []
+
+    def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None and self._trainer.sanity_checking:
+            self._examples = []
+            return
+        every = self.hparams.example_every_n_val
+        if every and self.n_validations % every == 0 and self._examples:
+            self._log_examples()
+        self.n_validations += 1
+        self._examples = []
+
+    def _log_examples(self) -> None:
+        import numpy as np
+
+        for lg in self.loggers:
+            if not isinstance(lg, WandbLogger):
+                continue
+            sr = 16_000
+            keys = ("mixture", "target", "baseline", "refined")
+            for i, ex in enumerate(self._examples):
+                audios = [ex[k].numpy() for k in keys]
+                lg.log_audio(f"examples/{i}/audio", audios, step=self.global_step, sample_rate=[sr] * 4,
+                             caption=[f"{k}: {ex['caption']}" for k in keys])
+                imgs = [ex["mask"]] + list(ex["baseline_masks"])
+                images = [(np.flipud(m.clamp(0, 1).numpy()) * 255).astype(np.uint8) for m in imgs]
+                lg.log_image(f"examples/{i}/masks", images, step=self.global_step,
+                             caption=["refined"] + [f"baseline pass {k}" for k in range(len(imgs) - 1)])
+
+    # --- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.refiner.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = None
+        if self._trainer is not None:
+            try:
+                total = int(self.trainer.estimated_stepping_batches)
+            except Exception:  # no dataloader yet (e.g. lr-finder): constant after warm-up
+                total = None
+        warm = max(0, int(hp.warmup_steps))
+
+        def factor(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            if hp.schedule == "constant" or not total or not math.isfinite(total) or total <= warm:
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,73 @@
+"""The FiLM U-Net refiner: shapes, size, conditioning, and masking back to samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from astsep.config import STFTConfig
+from astsep.features import stft
+from astsep.refiner import MaskRefiner, RefinerConfig, apply_mask, count_parameters
+from conftest import clip
+
+SMALL = RefinerConfig(n_masks=3, query_dim=16, channels=8, max_channels=16, depth=3, cond_dim=16)
+
+
+def test_default_refiner_has_at_most_two_million_parameters():
+    n = count_parameters(MaskRefiner(RefinerConfig()))
+    assert 500_000 < n <= 2_000_000
+
+
+@pytest.mark.parametrize("frames", [1, 37, 501])
+def test_mask_has_the_mixture_shape_for_any_number_of_frames(frames):
+    net = MaskRefiner(SMALL)
+    g = torch.Generator().manual_seed(0)
+    mag = torch.rand(2, 201, frames, generator=g)
+    mask = net(mag, torch.rand(2, 3, 201, frames, generator=g), torch.randn(2, 16, generator=g))
+    assert mask.shape == (2, 201, frames)
+    assert bool((mask >= 0).all() and (mask <= 1).all())
+
+
+def test_untrained_film_ignores_the_query_and_a_trained_one_does_not():
+    torch.manual_seed(0)
+    net = MaskRefiner(SMALL)
+    mag, masks = torch.rand(1, 201, 20), torch.rand(1, 3, 201, 20)
+    q1, q2 = torch.randn(1, 16), torch.randn(1, 16)
+    torch.testing.assert_close(net(mag, masks, q1), net(mag, masks, q2))  # FiLM starts as identity
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(15):  # push q1 towards mask 1 and q2 towards mask 0
+        loss = (1 - net(mag, masks, q1)).mean() + net(mag, masks, q2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (net(mag, masks, q1) - net(mag, masks, q2)).mean() > 0.2
+
+
+def test_negative_query_and_flags_change_the_condition_unless_negatives_are_off():
+    torch.manual_seed(0)
+    net = MaskRefiner(SMALL)
+    q, n = torch.randn(2, 16), torch.randn(2, 16)
+    with_neg = net.condition(q, n)
+    assert not torch.allclose(with_neg, net.condition(q))
+    # a row flagged as having no negative is the same as no negative at all
+    flagged = net.condition(q, n, has_negative=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(flagged[1], net.condition(q)[1])
+    torch.testing.assert_close(flagged[0], with_neg[0])
+    off = MaskRefiner(RefinerConfig(**{**SMALL.__dict__, "use_negative": False}))
+    torch.testing.assert_close(off.condition(q, n), off.condition(q))
+
+
+def test_wrong_shapes_are_refused_with_a_message():
+    net = MaskRefiner(SMALL)
+    with pytest.raises(ValueError, match="n_masks=3"):
+        net(torch.rand(1, 201, 10), torch.rand(1, 2, 201, 10), torch.randn(1, 16))
+    with pytest.raises(ValueError, match="query_dim=16"):
+        net(torch.rand(1, 201, 10), torch.rand(1, 3, 201, 10), torch.randn(1, 8))
+
+
+def test_unit_mask_gives_back_the_mixture_and_zero_mask_silence(shared):
+    x = torch.stack([clip("dog", 1.0), clip("rain", 1.0)])
+    spec = stft(x, STFTConfig())
+    ones = torch.ones(spec.shape)
+    torch.testing.assert_close(apply_mask(x, ones, STFTConfig()), x, atol=1e-5, rtol=0)
+    assert apply_mask(x, torch.zeros(spec.shape), STFTConfig(), spec=spec).abs().max() == 0

@@ -1,0 +1,89 @@
+"""Training: the tiny config learns on real clips; offline W&B runs; checkpoints; NaN steps skipped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import train
+from astsep.errors import ConfigError
+from astsep.lit import RefinerModule
+from conftest import ESC, ROOT, clip
+
+TINY = str(ROOT / "configs" / "refiner_tiny.yaml")
+MANIFEST = str(ESC / "manifest.csv")
+
+
+class ValHistory(Callback):
+    def __init__(self):
+        self.si_sdri: list[float] = []
+
+    def on_validation_epoch_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            self.si_sdri.append(float(trainer.callback_metrics["val/refined/si_sdri"]))
+
+
+@pytest.mark.slow
+def test_tiny_config_training_raises_validation_si_sdri_above_the_first_validation(tmp_path, shared):
+    cli = train.cli(["--config", TINY, f"--data.train_csv={MANIFEST}", "--trainer.logger=false",
+                     "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
+                     "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    hist = ValHistory()
+    cli.trainer.callbacks.append(hist)
+    cli.trainer.validate(cli.model, cli.datamodule, verbose=False)  # before any training
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step >= 250
+    first, last = hist.si_sdri[0], hist.si_sdri[-1]
+    assert last > first + 1.0, hist.si_sdri
+
+
+def test_offline_wandb_run_writes_its_run_dir_checkpoint_and_examples(tmp_path, shared, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must come from the missing key
+    code = train.main(["fit", "--config", TINY, f"--data.train_csv={MANIFEST}", "--data.epoch_size=8",
+                       "--data.val_mixtures=4", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
+                       f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                       "--model.example_every_n_val=1"])
+    assert code == 0
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list(tmp_path.rglob("*"))[:20]
+    assert list(runs[0].glob("run-*.wandb"))
+    media = list(runs[0].rglob("*.wav")) + list(runs[0].rglob("*.png"))
+    assert any(p.suffix == ".wav" for p in media) and any(p.suffix == ".png" for p in media)
+    best = list(tmp_path.rglob("best-*.ckpt"))  # ModelCheckpoint writes beside the logger's run
+    assert len(best) == 1, list(tmp_path.rglob("*.ckpt"))
+    ck = torch.load(best[0], map_location="cpu", weights_only=True)  # no pickled objects in the checkpoint
+    assert all(k.startswith("refiner.") for k in ck["state_dict"])  # the frozen AST is not stored
+    assert ck["hyper_parameters"]["query_source"] == "target_audio"
+
+
+def test_print_config_shows_every_hyperparameter():
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", TINY, "--print_config"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for key in ("query_source: target_audio", "segment_seconds: 1.0", "sdr_weight: 0.5", "channels: 8"):
+        assert key in out.stdout
+
+
+def test_non_finite_loss_skips_the_step_with_a_warning(caplog, shared):
+    module = RefinerModule(refiner=dict(n_masks=3, query_dim=32, channels=4, max_channels=8, depth=2, cond_dim=8),
+                           guide_model="tiny", query_source="target_audio")
+    s = torch.stack([clip("dog", 1.0), clip("rain", 1.0)])
+    bad = s.clone()
+    bad[0, 100] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="astsep.lit"):
+        out = module.training_step({"mixture": s + s.flip(0), "target": bad}, 0)
+    assert out is None and module.skipped_steps == 1 and "skipping step" in caplog.text
+    good = module.training_step({"mixture": s + s.flip(0), "target": s}, 1)
+    assert torch.isfinite(good) and good.requires_grad
+
+
+def test_refiner_masks_must_match_the_separator_passes():
+    with pytest.raises(ConfigError, match="max_passes"):
+        RefinerModule(refiner=dict(n_masks=2, query_dim=32), guide_model="tiny")
