@@ -23,7 +23,6 @@ and writes ``report.md`` and ``report.json`` (mean and median per metric, plus e
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ import torch
 
 from .audio import load_audio, write_bytes_atomic
 from .config import DEFAULT_MODEL, SAMPLE_RATE, STFTConfig, load_config
-from .data.audiocaps import mix_at_snr
+from .data.audiocaps import mix_at_snr, read_csv_rows
 from .errors import AstsepError, ConfigError
 from .features import istft, stft
 from .metrics import separation_metrics
@@ -64,13 +63,7 @@ def _resolve(base: Path, raw: str) -> Path:
 
 def read_eval_csv(csv_path: str | Path, max_seconds: float | None = None) -> list[EvalItem]:
     """Read either CSV layout into :class:`EvalItem` s (lengths trimmed to the shorter signal)."""
-    csv_path = Path(csv_path).expanduser()
-    if not csv_path.is_file():
-        raise ConfigError(f"mixture list not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        fields = set(reader.fieldnames or [])
-        rows = list(reader)
+    csv_path, fields, rows = read_csv_rows(csv_path, "mixture list")
     if {"mixture", "target"} <= fields:
         layout = "mixture"
     elif {"target", "interferer"} <= fields:

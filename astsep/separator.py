@@ -184,8 +184,7 @@ class Separator:
             eratio = e_src / e_in
             keep_now = eratio >= sc.min_eratio
 
-            sel = idx[keep_now]
-            km = keep_now
+            sel, km = idx[keep_now], keep_now  # batch rows kept, and the same rows within this pass
             sources[sel, k] = src[km]
             masks[sel, k] = (M * keep_share[idx])[km]
             kept[sel, k] = True
@@ -251,7 +250,7 @@ class Separator:
         # Suppress regions separated earlier: the AST, purity and anchors look elsewhere.
         sup = 1.0 - sc.suppression * region  # (b, T)
         P_sup = P * sup.unsqueeze(1)
-        ast_sig = istft(cur * sup.unsqueeze(1), st, n_samples) if k > 0 else istft(cur, st, n_samples)
+        ast_sig = istft(cur * sup.unsqueeze(1), st, n_samples)  # pass 0: nothing separated yet, sup == 1
 
         g = self.guide(ast_sig)
         probs = g.probs.to(dev)

@@ -94,6 +94,16 @@ def _audiocaps_path(row: dict, index: dict[str, Path]) -> Path | None:
     return index.get("yt:" + ytid) if ytid else None
 
 
+
+def read_csv_rows(csv_path: str | Path, what: str) -> tuple[Path, set[str], list[dict]]:
+    """``(path, column names, rows)`` of a CSV; :class:`ConfigError` naming ``what`` when it is missing."""
+    csv_path = Path(csv_path).expanduser()
+    if not csv_path.is_file():
+        raise ConfigError(f"{what} not found: {csv_path}")
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return csv_path, set(reader.fieldnames or []), list(reader)
+
 def read_clip_csv(csv_path: str | os.PathLike, audio_dir: str | os.PathLike | None = None,
                   min_seconds: float = 1.0, skipped: Counter | None = None) -> list[Clip]:
     """Read an AudioCaps or ``path, caption`` CSV into usable clips.
@@ -102,14 +112,8 @@ def read_clip_csv(csv_path: str | os.PathLike, audio_dir: str | os.PathLike | No
     ``too_short``, ``no_caption``) and logged; the function raises only when the CSV itself
     cannot be read or has neither layout.
     """
-    csv_path = Path(csv_path).expanduser()
     skipped = Counter() if skipped is None else skipped
-    if not csv_path.is_file():
-        raise ConfigError(f"clip list not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        fields = set(reader.fieldnames or [])
-        rows = list(reader)
+    csv_path, fields, rows = read_csv_rows(csv_path, "clip list")
     base = Path(audio_dir).expanduser() if audio_dir else csv_path.parent
     audiocaps = {"youtube_id", "caption"} <= fields
     path_col = "path" if "path" in fields else "file" if "file" in fields else None
