@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-eratio", type=float, default=None,
                    help="stop when a pass removes less than this share of the energy (default 0.001)")
     p.add_argument("--fast", action="store_true",
-                   help="bfloat16 AST and no compute on the zero-padded part of short windows")
+                   help="int8 AST on CPU (bfloat16 on GPU) and no compute on the zero-padded part of short windows")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="keep AST results on disk: re-running the same audio runs no AST forward")
     p.add_argument("--allow-pickle", action="store_true",
@@ -96,7 +96,9 @@ def _config(args):
     }
     cfg = load_config(path, overrides)
     if args.fast:
-        cfg.guide.dtype = "bfloat16"
+        from .guide import fast_precision, resolve_device
+
+        cfg.guide.dtype = fast_precision(resolve_device(cfg.guide.device))
         cfg.guide.trim_padding = True
     if args.allow_pickle:
         cfg.guide.allow_pickle = True

@@ -79,8 +79,11 @@ class GuideConfig:
 
     model: str = DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "float32"  # float32 | bfloat16 | int8 (dynamic int8 Linear layers, CPU only)
     trim_padding: bool = False  # run the AST only on the patches that hold audio (fast option)
+    # with trim_padding: padded time patches are averaged this many to a token per frequency row and
+    # attended in proportion to their count (keeps the padding's share of attention); 0 drops them
+    pad_merge: int = 8
     max_frames: int = 1024  # AST input frames (10.24 s)
     fbank_mean: float = -4.2677393  # AudioSet statistics used by the published AST checkpoints
     fbank_std: float = 4.5689974

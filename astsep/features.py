@@ -122,21 +122,15 @@ def n_frames(num_samples: int, hop: int) -> int:
     return num_samples // hop + 1
 
 
-def ast_input(x: torch.Tensor, max_frames: int, mean: float, std: float, trim: bool) -> tuple[torch.Tensor, int]:
-    """Normalised AST input ``(B, frames, 128)`` and the number of frames that hold audio.
+def ast_input(x: torch.Tensor, max_frames: int, mean: float, std: float) -> tuple[torch.Tensor, int]:
+    """Normalised AST input ``(B, max_frames, 128)`` and the number of frames that hold audio.
 
-    The log fbank is zero-padded, then normalised (as ``ASTFeatureExtractor`` does), to
-    ``max_frames``, or, with ``trim``, only to the next length the patch grid accepts
-    (16 + 10·k frames) so the AST spends no compute on padding.
+    The log fbank is zero-padded to ``max_frames``, then normalised, as ``ASTFeatureExtractor`` does.
     """
     fb = ast_fbank(x)
     real = fb.shape[1]
     if real > max_frames:
         fb, real = fb[:, :max_frames], max_frames
-    target = max_frames
-    if trim:
-        k = max(0, math.ceil((max(real, 16) - 16) / 10))
-        target = min(max_frames, 16 + 10 * k)
-    if fb.shape[1] < target:
-        fb = F.pad(fb, (0, 0, 0, target - fb.shape[1]))
+    if fb.shape[1] < max_frames:
+        fb = F.pad(fb, (0, 0, 0, max_frames - fb.shape[1]))
     return (fb - mean) / (std * 2), real

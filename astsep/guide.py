@@ -32,7 +32,7 @@ import torch
 
 from .audio import write_bytes_atomic
 from .config import GuideConfig
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .features import ast_input
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,33 @@ class GuideOutput:
         # AudioSet is multi-label; AST checkpoints are trained with BCE. The reference reports
         # softmax probabilities, and its thresholds (0.7, 0.8) are calibrated on those.
         return torch.softmax(self.logits, dim=-1)
+
+
+PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+def check_precision(dtype: str, device: torch.device) -> None:
+    if dtype not in PRECISIONS:
+        raise ModelError(f"unknown guide dtype {dtype!r} ({', '.join(PRECISIONS)})")
+    if dtype == "int8" and device.type != "cpu":
+        raise ModelError("guide dtype int8 runs on the CPU only; use bfloat16 (or --fast) on a GPU")
+
+
+def fast_precision(device: torch.device) -> str:
+    """The precision ``--fast`` uses: int8 Linear layers on the CPU (about 1.7x faster than
+    bfloat16 there, see benchmarks/README.md), bfloat16 on a GPU."""
+    return "int8" if device.type == "cpu" else "bfloat16"
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantisation of every ``nn.Linear`` (weights int8 per tensor, activations
+    quantised per batch at run time; attention, layer norms and the patch convolution stay float32).
+    CPU only. Modifies and returns ``model``."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao eager quantisation warns that it will move to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -195,14 +222,17 @@ class ASTGuide:
     def __init__(self, model, cfg: GuideConfig | None = None, name: str | None = None):
         self.cfg = cfg or GuideConfig()
         self.device = resolve_device(self.cfg.device)
-        if self.cfg.dtype not in ("float32", "bfloat16"):
-            raise ModelError(f"unknown guide dtype {self.cfg.dtype!r} (float32 or bfloat16)")
+        check_precision(self.cfg.dtype, self.device)
+        if int(self.cfg.pad_merge) < 0:
+            raise ConfigError(f"guide.pad_merge must be >= 0 (0 drops the padding), not {self.cfg.pad_merge}")
         self.dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
-        if next(model.parameters()).dtype != self.dtype:
+        if next(model.parameters()).dtype != self.dtype or self.cfg.dtype == "int8":
             model = copy.deepcopy(model)  # never change the caller's model in place
-        self.model = model.to(self.device, self.dtype).eval()
-        for p in self.model.parameters():
+        model = model.to(self.device, self.dtype).eval()
+        for p in model.parameters():
             p.requires_grad_(False)
+        self.fingerprint = _fingerprint(model)  # of the float weights; the precision is in the cache key
+        self.model = quantize_int8(model) if self.cfg.dtype == "int8" else model
         self.name = name or str(getattr(model.config, "_name_or_path", "") or "ast")
         conf = model.config
         self.max_frames = min(self.cfg.max_frames, conf.max_length)
@@ -210,7 +240,6 @@ class ASTGuide:
         self.time_patches = (conf.max_length - conf.patch_size) // conf.time_stride + 1
         id2label = conf.id2label or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"class_{i}"))) for i in range(conf.num_labels)]
-        self.fingerprint = _fingerprint(self.model)
         self.cache = _Cache(self.cfg.cache_size, self.cfg.cache_dir)
         self.forwards = 0
         self.batches = 0
@@ -236,6 +265,7 @@ class ASTGuide:
     # --- cache keys ---------------------------------------------------------------------------
     def _settings(self) -> bytes:
         return json.dumps({"fp": self.fingerprint, "dtype": self.cfg.dtype, "trim": self.cfg.trim_padding,
+                           "pad_merge": self.cfg.pad_merge if self.cfg.trim_padding else None,
                            "max_frames": self.max_frames, "mean": self.cfg.fbank_mean, "std": self.cfg.fbank_std,
                            "v": 1}, sort_keys=True).encode()
 
@@ -278,50 +308,74 @@ class ASTGuide:
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        feats, _ = ast_input(x.float(), self.max_frames, cfg.fbank_mean, cfg.fbank_std, trim=cfg.trim_padding)
+        feats, real = ast_input(x.float(), self.max_frames, cfg.fbank_mean, cfg.fbank_std)
         feats = feats.to(self.dtype)
         self.forwards += x.shape[0]
         self.batches += 1
         t0 = time.perf_counter()
-        out = self.forward_features(feats)
+        out = self.forward_features(feats, real if cfg.trim_padding else None)
         if out["logits"].is_cuda:
             torch.cuda.synchronize()
         self.forward_seconds += time.perf_counter() - t0
         return out
 
-    def forward_features(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        """AST forward on normalised fbank ``(B, frames, mel)``; ``frames`` may be fewer than the
-        model's ``max_length`` (the position embeddings of the missing time patches are dropped)."""
+    def forward_features(self, feats: torch.Tensor, real_frames: int | None = None) -> dict[str, torch.Tensor]:
+        """AST forward on normalised fbank ``(B, max_length, mel)``.
+
+        With ``real_frames`` (the frames that hold audio, the same for the whole batch), the time
+        patches that lie wholly in the zero padding are not run one by one: in each frequency row
+        they are averaged in groups of ``cfg.pad_merge`` and every group token is attended as
+        often as the patches it stands for (an additive ``log(count)`` bias on its keys, as in
+        token merging). Padded patches differ only by their position embeddings, so this keeps the
+        padding's share of the attention that simply dropping them (``pad_merge = 0``) loses; it is
+        exact when the position embeddings of a group are equal (tested).
+        """
         ast = self.model.audio_spectrogram_transformer
         emb = ast.embeddings
+        conf = self.model.config
         B = feats.shape[0]
-        patches = emb.patch_embeddings(feats)  # (B, Fp*Tp', H), frequency-major
+        patches = emb.patch_embeddings(feats)  # (B, Fp*Tp, H), frequency-major
         H = patches.shape[-1]
         Fp, Tp = self.freq_patches, self.time_patches
-        tp = patches.shape[1] // Fp
         pos = emb.position_embeddings
-        patch_pos = pos[:, 2:]
-        if tp != Tp:
-            patch_pos = patch_pos.reshape(1, Fp, Tp, H)[:, :, :tp].reshape(1, Fp * tp, H)
+        tokens = patches + pos[:, 2:]
+        tp = Tp if real_frames is None else min(Tp, max(1, math.ceil(real_frames / conf.time_stride)))
+        counts = None
+        if tp < Tp:  # time patch t covers frames [t*stride, t*stride + patch): audio iff t*stride < real
+            grid4 = tokens.reshape(B, Fp, Tp, H)
+            kept = grid4[:, :, :tp].reshape(B, Fp * tp, H)
+            group = int(self.cfg.pad_merge)
+            if group > 0:
+                member = torch.arange(Tp - tp, device=feats.device) // group
+                n_groups = int(member[-1]) + 1
+                sums = grid4.new_zeros(B, Fp, n_groups, H).index_add_(2, member, grid4[:, :, tp:])
+                size = torch.bincount(member, minlength=n_groups).to(sums.dtype)
+                merged = (sums / size[:, None]).reshape(B, Fp * n_groups, H)
+                tokens = torch.cat([kept, merged], dim=1)
+                counts = torch.cat([torch.ones(2 + Fp * tp, device=feats.device, dtype=sums.dtype),
+                                    size.repeat(Fp)])
+            else:
+                tokens = kept
         h = torch.cat([
             emb.cls_token.expand(B, -1, -1) + pos[:, :1],
             emb.distillation_token.expand(B, -1, -1) + pos[:, 1:2],
-            patches + patch_pos,
+            tokens,
         ], dim=1)
+        bias = None if counts is None else counts.log().view(1, 1, 1, -1)
         for layer in ast.layers[:-1]:
-            h = layer(h, None)
+            h = layer(h, bias)
         last = ast.layers[-1]
-        grid = self._cls_attention(last, h)[:, 2:].reshape(B, Fp, tp)
-        h = last(h, None)
+        grid = self._cls_attention(last, h, bias)[:, 2:2 + Fp * tp].reshape(B, Fp, tp)
+        h = last(h, bias)
         seq = ast.layernorm(h)
         pooled = (seq[:, 0] + seq[:, 1]) / 2
         logits = self.model.classifier(pooled)
-        if tp != Tp:  # keep a fixed grid shape for callers; missing patches attended nothing
+        if tp != Tp:  # keep a fixed grid shape for callers; the padding is not part of the map
             grid = torch.nn.functional.pad(grid, (0, Tp - tp))
         return {"logits": logits.float(), "grid": grid.float(), "embedding": pooled.float()}
 
     @staticmethod
-    def _cls_attention(layer, h: torch.Tensor) -> torch.Tensor:
+    def _cls_attention(layer, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Head-averaged attention row of the CLS token ``(B, seq)`` in ``layer``, from its input."""
         attn = layer.attention
         x = layer.layernorm_before(h)
@@ -330,6 +384,8 @@ class ASTGuide:
         q = attn.q_proj(x[:, :1]).view(B, 1, nh, hd).transpose(1, 2).float()  # (B, nh, 1, hd)
         k = attn.k_proj(x).view(B, S, nh, hd).transpose(1, 2).float()  # (B, nh, S, hd)
         scores = (q @ k.transpose(-1, -2)) * attn.scaling
+        if bias is not None:
+            scores = scores + bias.float()
         return scores.softmax(dim=-1).mean(dim=1)[:, 0]  # (B, S)
 
     @torch.no_grad()

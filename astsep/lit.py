@@ -98,6 +98,7 @@ class RefinerModule(pl.LightningModule):
         separator_config: YAML of the separator (``configs/separator.yaml`` layout); None: defaults.
         guide_dtype: AST precision (``float32`` or ``bfloat16``).
         trim_padding: run the AST only on the patches that hold audio (5 s segments: half the cost).
+        pad_merge: with ``trim_padding``, padded patches per merged token (0: the padding is dropped).
         query_source: ``"table"`` (batch ``query``) or ``"target_audio"`` (AST embedding of the target).
         sdr_weight: λ of the loss ``-λ·SDR - (1-λ)·SI-SDR``.
         lr, weight_decay, betas: AdamW.
@@ -110,7 +111,7 @@ class RefinerModule(pl.LightningModule):
 
     def __init__(self, refiner: RefinerConfig | dict | None = None, guide_model: str = "tiny", guide_seed: int = 0,
                  separator_config: str | None = None, guide_dtype: str = "float32", trim_padding: bool = True,
-                 query_source: str = "table", sdr_weight: float = 0.5, lr: float = 1e-3,
+                 pad_merge: int = 8, query_source: str = "table", sdr_weight: float = 0.5, lr: float = 1e-3,
                  weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  schedule: str = "cosine", min_lr_ratio: float = 0.05, example_every_n_val: int = 5,
                  n_examples: int = 2, cache_val_baseline: bool = True):
@@ -127,6 +128,7 @@ class RefinerModule(pl.LightningModule):
         self.cfg = load_config(separator_config)
         self.cfg.guide.dtype = guide_dtype
         self.cfg.guide.trim_padding = trim_padding
+        self.cfg.guide.pad_merge = pad_merge
         self.cfg.guide.cache_size = 0  # training mixtures never repeat; validation is cached here instead
         if self.cfg.separator.max_passes != refiner.n_masks:
             raise ConfigError(f"refiner.n_masks={refiner.n_masks} must equal the separator's max_passes="

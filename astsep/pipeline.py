@@ -276,6 +276,8 @@ class Pipeline:
             "model": self.guide.name,
             "device": str(self.guide.device),
             "dtype": self.guide.cfg.dtype,
+            # padded patches per merged token in windows shorter than 10.24 s (0: dropped); null: full window
+            "pad_merge": self.guide.cfg.pad_merge if self.guide.cfg.trim_padding else None,
             "windows": len(starts),
             "passes_max": sc.max_passes,
             "ast_forwards": g1["ast_forwards"] - g0["ast_forwards"],
@@ -730,7 +732,7 @@ def get_pipeline(cfg: AstsepConfig) -> Pipeline:
     """A process-wide pipeline per (model, device, dtype, trim, cache dir): the model is loaded
     once and its cache is shared by every call."""
     g = cfg.guide
-    key = (g.model, g.device, g.dtype, g.trim_padding, g.cache_dir, g.allow_pickle)
+    key = (g.model, g.device, g.dtype, g.trim_padding, g.pad_merge, g.cache_dir, g.allow_pickle)
     pipe = _PIPELINES.get(key)
     if pipe is None:
         pipe = _PIPELINES[key] = Pipeline(cfg)

@@ -4,8 +4,9 @@
 Prints, for ``../shared/data/examples/seed_recording_16k.wav`` (5.06 s):
 - median end-to-end seconds with the model loaded (cold AST cache), seconds per stage, AST forwards,
   the share of time spent outside AST forwards;
-- the fast option (bfloat16 and/or trimmed padding): median seconds, and how much logits and masks
-  change against the default path;
+- the fast options (bfloat16 or int8, and/or trimmed padding): median seconds, and how much logits
+  and masks change against the default path (on this recording, and first-pass logits on 12
+  ESC-50 clips);
 - the warm-cache re-run time and the speed-up;
 and for a 60 s file built from shared clips: seconds, forwards, and peak RSS of a child process
 against a 10 s input (peak memory must not grow with input length beyond the output buffers).
@@ -55,9 +56,9 @@ def long_input(seconds: float) -> torch.Tensor:
     return torch.cat(parts)[: int(seconds * 16000)]
 
 
-def make_pipeline(model, device: str, dtype: str = "float32", trim: bool = False) -> Pipeline:
+def make_pipeline(model, device: str, dtype: str = "float32", trim: bool = False, pad_merge: int = 8) -> Pipeline:
     cfg = AstsepConfig()
-    cfg.guide.device, cfg.guide.dtype, cfg.guide.trim_padding = device, dtype, trim
+    cfg.guide.device, cfg.guide.dtype, cfg.guide.trim_padding, cfg.guide.pad_merge = device, dtype, trim, pad_merge
     return Pipeline(cfg, ASTGuide(model, cfg.guide, name="full-size random AST"))
 
 
@@ -94,6 +95,55 @@ print(json.dumps({{"seconds": dt, "peak_rss_mib": resource.getrusage(resource.RU
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+AGREEMENT_CLIPS = 12
+
+
+def agreement(ref, fast, clips) -> dict:
+    """First-pass logits of ``fast`` against ``ref`` (two guides) on real clips."""
+    same, overlap, diff, std = 0, 0, 0.0, 0.0
+    for c in clips:
+        a, b = ref(c.unsqueeze(0)).logits[0], fast(c.unsqueeze(0)).logits[0]
+        ta, tb = a.topk(5).indices.tolist(), b.topk(5).indices.tolist()
+        same += ta[0] == tb[0]
+        overlap += len(set(ta) & set(tb))
+        diff = max(diff, float((a - b).abs().max()))
+        std += float(a.std()) / len(clips)
+    return {"clips": len(clips), "top1_same": same, "top5_overlap": overlap / len(clips), "max_diff": diff,
+            "logit_std": std}
+
+
+def merge_sensitivity(model, device: str, clips) -> None:
+    """How faithful is the trimmed forward when padded patches differ more than in a random model?
+
+    A random AST's position embeddings are tiny (std 0.02), so its padded patches are nearly equal
+    tokens and merging them is nearly exact. Trained checkpoints learn larger, smooth embeddings;
+    this adds a 2-D sin-cos embedding of growing scale and compares first-pass logits (fp32)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    pos = m.audio_spectrogram_transformer.embeddings.position_embeddings
+    conf = m.config
+    fp_, tp_ = (conf.num_mel_bins - conf.patch_size) // conf.frequency_stride + 1, \
+        (conf.max_length - conf.patch_size) // conf.time_stride + 1
+    d = conf.hidden_size // 4
+    omega = 1.0 / (10000 ** (torch.arange(d) / d))
+    f, t = torch.arange(fp_)[:, None] * omega, torch.arange(tp_)[:, None] * omega
+    sincos = torch.cat([torch.cat([f.sin(), f.cos()], 1)[:, None].expand(fp_, tp_, 2 * d),
+                        torch.cat([t.sin(), t.cos()], 1)[None].expand(fp_, tp_, 2 * d)], -1).reshape(-1, 4 * d)
+    base = pos.data.clone()
+    print("\n== trimmed padding under larger position embeddings (first-pass logits vs full window, fp32) ==")
+    for scale in (0.1, 0.5):
+        with torch.no_grad():
+            pos.data[0, 2:] = base[0, 2:] + scale * sincos
+        ref = make_pipeline(m, device).guide
+        for group in (0, 16, 8, 4):
+            a = agreement(ref, make_pipeline(m, device, "float32", True, group).guide, clips)
+            what = "dropped" if group == 0 else f"merged {group} per token"
+            print(f"added sin-cos scale {scale}: padding {what}: top-1 same {a['top1_same']}/{a['clips']}, "
+                  f"mean top-5 overlap {a['top5_overlap']:.1f}/5, max |diff| {a['max_diff']:.4f} "
+                  f"(logit std {a['logit_std']:.3f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -101,6 +151,8 @@ def main() -> None:
     ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--throughput", action="store_true")
     ap.add_argument("--batch", type=int, default=64, help="windows per batch for --throughput")
+    ap.add_argument("--merge-sensitivity", action="store_true",
+                    help="also: trimmed padding (merged or dropped) under larger, smooth position embeddings")
     args = ap.parse_args()
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
@@ -131,8 +183,14 @@ def main() -> None:
           f"{warm.stats['cache_hits']} cache hits: {med / t_warm:.1f}x faster than the cold median")
 
     ref_traces = res.traces[0][2]["traces"]
-    for name, dtype, trim in (("bf16", "bfloat16", False), ("trim", "float32", True), ("bf16+trim", "bfloat16", True)):
-        fp = make_pipeline(model, args.device, dtype, trim)
+    clips = [load_audio(f)[0] for f in sorted((SHARED_DATA / "esc50_one_per_class").glob("*.flac"))[:AGREEMENT_CLIPS]]
+    # trim: padded patches merged 8 to a token (the default); "drop": padded patches left out
+    variants = [("bf16", "bfloat16", False, 8), ("trim", "float32", True, 8), ("bf16+trim", "bfloat16", True, 8)]
+    if torch.device(pipe.guide.device).type == "cpu":  # int8 Linear layers run on the CPU only
+        variants += [("int8", "int8", False, 8), ("int8+trim (--fast on CPU)", "int8", True, 8),
+                     ("int8+trim, padding dropped (pad_merge 0)", "int8", True, 0)]
+    for name, dtype, trim, pad_merge in variants:
+        fp = make_pipeline(model, args.device, dtype, trim, pad_merge)
         fp.run(x, "warm-up")
         ftimes, fres = timed_runs(fp, x, args.runs, keep_traces=True)
         # change against the default path: first-pass logits on the same input, masks of every pass
@@ -151,6 +209,13 @@ def main() -> None:
               f"top-1 same: {ref_top[0] == fast_top[0]}, top-5 overlap {len(set(ref_top) & set(fast_top))}/5")
         print(f"masks vs default: mean |diff| per pass {[round(v, 4) for v in mask_diff]}; "
               f"same source labels: {same_labels}")
+        a = agreement(pipe.guide, fp.guide, clips)
+        print(f"logits vs default on {a['clips']} ESC-50 clips: top-1 same {a['top1_same']}/{a['clips']}, "
+              f"mean top-5 overlap {a['top5_overlap']:.1f}/5, max |diff| {a['max_diff']:.4f} "
+              f"(logit std {a['logit_std']:.3f})")
+
+    if args.merge_sensitivity:
+        merge_sensitivity(model, args.device, [x] + clips)
 
     if not args.skip_long:
         print("\n== long input (child processes, peak RSS) ==")

@@ -60,6 +60,18 @@ def test_separates_the_reference_recording_with_debug_figures(tmp_path, tiny_mod
     assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - total) ** 2)) >= 60
 
 
+def test_fast_option_runs_int8_with_merged_padding_and_the_files_still_add_up(tmp_path, tiny_model_dir, shared):
+    out = tmp_path / "out"
+    proc = infer("-i", str(SEED_RECORDING), "-o", str(out), "-m", str(tiny_model_dir), "--fast", "--device", "cpu", "-q")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "events.json").read_text())
+    assert manifest["stats"]["dtype"] == "int8" and manifest["stats"]["pad_merge"] == 8
+    assert manifest["stats"]["ast_forwards_separation"] <= 3
+    ref, _ = sf.read(SEED_RECORDING, dtype="float64")
+    total = sum(sf.read(out / f, dtype="float64")[0] for f in manifest["files"] if f.endswith(".wav"))
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - total) ** 2)) >= 60
+
+
 def test_any_format_rate_and_channel_count(tmp_path, tiny_model_dir, shared):
     x = clip("rooster", 3.0).numpy()
     import torch

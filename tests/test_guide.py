@@ -12,7 +12,7 @@ from astsep.config import GuideConfig
 from astsep.errors import ModelError
 from astsep.features import ast_fbank, ast_input, istft, mel_to_linear, stft
 from astsep.config import STFTConfig
-from astsep.guide import ASTGuide, load_ast_model
+from astsep.guide import ASTGuide, check_precision, fast_precision, load_ast_model
 from astsep.testing import tiny_ast
 
 from conftest import SEED_RECORDING, clip
@@ -31,7 +31,7 @@ def test_ast_input_equals_transformers_feature_extractor(shared):
     x = clip("rooster")
     fe = ASTFeatureExtractor()  # default settings are the AudioSet checkpoint's
     ref = fe(x.numpy(), sampling_rate=16000, return_tensors="pt")["input_values"]
-    ours, real = ast_input(x.unsqueeze(0), 1024, fe.mean, fe.std, trim=False)
+    ours, real = ast_input(x.unsqueeze(0), 1024, fe.mean, fe.std)
     assert real == 498
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
 
@@ -59,7 +59,7 @@ def test_sdpa_guide_attention_equals_eager_attention_and_is_not_constant(shared)
     guide = ASTGuide(model)
     x = torch.stack([clip("siren"), clip("crying_baby")])
     out = guide(x)
-    feats, _ = ast_input(x, 1024, guide.cfg.fbank_mean, guide.cfg.fbank_std, trim=False)
+    feats, _ = ast_input(x, 1024, guide.cfg.fbank_mean, guide.cfg.fbank_std)
     with torch.no_grad():
         ref = _eager_copy(model)(input_values=feats, output_attentions=True)
     assert ref.attentions and len(ref.attentions) == model.config.num_hidden_layers
@@ -78,8 +78,65 @@ def test_trimmed_forward_uses_fewer_patches_and_keeps_the_grid_shape(shared):
     x = clip("dog", 3.0).unsqueeze(0)
     a, b = full(x), trim(x)
     assert a.grid.shape == b.grid.shape == (1, 12, 101)
-    assert float(b.grid[0, :, b.tp_valid:].abs().sum()) == 0.0  # nothing attended beyond the audio
-    assert float(b.grid[0, :, : b.tp_valid].sum()) > 0
+    assert float(b.grid[0, :, 30:].abs().sum()) == 0.0  # 3 s = 298 frames: patches 0..29 hold audio
+    assert float(b.grid[0, :, :30].abs().min()) > 0
+
+
+def _forward(guide, x, trimmed):
+    feats, real = ast_input(x, 1024, guide.cfg.fbank_mean, guide.cfg.fbank_std)
+    with torch.no_grad():
+        return guide.forward_features(feats, real if trimmed else None)
+
+
+def test_merged_padding_is_exact_when_padded_patches_are_identical(shared):
+    """Padded patches have the same content; with equal position embeddings they are identical
+    tokens, and merging them with proportional attention must give the full forward's outputs."""
+    model = tiny_ast(seed=0)
+    with torch.no_grad():
+        model.audio_spectrogram_transformer.embeddings.position_embeddings[:, 2:] = 0.0
+    x = clip("siren", 3.0).unsqueeze(0)
+    full = _forward(ASTGuide(model, GuideConfig()), x, trimmed=False)
+    for group in (1, 7, 200):
+        merged = _forward(ASTGuide(model, GuideConfig(trim_padding=True, pad_merge=group)), x, trimmed=True)
+        torch.testing.assert_close(merged["logits"], full["logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged["grid"][..., :30], full["grid"][..., :30], atol=1e-6, rtol=1e-4)
+    dropped = _forward(ASTGuide(model, GuideConfig(trim_padding=True, pad_merge=0)), x, trimmed=True)
+    assert float((dropped["logits"] - full["logits"]).abs().max()) > 1e-2  # dropping the padding is not exact
+
+
+def test_merged_padding_stays_closer_to_the_full_forward_than_dropping_it(shared):
+    model = tiny_ast(seed=1)  # random position embeddings: merging is approximate
+    full_g, merge_g = ASTGuide(model, GuideConfig()), ASTGuide(model, GuideConfig(trim_padding=True))
+    drop_g = ASTGuide(model, GuideConfig(trim_padding=True, pad_merge=0))
+    for name in ("dog", "siren", "crying_baby"):
+        x = clip(name, 2.5).unsqueeze(0)
+        full = _forward(full_g, x, False)["logits"]
+        merged, dropped = _forward(merge_g, x, True)["logits"], _forward(drop_g, x, True)["logits"]
+        assert float((merged - full).abs().max()) < 0.25 * float((dropped - full).abs().max()), name
+
+
+def test_int8_guide_is_close_to_float32_and_leaves_the_callers_model_alone(shared):
+    model = tiny_ast(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref, q = ASTGuide(model, GuideConfig()), ASTGuide(model, GuideConfig(dtype="int8"))
+    assert any("quantized" in type(m).__module__ for m in q.model.modules())
+    assert q.fingerprint == ref.fingerprint  # same weights; the precision is part of the cache key
+    assert q._settings() != ref._settings()
+    x = torch.stack([clip("siren", 2.0), clip("dog", 2.0)])
+    a, b = ref(x), q(x)
+    assert a.logits.argmax(-1).tolist() == b.logits.argmax(-1).tolist()
+    rel = float((a.logits - b.logits).abs().max() / a.logits.std())
+    assert 0 < rel < 0.2, rel  # quantised (not bit-equal), yet close
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_int8_guide_refuses_a_gpu_and_unknown_precisions_are_named():
+    with pytest.raises(ModelError, match="float32, bfloat16, int8"):
+        ASTGuide(tiny_ast(seed=0), GuideConfig(dtype="fp8"))
+    with pytest.raises(ModelError, match="CPU only"):
+        check_precision("int8", torch.device("cuda"))
+    check_precision("bfloat16", torch.device("cuda"))
+    assert fast_precision(torch.device("cpu")) == "int8" and fast_precision(torch.device("cuda")) == "bfloat16"
 
 
 def test_cache_in_memory_and_on_disk_skips_forwards(tmp_path, shared):
@@ -99,6 +156,11 @@ def test_cache_in_memory_and_on_disk_skips_forwards(tmp_path, shared):
     g4 = ASTGuide(model, GuideConfig(cache_dir=str(tmp_path), trim_padding=True))  # other settings: a miss
     g4(x)
     assert g4.forwards == 1
+    for other in (GuideConfig(cache_dir=str(tmp_path), trim_padding=True, pad_merge=0),
+                  GuideConfig(cache_dir=str(tmp_path), dtype="int8")):
+        g5 = ASTGuide(model, other)
+        g5(x)
+        assert g5.forwards == 1, other
 
 
 def test_model_folder_with_only_pickle_weights_is_refused(tmp_path):
