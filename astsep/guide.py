@@ -11,6 +11,11 @@ The model runs with SDPA attention (no attention maps are materialised in any la
 layer's CLS row is recomputed from that layer's input hidden states, which costs one
 ``(1 × seq)`` attention row per head instead of the 2.3× slower eager path.
 
+Precision: float32 (default), bfloat16, or int8 (dynamic int8 ``nn.Linear`` layers, CPU only;
+what ``--fast`` uses there). With ``trim_padding`` the zero-padded tail of a short window is not
+run patch by patch: its patches are merged into a few tokens that keep their share of attention
+(see :meth:`ASTGuide.forward_features`).
+
 Results are cached by content: a SHA-256 over the samples, the model's fingerprint and every
 setting that changes the output. The cache lives in memory (LRU) and optionally on disk.
 """
