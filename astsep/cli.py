@@ -96,10 +96,9 @@ def _config(args):
     }
     cfg = load_config(path, overrides)
     if args.fast:
-        from .guide import fast_precision, resolve_device
+        from .guide import use_fast_settings
 
-        cfg.guide.dtype = fast_precision(resolve_device(cfg.guide.device))
-        cfg.guide.trim_padding = True
+        use_fast_settings(cfg.guide)
     if args.allow_pickle:
         cfg.guide.allow_pickle = True
     if cfg.separator.max_passes < 1:

@@ -75,6 +75,12 @@ def fast_precision(device: torch.device) -> str:
     return "int8" if device.type == "cpu" else "bfloat16"
 
 
+def use_fast_settings(cfg: GuideConfig) -> None:
+    """What ``--fast`` changes in a guide config: the device's fast precision and trimmed padding."""
+    cfg.dtype = fast_precision(resolve_device(cfg.device))
+    cfg.trim_padding = True
+
+
 def quantize_int8(model):
     """Dynamic int8 quantisation of every ``nn.Linear`` (weights int8 per tensor, activations
     quantised per batch at run time; attention, layer norms and the patch convolution stay float32).

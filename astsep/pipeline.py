@@ -18,6 +18,7 @@ residual is the input minus every source, in the time domain, so the files add b
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import glob
 import json
@@ -39,7 +40,7 @@ from .audio import AudioInfo, dbfs, load_audio, to_mono_16k, validate, write_byt
 from .config import SAMPLE_RATE, AstsepConfig, load_config
 from .errors import AudioError, ConfigError, OutputError
 from .events import active_span, event_id, safe_name
-from .guide import ASTGuide
+from .guide import ASTGuide, use_fast_settings
 from .separator import BatchSeparation, Separator
 
 log = logging.getLogger(__name__)
@@ -746,7 +747,7 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
              model: str | None = None, config: AstsepConfig | str | os.PathLike | None = None,
              guide: ASTGuide | None = None, max_passes: int | None = None, min_eratio: float | None = None,
              device: str | None = None, cache_dir: str | None = None, keep_traces: bool = False,
-             refiner=None, query=None) -> SeparationResult:
+             refiner=None, query=None, fast: bool = False) -> SeparationResult:
     """Separate a recording into sources, classify them, and describe them as events.
 
     Args:
@@ -759,18 +760,25 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
         keep_traces: keep per-pass internals (needed for debug figures).
         refiner: an :class:`astsep.refine.Refiner` (``Refiner.load(ckpt)``): refine every source.
         query: an :class:`astsep.refine.Query`: with a refiner, extract only that sound (plus the rest).
+        fast: what ``infer.py --fast`` does: int8 AST on CPU (bfloat16 on GPU) and merged padding
+            for inputs shorter than a window (changes against the default in benchmarks/README.md).
 
     Returns:
         :class:`SeparationResult` with ``sources``, ``labels``, ``events``, ``stats``; ``write(dir)``
         writes the files.
     """
-    cfg = config if isinstance(config, AstsepConfig) else load_config(config)
+    cfg = copy.deepcopy(config) if isinstance(config, AstsepConfig) else load_config(config)  # the caller's stays
     overrides = {"separator.max_passes": max_passes, "separator.min_eratio": min_eratio, "guide.model": model,
                  "guide.device": device, "guide.cache_dir": cache_dir}
     for dotted, value in overrides.items():
         if value is not None:
             section, key = dotted.split(".")
             setattr(getattr(cfg, section), key, value)
+    if fast:
+        if guide is not None:
+            raise ConfigError("fast=True sets how the model is loaded; with guide=..., build the guide with "
+                              "GuideConfig(dtype='int8' or 'bfloat16', trim_padding=True) instead")
+        use_fast_settings(cfg.guide)
     t0 = time.perf_counter()
     info = None
     if isinstance(audio, (str, os.PathLike)):

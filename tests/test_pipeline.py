@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
 import astsep
-from astsep.config import AstsepConfig
+from astsep.config import AstsepConfig, load_config
+from astsep.errors import ConfigError
 from astsep.guide import ASTGuide
 from astsep.pipeline import Pipeline, crossfade_weights, window_starts
 from astsep.testing import force_class, tiny_ast
@@ -145,3 +147,13 @@ def test_hostile_labels_cannot_escape_the_output_folder(tmp_path, shared):
         assert f == out or out in f.parents
     names = json.loads((out / "events.json").read_text())["files"]
     assert all("/" not in n and ".." not in n and len(n) < 80 for n in names)
+
+
+def test_api_fast_option_loads_an_int8_guide_with_merged_padding(tiny_model_dir, shared):
+    cfg = load_config(None)
+    res = astsep.separate(str(SEED_RECORDING), model=str(tiny_model_dir), device="cpu", config=cfg, fast=True)
+    assert (res.stats["dtype"], res.stats["pad_merge"]) == ("int8", 8)
+    assert cfg.guide.dtype == "float32" and not cfg.guide.trim_padding  # the caller's config is not changed
+    torch.testing.assert_close(sum(res.sources.values()), res.audio, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="fast=True"):
+        astsep.separate(str(SEED_RECORDING), guide=ASTGuide(tiny_ast(seed=0)), fast=True)
