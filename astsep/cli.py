@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-eratio", type=float, default=None,
                    help="stop when a pass removes less than this share of the energy (default 0.001)")
     p.add_argument("--fast", action="store_true",
-                   help="int8 AST on CPU (bfloat16 on GPU) and no compute on the zero-padded part of short windows")
+                   help="int8 AST on CPU (bfloat16 on GPU); the zero padding of inputs shorter than 10.24 s "
+                        "is merged into a few tokens instead of run patch by patch")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="keep AST results on disk: re-running the same audio runs no AST forward")
     p.add_argument("--allow-pickle", action="store_true",

@@ -143,7 +143,6 @@ def _build(cls, data: dict[str, Any], where: str):
         raise ConfigError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
-        sub = known[name].type
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")

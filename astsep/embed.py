@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_MODEL, SAMPLE_RATE
+from .config import DEFAULT_MODEL
 from .errors import AstsepError, ConfigError
 from .query import EmbeddingTable, QueryEncoder, normalise_text
 

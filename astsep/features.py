@@ -7,7 +7,6 @@ bins and ``T = N // hop + 1`` frames (centred); mel powers ``(B, n_mels, T)``.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F

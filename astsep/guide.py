@@ -70,7 +70,7 @@ def check_precision(dtype: str, device: torch.device) -> None:
 
 
 def fast_precision(device: torch.device) -> str:
-    """The precision ``--fast`` uses: int8 Linear layers on the CPU (about 1.7x faster than
+    """The precision ``--fast`` uses: int8 Linear layers on the CPU (about 1.5x faster than
     bfloat16 there, see benchmarks/README.md), bfloat16 on a GPU."""
     return "int8" if device.type == "cpu" else "bfloat16"
 

@@ -37,7 +37,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from .config import AstsepConfig, GuideConfig, load_config
+from .config import GuideConfig, load_config
 from .errors import ConfigError
 from .features import istft, stft
 from .metrics import sdr_sisdr_loss, separation_metrics, si_sdr
@@ -96,7 +96,7 @@ class RefinerModule(pl.LightningModule):
         guide_model: AST Hub id, local folder, or ``"tiny"`` (random tiny AST for smoke tests).
         guide_seed: seed of the ``"tiny"`` guide.
         separator_config: YAML of the separator (``configs/separator.yaml`` layout); None: defaults.
-        guide_dtype: AST precision (``float32`` or ``bfloat16``).
+        guide_dtype: AST precision (``float32``, ``bfloat16``, or ``int8`` on the CPU).
         trim_padding: run the AST only on the patches that hold audio (5 s segments: half the cost).
         pad_merge: with ``trim_padding``, padded patches per merged token (0: the padding is dropped).
         query_source: ``"table"`` (batch ``query``) or ``"target_audio"`` (AST embedding of the target).
