@@ -127,10 +127,9 @@ def merge_sensitivity(model, device: str, clips) -> None:
 
     m = copy.deepcopy(model)
     pos = m.audio_spectrogram_transformer.embeddings.position_embeddings
-    conf = m.config
-    fp_, tp_ = (conf.num_mel_bins - conf.patch_size) // conf.frequency_stride + 1, \
-        (conf.max_length - conf.patch_size) // conf.time_stride + 1
-    d = conf.hidden_size // 4
+    grid = make_pipeline(m, device).guide  # the patch grid, as the guide computes it
+    fp_, tp_ = grid.freq_patches, grid.time_patches
+    d = m.config.hidden_size // 4
     omega = 1.0 / (10000 ** (torch.arange(d) / d))
     f, t = torch.arange(fp_)[:, None] * omega, torch.arange(tp_)[:, None] * omega
     sincos = torch.cat([torch.cat([f.sin(), f.cos()], 1)[:, None].expand(fp_, tp_, 2 * d),
