@@ -32,40 +32,31 @@ class STFTConfig:
 
 @dataclass
 class SeparatorConfig:
-    """Every parameter of the deterministic multi-pass separator."""
+    """Every parameter of the deterministic multi-pass separator (``astsep/separator.py``).
 
-    max_passes: int = 3  # reference MAX_PASSES
-    min_eratio: float = 0.001  # stop when a pass removes less than this share of energy (MIN_ERATIO)
-    anchor_sec: float = 0.512  # length of the anchor window (ANCHOR_SEC)
-    smooth_frames: int = 19  # moving-average length for attention, purity and score (SMOOTH_T)
-    alpha_attention: float = 0.80  # anchor score = attention^alpha * purity^beta (ALPHA_ATT)
-    beta_purity: float = 1.20  # (BETA_PUR)
-    purity_energy_weight: float = 0.30  # purity = w*energy + (1-w)*(1-entropy) (W_E)
-    attention_top_share: float = 0.30  # anchors are searched among the top 30 % attention frames
-    anchor_buffer_share: float = 0.20  # earlier anchors are excluded with a 20 % buffer
-    core_quantile: float = 0.50  # core = run around the peak above this quantile (TOP_PCT_CORE_IN_ANCHOR)
-    omega_energy_quantile: float = 0.20  # band energy threshold for the frequency support (OMEGA_Q_CONSERVATIVE)
-    omega_min_bins: int = 5  # at least this many mel bands in the support (OMEGA_MIN_BINS)
-    # Sigmoid slopes on energies are per 10 dB (energies are compared in dB re the window's maximum,
-    # so a quiet and a loud recording give the same masks); on attention they are per unit (0-1).
-    omega_slope: float = 10.0  # soft frequency support: band energy and AST frequency attention
-    ast_freq_quantile: float = 0.40  # AST frequency attention threshold (AST_FREQ_QUANTILE_CONSERVATIVE)
-    ast_freq_quantile_aggressive: float = 0.20
-    ast_freq_slope: float = 8.0
-    presence_smooth_frames: int = 9
-    presence_quantile: float = 0.20
-    presence_slope: float = 5.0
-    similarity_floor: float = 0.10  # mask value of frames whose similarity does not beat the AST confidence
-    low_similarity_energy_share: float = 0.01  # such frames keep at most 1 % of the anchor's energy
-    amp_quantile: float = 0.80  # "loudest bins" of the anchor: above this quantile of per-bin peaks
-    amp_slope: float = 6.0
-    boost_conservative: float = 0.5  # frequency weight 1 + 0.5 * boost
-    boost_aggressive: float = 0.2  # frequency weight 1 + 0.2 * boost
-    aggressive_below_eratio: float = 0.3  # aggressive when the previous pass kept < 30 % of the energy
-    weak_anchor_db: float = -20.0  # an anchor this far below the loudest frame is a weak sound
-    weak_mask_power: float = 2.0  # weak sounds get mask**power (stricter) and no similarity floor
-    suppression: float = 0.999  # separated time regions are suppressed to 0.1 % before the next pass
-    region_mask_threshold: float = 0.10  # a frame belongs to a source's region when its mean mask exceeds this
+    Tuned on the dev mixtures of ``astsep.devset`` (``benchmarks/bench_quality.py``), never on one clip.
+    """
+
+    max_passes: int = 3  # sources per window at most (one guide forward each; the reference's MAX_PASSES)
+    min_eratio: float = 0.001  # stop when a pass removes less than this share of the energy (MIN_ERATIO)
+    # An attention map (not a calibrated share) is divided by this quantile of its patches, so its
+    # strongest patches read as "all target".
+    grid_quantile: float = 0.99
+    nmf_components: int = 32  # spectral templates of the current signal (all sounds together)
+    nmf_iterations: int = 30  # KL multiplicative updates in the first pass
+    nmf_warm_iterations: int = 10  # later passes start from the previous pass's factorisation
+    nmf_power: float = 2.0  # the factorised spectrogram is |X|^power (2: power)
+    nmf_seed: int = 0  # seed of the (batch-independent) NMF start
+    rounds: int = 3  # component split + patch-share fit, repeated with the sharper posterior
+    fit_iterations: int = 10  # EM steps fitting the patch shares per round (0: no fit)
+    # bound on the accumulated per-patch log correction: e^0.5 = 1.65x. Larger trusts the grid's
+    # exact values more (better with a perfect grid, worse with a blurred or noisy one)
+    fit_max_log_ratio: float = 0.5
+    prior_clamp: float = 0.02  # posteriors are kept in [0.02, 0.98] before the fit (no bin is certain)
+    # frames an earlier source dominated are turned down by this much (power dB) in what the guide
+    # sees in later passes; 0 turns it off
+    suppression_db: float = -30.0
+    region_share: float = 0.5  # a frame belongs to a source's region when it took this share of its energy
     active_threshold_db: float = -30.0  # event start/end: frames within this of the source's loudest frame
     residual_min_share: float = 0.05  # classify the residual only if it holds >= 5 % of the input energy
     residual_confidence: float = 0.70  # a residual this confident is saved as a sound (RESIDUAL_CONFIDENCE_THRESHOLD)

@@ -16,6 +16,11 @@ For every row it scores four estimates of the target:
 - ``oracle_irm``: the ideal ratio mask ``sqrt(|S|² / (|S|² + |N|²))`` on the mixture STFT, an
   upper bound for any mask on this STFT.
 
+``--guide oracle[:blur=1,noise_db=10,…]`` runs the baseline with an oracle guide
+(:mod:`astsep.oracle`) built from each row's target and interferer instead of the AST: what the
+separator makes of a perfect, or deliberately spoiled, guide. Optional ``target_label`` and
+``interferer_label`` columns name the two sounds.
+
 and writes ``report.md`` and ``report.json`` (mean and median per metric, plus every row) to
 ``--out``.
 """
@@ -54,6 +59,8 @@ class EvalItem:
     mixture: torch.Tensor
     target: torch.Tensor
     caption: str = ""
+    target_label: str = "target"
+    interferer_label: str = "interferer"
 
 
 def _resolve(base: Path, raw: str) -> Path:
@@ -89,7 +96,10 @@ def read_eval_csv(csv_path: str | Path, max_seconds: float | None = None) -> lis
             snr = float(row.get("snr_db") or 0.0)
             mixture, target = mix_at_snr(target[:n], interferer[:n], snr_db=snr, gain_db=0.0)
             name = f"{Path(row['target']).stem}+{Path(row['interferer']).stem}@{snr:g}dB"
-        items.append(EvalItem(name=f"{i:04d}_{name}", mixture=mixture, target=target, caption=(row.get("caption") or "").strip()))
+        items.append(EvalItem(name=f"{i:04d}_{name}", mixture=mixture, target=target,
+                              caption=(row.get("caption") or "").strip(),
+                              target_label=(row.get("target_label") or "").strip() or "target",
+                              interferer_label=(row.get("interferer_label") or "").strip() or "interferer"))
     return items
 
 
@@ -114,12 +124,14 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def evaluate(items: list[EvalItem], module=None, separator=None, table=None, stft_cfg: STFTConfig | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, oracle=None, config=None) -> dict:
     """Score every item; returns ``{"n", "summary", "rows"}``.
 
     ``module``: a trained ``RefinerModule`` (gives ``refined``, and ``baseline`` from its own guide);
     ``separator``: a ``Separator`` for ``baseline`` without a refiner; ``table``: an
-    ``EmbeddingTable`` for caption queries when the module was trained on a table.
+    ``EmbeddingTable`` for caption queries when the module was trained on a table; ``oracle``: a
+    :class:`~astsep.oracle.Degradation` for a baseline guided by an oracle built from each item
+    (separator settings from ``config``, an :class:`AstsepConfig`).
     """
     from tqdm.auto import tqdm
 
@@ -145,6 +157,15 @@ def evaluate(items: list[EvalItem], module=None, separator=None, table=None, stf
             ests["baseline"] = baseline_estimate(out["sources"].cpu(), out["kept"].cpu(), x, s)[0]
         elif separator is not None:
             res = separator.separate_batch(x)
+            ests["baseline"] = baseline_estimate(res.sources.cpu(), res.kept.cpu(), x, s)[0]
+        elif oracle is not None:
+            from .oracle import OracleGuide
+            from .separator import Separator
+
+            labels = list(dict.fromkeys([item.target_label, item.interferer_label]))
+            guide = OracleGuide(x, torch.stack([s, x - s], dim=1), [[0, labels.index(item.interferer_label)]],
+                                labels, oracle, stft_cfg)
+            res = Separator(config or load_config(None), guide).separate_batch(x)
             ests["baseline"] = baseline_estimate(res.sources.cpu(), res.kept.cpu(), x, s)[0]
         row = {"name": item.name, "caption": item.caption, "seconds": x.shape[-1] / SAMPLE_RATE}
         for method, est in ests.items():
@@ -194,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guide-model", default=DEFAULT_MODEL,
                    help="AST for the baseline without --refiner: Hub id, local folder, or 'tiny' (default %(default)s)")
     p.add_argument("--separator-config", default=None, metavar="YAML", help="separator config for the baseline")
+    p.add_argument("--guide", default="ast", metavar="SPEC",
+                   help="guide of the baseline: 'ast' (the AST, default) or 'oracle[:blur=1,noise_db=10,gamma=2,"
+                        "gain=2,floor=0.2,random,seed=0]' (built from each row's known target)")
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline (no AST needed)")
     p.add_argument("--max-seconds", type=float, default=10.24, help="evaluate at most this much of each row")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -205,23 +229,32 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from .oracle import parse_guide_spec
+
+        oracle = parse_guide_spec(args.guide)
+        if oracle is not None and args.refiner:
+            raise ConfigError("--guide oracle scores the baseline separator; it cannot be combined with --refiner")
+        if oracle is not None and args.max_seconds is not None and args.max_seconds > 10.24:
+            raise ConfigError("--guide oracle scores one 10.24 s window per row: --max-seconds must be <= 10.24")
         items = read_eval_csv(args.mixtures, args.max_seconds)
         module = separator = table = None
+        cfg = load_config(args.separator_config)
         if args.refiner:
             module = load_refiner(args.refiner, args.device)
-        elif not args.no_baseline:
+        elif not args.no_baseline and oracle is None:
             from .lit import build_guide
             from .separator import Separator
 
-            cfg = load_config(args.separator_config)
             cfg.guide.device = args.device
             separator = Separator(cfg, build_guide(args.guide_model, cfg.guide))
         if args.embedding_table:
             from .query import EmbeddingTable
 
             table = EmbeddingTable.load(args.embedding_table)
-        results = evaluate(items, module, separator, table)
-        md, _ = write_report(results, args.out)
+        results = evaluate(items, module, separator, table, oracle=None if args.no_baseline else oracle, config=cfg)
+        results["guide"] = args.guide
+        title = "Separation quality" + (f" (guide: {args.guide})" if oracle is not None else "")
+        md, _ = write_report(results, args.out, title)
     except AstsepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,4 +1,5 @@
-"""Spectral features on batched tensors: STFT/iSTFT for masking, slaney mel bands, and the AST fbank.
+"""Spectral features on batched tensors: STFT/iSTFT for masking, slaney mel bands, the AST fbank,
+and the AST's patch layout on the masking STFT.
 
 Shapes: waveforms ``(B, N)`` samples at 16 kHz; STFTs ``(B, F, T)`` with ``F = n_fft // 2 + 1``
 bins and ``T = N // hop + 1`` frames (centred); mel powers ``(B, n_mels, T)``.
@@ -7,6 +8,7 @@ bins and ``T = N // hop + 1`` frames (centred); mel powers ``(B, n_mels, T)``.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,8 @@ def istft(spec: torch.Tensor, cfg: STFTConfig, length: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _mel_fb(n_freqs: int, n_mels: int, device: str) -> torch.Tensor:
-    # (F, M) slaney-normalised triangular filters, as the reference builds them
+    # (F, M) triangular filters on the slaney mel scale with slaney area normalisation (librosa's
+    # default; the reference separator used librosa's htk=True scale). Used for debug views only.
     return AF.melscale_fbanks(n_freqs=n_freqs, f_min=0.0, f_max=SAMPLE_RATE / 2, n_mels=n_mels,
                               sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney").to(device)
 
@@ -133,3 +136,83 @@ def ast_input(x: torch.Tensor, max_frames: int, mean: float, std: float) -> tupl
     if fb.shape[1] < max_frames:
         fb = F.pad(fb, (0, 0, 0, max_frames - fb.shape[1]))
     return (fb - mean) / (std * 2), real
+
+
+# --- the AST's patch layout on the masking STFT ------------------------------------------------
+@dataclass(frozen=True)
+class PatchLayout:
+    """Where the AST's patches lie: ``patch`` × ``patch`` squares of its ``n_mels``-band Kaldi fbank
+    (25 ms frames every 10 ms, htk mel scale from 20 Hz to Nyquist), taken every ``freq_stride``
+    bands and ``time_stride`` frames. Defaults: the published AudioSet AST (12 × 101 patches)."""
+
+    n_mels: int = 128
+    patch: int = 16
+    freq_stride: int = 10
+    time_stride: int = 10
+
+    @property
+    def freq_patches(self) -> int:
+        return (self.n_mels - self.patch) // self.freq_stride + 1
+
+    @staticmethod
+    def of_model(config) -> "PatchLayout":
+        return PatchLayout(int(config.num_mel_bins), int(config.patch_size), int(config.frequency_stride),
+                           int(config.time_stride))
+
+
+def _interp_matrix(coord: torch.Tensor, n: int) -> torch.Tensor:
+    """``(L, n)`` linear-interpolation weights at fractional positions ``coord`` (clamped to the ends)."""
+    c = coord.clamp(0, n - 1)
+    lo = c.floor().long().clamp(max=n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    w = (c - lo.to(c.dtype)).float()
+    out = torch.zeros(len(c), n)
+    rows = torch.arange(len(c))
+    out.index_put_((rows, lo), 1 - w, accumulate=True)
+    out.index_put_((rows, hi), w, accumulate=True)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _patch_ops(n_freqs: int, n_fft: int, n_frames: int, hop: int, tp: int, layout: PatchLayout,
+               device: str) -> tuple[torch.Tensor, ...]:
+    banks, _ = kaldi.get_mel_banks(layout.n_mels, n_fft, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
+    banks = F.pad(banks, (0, n_freqs - banks.shape[1]))  # (M, F): the Nyquist bin is in no band
+    Fp = layout.freq_patches
+    member = torch.zeros(Fp, layout.n_mels)
+    for i in range(Fp):
+        member[i, i * layout.freq_stride: i * layout.freq_stride + layout.patch] = 1
+    pool_f = member @ banks  # (Fp, F): weight of every STFT bin in every frequency patch
+    # STFT frame t (centred at t*hop) is Kaldi frame (t*hop - 200) / 160 (25 ms window, 10 ms shift)
+    kf = (torch.arange(n_frames, dtype=torch.float64) * hop - _FB_WIN / 2) / _FB_SHIFT
+    starts = torch.arange(tp, dtype=torch.float64).unsqueeze(1) * layout.time_stride
+    pool_t = ((kf >= starts - 0.5) & (kf < starts + layout.patch - 0.5)).float()  # (tp, T)
+    # bilinear upsampling from patch centres to bins and frames
+    mel = lambda f: 1127.0 * torch.log1p(f / 700.0)  # noqa: E731  (Kaldi's htk mel scale)
+    lo, hi = mel(torch.tensor(20.0, dtype=torch.float64)), mel(torch.tensor(SAMPLE_RATE / 2, dtype=torch.float64))
+    delta = (hi - lo) / (layout.n_mels + 1)
+    freqs = torch.arange(n_freqs, dtype=torch.float64) * SAMPLE_RATE / n_fft
+    band = (mel(freqs.clamp_min(20.0)) - lo) / delta - 1  # fractional mel band of every bin
+    up_f = _interp_matrix((band - (layout.patch - 1) / 2) / layout.freq_stride, Fp)  # (F, Fp)
+    up_t = _interp_matrix((kf - (layout.patch - 1) / 2) / layout.time_stride, tp)  # (T, tp)
+    return tuple(t.to(device) for t in (pool_f, pool_t, up_f, up_t))
+
+
+def patch_operators(n_freqs: int, n_frames: int, tp: int, cfg: STFTConfig, layout: PatchLayout = PatchLayout(),
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The AST's patch grid on a masking STFT of ``n_freqs`` bins × ``n_frames`` frames.
+
+    Returns ``pool_f (Fp, F)``, ``pool_t (tp, T)``, ``up_f (F, Fp)``, ``up_t (T, tp)``:
+
+    - ``pool_f @ P @ pool_t.T`` is the energy of a power spectrogram ``P (…, F, T)`` inside every
+      one of the ``Fp × tp`` patches (a bin counts with its Kaldi mel-filter weight, a frame when its
+      centre lies in the patch's 16 fbank frames; patches overlap, as the AST's do);
+    - ``up_f @ G @ up_t.T`` spreads a patch grid ``G (…, Fp, tp)`` back over bins and frames by
+      linear interpolation between patch centres.
+    """
+    return _patch_ops(n_freqs, cfg.n_fft, n_frames, cfg.hop, int(tp), layout, str(device))
+
+
+def patch_energy(P: torch.Tensor, pool_f: torch.Tensor, pool_t: torch.Tensor) -> torch.Tensor:
+    """Energy per patch ``(B, Fp, tp)`` of power spectrograms ``P (B, F, T)``."""
+    return pool_f @ P @ pool_t.T

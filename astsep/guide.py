@@ -38,7 +38,7 @@ import torch
 from .audio import write_bytes_atomic
 from .config import GuideConfig
 from .errors import ConfigError, ModelError
-from .features import ast_input
+from .features import PatchLayout, ast_input
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class GuideOutput:
     grid: torch.Tensor  # (B, Fp, Tp) float32, rows sum to < 1 (CLS→patch share of attention)
     embedding: torch.Tensor  # (B, H) float32
     tp_valid: int
+    # True when ``grid`` already is the named sound's share of the energy per patch (an oracle);
+    # False for attention, whose scale the separator normalises
+    calibrated: bool = False
 
     @property
     def probs(self) -> torch.Tensor:
@@ -249,6 +252,7 @@ class ASTGuide:
         self.max_frames = min(self.cfg.max_frames, conf.max_length)
         self.freq_patches = (conf.num_mel_bins - conf.patch_size) // conf.frequency_stride + 1
         self.time_patches = (conf.max_length - conf.patch_size) // conf.time_stride + 1
+        self.layout = PatchLayout.of_model(conf)
         id2label = conf.id2label or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"class_{i}"))) for i in range(conf.num_labels)]
         self.cache = _Cache(self.cfg.cache_size, self.cfg.cache_dir)
@@ -288,8 +292,12 @@ class ASTGuide:
 
     # --- forward ------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> GuideOutput:
-        """Guide a batch ``(B, N)`` of 16 kHz windows of equal length (at most 10.24 s are seen)."""
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> GuideOutput:
+        """Guide a batch ``(B, N)`` of 16 kHz windows of equal length (at most 10.24 s are seen).
+
+        ``rows``: which windows of the batch being separated these are. The AST judges by content
+        alone and ignores it; guides built for known items (:class:`astsep.oracle.OracleGuide`) use it.
+        """
         if x.dim() == 1:
             x = x.unsqueeze(0)
         keys = [self.key(row) for row in x]

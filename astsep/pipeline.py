@@ -328,7 +328,7 @@ class Pipeline:
         emb = torch.zeros(xb.shape[0], self.guide.hidden_size)
         idx = audible.nonzero().squeeze(1).cpu()
         if idx.numel():
-            g = self.guide(ext[idx.to(ext.device)])
+            g = self.guide(ext[idx.to(ext.device)], rows=idx)
             probs = g.probs.cpu()
             conf[idx], cid[idx] = probs.max(dim=-1)
             tp, ti = probs.topk(min(5, probs.shape[-1]), dim=-1)
@@ -351,7 +351,7 @@ class Pipeline:
         idx = cand.nonzero().squeeze(1).tolist()
         if not idx:
             return out
-        g = self.guide(res[idx].to(self.guide.device))
+        g = self.guide(res[idx].to(self.guide.device), rows=torch.tensor(idx))
         probs = g.probs.cpu()
         for r, i in enumerate(idx):
             p, c = probs[r].max(dim=-1)

@@ -1,79 +1,140 @@
-"""The deterministic AST-guided multi-pass separator, as batched tensor code.
+"""The deterministic guidance-driven multi-pass separator, as batched tensor code.
 
-One pass, for every window of the batch at once (``B`` windows of ``N`` samples, ``F`` STFT bins,
-``T`` frames, ``M`` mel bands):
+One pass takes ``b`` windows' current spectra (the mixture, then what earlier passes left) and
+the guide's answer for them, and returns one mask per window (``F`` STFT bins, ``T`` frames,
+``Fp × tp`` guide patches):
 
-1. STFT power of the current signal (the mixture, then what earlier passes left);
-   time regions separated earlier are suppressed to 0.1 % before the AST sees the signal.
-2. One AST forward: class, confidence, top-5, embedding, CLS→patch attention grid.
-   Time attention = grid mean over frequency → frames, smoothed, 0-1; frequency attention =
-   grid mean over time → mel bands, 0-1.
-3. Purity per frame (energy and spectral-entropy blend); anchor score = attention^α · purity^β.
-4. Anchor: among the top-30 % attention frames outside earlier anchors (with a buffer), the frame
-   of highest purity; a 0.512 s window around it; its core is the run around the score peak
-   that stays above the window's median score.
-5. Frequency support ω (anchor band energy × AST frequency attention, soft), spectral template
-   from the core, presence from energy in ω, cosine similarity of every frame to the template.
-6. Mask: frames more similar than the AST's confidence keep their similarity, others a floor and
-   at most 1 % of the anchor's energy; frequency weights from the anchor's loudest bins and the
-   AST attention (conservative, or aggressive when the previous pass removed most of the energy);
-   weak anchors get a stricter mask.
-7. Source = mask · current STFT; the rest goes on. An item stops when its pass removes less than
-   ``min_eratio`` of the energy, or when nothing audible is left.
+1. :func:`guidance_prior` — the guide's 2-D grid ``(b, Fp, tp)`` says how much of every AST patch
+   belongs to the sound it names. A calibrated grid (an oracle's energy shares) is used as it is;
+   an attention map is scaled so its ``grid_quantile`` maps to 1. Linear interpolation between
+   patch centres spreads it over bins and frames: the prior ``(b, F, T)``.
+2. :func:`nmf` — the current power spectrogram is factorised into ``nmf_components`` spectral
+   templates × activations (KL multiplicative updates). This is the mixture's own structure at
+   STFT resolution, which the 160 ms × 16-band patches cannot see.
+3. :func:`component_split` — every component is given to the target in proportion to how much of
+   its energy falls where the target is believed to be; the components' model of the target and of
+   the rest, combined with the prior, gives a per-bin posterior (product of experts).
+4. :func:`fit_patch_shares` — the posterior is corrected, patch by patch, towards the grid's shares
+   of the energy (an EM fit to the patch proportions over the overlapping patches). The correction
+   is bounded (``fit_max_log_ratio``) so that a blurred or noisy grid cannot force a share onto bins
+   that do not look like the target. Steps 3-4 repeat ``rounds`` times, each with the sharper
+   posterior.
 
-Energies that set thresholds are compared in dB relative to the window's maximum, so the
-algorithm behaves the same for a quiet and a loud recording (the reference's raw-energy sigmoids
-did not, which is why it amplified quiet inputs).
+The posterior is the mask. Source = mask · current STFT (its phase); the rest goes on to the next
+pass. Confidence never removes frames; the class and confidence only name the source. An item
+stops when its pass removes less than ``min_eratio`` of the energy, or nothing audible is left.
+
+Energies are compared as ratios within a window, so a quiet recording gives the same masks as a
+loud one.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .config import SAMPLE_RATE, AstsepConfig
-from .features import istft, mel_power, mel_to_linear, stft
-from .guide import ASTGuide
-
-
-# --- small batched helpers ----------------------------------------------------------------------
-def smooth1d(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Moving average of length ``k`` along the last axis of ``(B, T)`` (edges replicated)."""
-    if k <= 1 or x.shape[-1] < 2:
-        return x
-    k = min(k, 2 * x.shape[-1] - 1)
-    if k % 2 == 0:
-        k -= 1
-    pad = k // 2
-    xp = F.pad(x.unsqueeze(1), (pad, pad), mode="replicate")
-    return F.avg_pool1d(xp, kernel_size=k, stride=1).squeeze(1)
+from .config import AstsepConfig, SeparatorConfig
+from .features import istft, patch_energy, patch_operators, stft
+from .guide import ASTGuide, GuideOutput
 
 
-def norm01(x: torch.Tensor) -> torch.Tensor:
-    """Per-row min-max normalisation of ``(B, T)`` to [0, 1] (a constant row becomes 0)."""
-    lo = x.amin(dim=-1, keepdim=True)
-    hi = x.amax(dim=-1, keepdim=True)
-    return (x - lo) / (hi - lo).clamp_min(1e-8)
+# --- pure steps ---------------------------------------------------------------------------------
+def guidance_prior(grid: torch.Tensor, calibrated: bool, quantile: float, up_f: torch.Tensor,
+                   up_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch shares ``g (b, Fp, tp)`` in [0, 1] and the prior ``(b, F, T)`` spread over bins and frames.
+
+    ``grid``: the guide's map over the ``tp`` patches that hold audio. ``calibrated``: it already is
+    a share of the energy (kept as is); otherwise each window's map is divided by its ``quantile``.
+    """
+    g = grid.float().clamp_min(0)
+    if not calibrated:
+        ref = torch.quantile(g.flatten(1), quantile, dim=1).clamp_min(1e-12)
+        g = g / ref.view(-1, 1, 1)
+    g = g.clamp(0, 1)
+    return g, (up_f @ g @ up_t.T).clamp(0, 1)
 
 
-def rel_db(e: torch.Tensor, floor_db: float = -100.0) -> torch.Tensor:
-    """Power ``(B, …)`` in dB relative to each row's maximum, floored (≤ 0)."""
-    ref = e.flatten(1).amax(dim=1).clamp_min(1e-20).view(-1, *([1] * (e.dim() - 1)))
-    return (10.0 * torch.log10(e.clamp_min(1e-20) / ref)).clamp_min(floor_db)
+def nmf(V: torch.Tensor, W: torch.Tensor, H: torch.Tensor, iterations: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL-divergence NMF of ``V (b, F, T) ≈ W (b, F, K) @ H (b, K, T)`` by multiplicative updates.
+
+    Columns of ``W`` are kept at unit sum (the scale lives in ``H``). Deterministic for a given
+    start; batched over ``b``. Returns the updated ``W, H``.
+    """
+    for _ in range(iterations):
+        H = H * (W.transpose(1, 2) @ (V / (W @ H + eps))) / W.sum(dim=1).unsqueeze(-1).clamp_min(eps)
+        W = W * ((V / (W @ H + eps)) @ H.transpose(1, 2)) / H.sum(dim=2).unsqueeze(1).clamp_min(eps)
+        scale = W.sum(dim=1, keepdim=True).clamp_min(eps)  # (b, 1, K)
+        W, H = W / scale, H * scale.transpose(1, 2)
+    return W, H
 
 
-def row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """Quantile per row of ``(B, T)``, shape ``(B, 1)``."""
-    return torch.quantile(x.float(), q, dim=-1, keepdim=True).to(x.dtype)
+def component_split(W: torch.Tensor, H: torch.Tensor, belief: torch.Tensor, prior: torch.Tensor, clamp: float,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior ``(b, F, T)`` that a bin is the target, and each component's target share ``(b, K)``.
+
+    Component ``k`` (``W[:, :, k] ⊗ H[:, k]``) goes to the target in proportion to the target
+    ``belief (b, F, T)`` over its energy. The target model ``S = Σ a_k C_k`` and the rest
+    ``N = Σ (1 − a_k) C_k`` are combined with the ``prior``: ``prior·S / (prior·S + (1 − prior)·N)``,
+    clamped to ``[clamp, 1 − clamp]``.
+    """
+    weighted = ((W.transpose(1, 2) @ belief) * H).sum(dim=-1)  # (b, K): Σ_ft C_k · belief
+    total = W.sum(dim=1) * H.sum(dim=-1)  # (b, K): Σ_ft C_k
+    a = weighted / total.clamp_min(eps)
+    S = (W * a.unsqueeze(1)) @ H
+    N = (W @ H - S).clamp_min(0)
+    post = prior * S / (prior * S + (1 - prior) * N + eps)
+    return post.clamp(clamp, 1 - clamp), a
 
 
-def masked_argmax(values: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax per row over allowed positions; also whether any position was allowed."""
-    v = values.masked_fill(~allowed, float("-inf"))
-    return v.argmax(dim=-1), allowed.any(dim=-1)
+def fit_patch_shares(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, pool_f: torch.Tensor,
+                     pool_t: torch.Tensor, iterations: int, max_log_ratio: float, eps: float) -> torch.Tensor:
+    """Correct the per-bin ``prior (b, F, T)`` so each patch's target share of ``P`` approaches ``g``.
+
+    EM for learning from label proportions: per patch, the log ratios between the share the grid
+    asks for and the share the current posterior gives (for the target and for the rest) are
+    accumulated, bounded to ``± max_log_ratio``, averaged over the patches that cover a bin, and
+    added to the bin's prior log-odds.
+    """
+    if iterations <= 0:
+        return prior
+    E = patch_energy(P, pool_f, pool_t)  # (b, Fp, tp)
+    cover = pool_f.sum(dim=0).clamp_min(eps).unsqueeze(1) * pool_t.sum(dim=0).clamp_min(eps).unsqueeze(0)  # (F, T)
+    logit = torch.log(prior / (1 - prior))
+    la = torch.zeros_like(g)
+    lb = torch.zeros_like(g)
+    m = prior
+    for _ in range(iterations):
+        es = patch_energy(m * P, pool_f, pool_t)
+        en = (E - es).clamp_min(0)
+        la = (la + torch.log((g * E + eps) / (es + eps))).clamp(-max_log_ratio, max_log_ratio)
+        lb = (lb + torch.log(((1 - g) * E + eps) / (en + eps))).clamp(-max_log_ratio, max_log_ratio)
+        m = torch.sigmoid(logit + (pool_f.T @ (la - lb) @ pool_t) / cover)
+    return m
+
+
+def guided_mask(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, W: torch.Tensor,
+                H: torch.Tensor, pool_f: torch.Tensor, pool_t: torch.Tensor,
+                sc: SeparatorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 3-4, ``rounds`` times: the mask ``(b, F, T)`` and the components' target shares ``(b, K)``."""
+    m, a = prior, None
+    for _ in range(max(1, sc.rounds)):
+        post, a = component_split(W, H, m, prior, sc.prior_clamp, sc.eps)
+        m = fit_patch_shares(P, g, post, pool_f, pool_t, sc.fit_iterations, sc.fit_max_log_ratio, sc.eps)
+    return m, a
+
+
+def nmf_init(b: int, n_freqs: int, n_frames: int, scale: torch.Tensor, sc: SeparatorConfig,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same seeded start for every window (so a window's result does not depend on its batch):
+    ``W (b, F, K)`` with unit-sum columns, ``H (b, K, T)`` scaled to the window's mean level ``scale (b,)``."""
+    gen = torch.Generator().manual_seed(int(sc.nmf_seed))
+    K = int(sc.nmf_components)
+    W = torch.rand(n_freqs, K, generator=gen) + 0.1
+    H = torch.rand(K, n_frames, generator=gen) + 0.1
+    W = (W / W.sum(dim=0, keepdim=True)).to(device)
+    H = H.to(device)
+    return W.expand(b, -1, -1).clone(), H.unsqueeze(0) * scale.view(-1, 1, 1) * n_freqs / K
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -90,15 +151,12 @@ class PassTrace:
     top5_probs: torch.Tensor  # (B, 5)
     embedding: torch.Tensor  # (B, H)
     mask: torch.Tensor  # (B, F, T) applied to the pass's input
+    prior: torch.Tensor  # (B, F, T) the guide's grid spread over bins and frames
     power: torch.Tensor  # (B, F, T) power of the pass's input
-    time_attention: torch.Tensor  # (B, T)
-    anchor_score: torch.Tensor  # (B, T)
-    similarity: torch.Tensor  # (B, T)
-    anchor: torch.Tensor  # (B, 2) frames [start, end)
-    core: torch.Tensor  # (B, 2) frames [start, end)
-    grid: torch.Tensor  # (B, Fp, Tp_valid)
-    aggressive: torch.Tensor  # (B,) bool
-    weak: torch.Tensor  # (B,) bool
+    presence: torch.Tensor  # (B, T) share of each frame's energy the source took
+    grid: torch.Tensor  # (B, Fp, Tp) the guide's raw grid (padding columns zero)
+    shares: torch.Tensor  # (B, Fp, Tp) the grid as target shares in [0, 1]
+    component_share: torch.Tensor  # (B, K) each NMF component's target share
     eratio: torch.Tensor  # (B,) share of the pass input's energy the source took
     input_energy: torch.Tensor  # (B,)
     residual_energy: torch.Tensor  # (B,) energy left after the pass
@@ -122,8 +180,25 @@ class BatchSeparation:
     labels: list[list[str]] = field(default_factory=list)
 
 
+@dataclass
+class PassResult:
+    """One pass for ``b`` windows (the running ones)."""
+
+    mask: torch.Tensor  # (b, F, T)
+    prior: torch.Tensor  # (b, F, T)
+    shares: torch.Tensor  # (b, Fp, tp)
+    component_share: torch.Tensor  # (b, K)
+    guide: GuideOutput
+    class_id: torch.Tensor  # (b,)
+    confidence: torch.Tensor  # (b,)
+    top5_ids: torch.Tensor  # (b, 5)
+    top5_probs: torch.Tensor  # (b, 5)
+    W: torch.Tensor  # (b, F, K) NMF state, the warm start of the next pass
+    H: torch.Tensor  # (b, K, T)
+
+
 class Separator:
-    """Deterministic multi-pass separator over an :class:`ASTGuide`.
+    """Deterministic multi-pass separator over a guide (:class:`ASTGuide` or an oracle).
 
     ``separate_batch(x)`` takes ``(B, N)`` float32 windows at 16 kHz, ``N`` ≤ 10.24 s of samples.
     """
@@ -144,7 +219,7 @@ class Separator:
         X = stft(x, st)  # (B, F, T)
         Fb, T = X.shape[-2:]
         K = max(1, int(sc.max_passes))
-        H = self.guide.hidden_size
+        Hd = self.guide.hidden_size
 
         rms_db = 10 * torch.log10(x.pow(2).mean(dim=1).clamp_min(1e-30))
         silent = rms_db < sc.silence_dbfs
@@ -152,11 +227,9 @@ class Separator:
 
         cur = X.clone()  # current (residual) spectrum
         keep_share = torch.ones(B, Fb, T, device=dev)  # Π (1 − M_j): share of the mixture still left
-        region = torch.zeros(B, T, device=dev)  # time regions separated so far (0..1)
-        prev_anchors: list[torch.Tensor] = []  # each (B, 2); only meaningful where a pass ran
-        prev_ran: list[torch.Tensor] = []
-        prev_eratio = torch.ones(B, device=dev)
+        region = torch.zeros(B, T, device=dev)  # frames an earlier source dominated (0/1)
         top_input_energy = X.abs().pow(2).sum(dim=(1, 2))
+        nmf_state: tuple[torch.Tensor, torch.Tensor] | None = None
 
         sources = torch.zeros(B, K, N, device=dev)
         masks = torch.zeros(B, K, Fb, T, device=dev)
@@ -165,45 +238,40 @@ class Separator:
         confs = torch.zeros(B, K, device=dev)
         t5i = torch.full((B, K, 5), -1, dtype=torch.long, device=dev)
         t5p = torch.zeros(B, K, 5, device=dev)
-        embs = torch.zeros(B, K, H, device=dev)
+        embs = torch.zeros(B, K, Hd, device=dev)
         traces: list[PassTrace] = []
 
         for k in range(K):
             idx = running.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            res = self._pass(
-                k, x.shape[1], cur[idx], region[idx], [a[idx] for a in prev_anchors], [r[idx] for r in prev_ran],
-                prev_eratio[idx],
-            )
-            M = res["mask"]  # (b, F, T)
+            warm = None if nmf_state is None else (nmf_state[0][idx], nmf_state[1][idx])
+            res = self._pass(k, N, cur[idx], region[idx], idx, warm)
+            M = res.mask
             src_spec = M * cur[idx]
             src = istft(src_spec, st, N)
-            e_in = cur[idx].abs().pow(2).sum(dim=(1, 2)).clamp_min(1e-20)
-            e_src = src_spec.abs().pow(2).sum(dim=(1, 2))
-            eratio = e_src / e_in
+            P_in = cur[idx].abs().pow(2)
+            e_in = P_in.sum(dim=(1, 2)).clamp_min(1e-20)
+            src_pow = src_spec.abs().pow(2)
+            eratio = src_pow.sum(dim=(1, 2)) / e_in
             keep_now = eratio >= sc.min_eratio
+            presence = src_pow.sum(dim=1) / P_in.sum(dim=1).clamp_min(sc.eps)  # (b, T)
 
             sel, km = idx[keep_now], keep_now  # batch rows kept, and the same rows within this pass
             sources[sel, k] = src[km]
             masks[sel, k] = (M * keep_share[idx])[km]
             kept[sel, k] = True
-            class_ids[sel, k] = res["class_id"][km]
-            confs[sel, k] = res["confidence"][km]
-            t5i[sel, k] = res["top5_ids"][km]
-            t5p[sel, k] = res["top5_probs"][km]
-            embs[sel, k] = res["embedding"][km].to(embs.dtype)
+            class_ids[sel, k] = res.class_id[km]
+            confs[sel, k] = res.confidence[km]
+            t5i[sel, k] = res.top5_ids[km]
+            t5p[sel, k] = res.top5_probs[km]
+            embs[sel, k] = res.guide.embedding.to(dev)[km].to(embs.dtype)
             keep_share[sel] = keep_share[sel] * (1 - M[km])
             cur[sel] = cur[sel] - src_spec[km]
-            region[sel] = torch.maximum(region[sel], res["region"][km])
-
-            anchors = torch.zeros(B, 2, dtype=torch.long, device=dev)
-            anchors[idx] = res["anchor"]
-            ran = torch.zeros(B, dtype=torch.bool, device=dev)
-            ran[sel] = True
-            prev_anchors.append(anchors)
-            prev_ran.append(ran)
-            prev_eratio[idx] = eratio
+            region[sel] = torch.maximum(region[sel], (presence[km] >= sc.region_share).float())
+            if nmf_state is None:
+                nmf_state = (torch.zeros(B, *res.W.shape[1:], device=dev), torch.zeros(B, *res.H.shape[1:], device=dev))
+            nmf_state[0][idx], nmf_state[1][idx] = res.W, res.H
 
             left = cur.abs().pow(2).sum(dim=(1, 2))
             # stop items whose pass took too little, or with nothing audible left
@@ -213,23 +281,7 @@ class Separator:
             running = running & ~stop
 
             if keep_traces:
-                def full(t, fill=0):
-                    out = torch.full((B, *t.shape[1:]), fill, dtype=t.dtype, device=dev)
-                    out[idx] = t
-                    return out
-
-                ran_mask = torch.zeros(B, dtype=torch.bool, device=dev)
-                ran_mask[idx] = True
-                traces.append(PassTrace(
-                    index=k, ran=ran_mask, kept=full(keep_now, False), class_id=full(res["class_id"], -1),
-                    confidence=full(res["confidence"]), top5_ids=full(res["top5_ids"], -1),
-                    top5_probs=full(res["top5_probs"]), embedding=full(res["embedding"].float()),
-                    mask=full(M), power=full(res["power"]), time_attention=full(res["time_attention"]),
-                    anchor_score=full(res["score"]), similarity=full(res["similarity"]),
-                    anchor=full(res["anchor"]), core=full(res["core"]), grid=full(res["grid"]),
-                    aggressive=full(res["aggressive"], False), weak=full(res["weak"], False),
-                    eratio=full(eratio), input_energy=full(e_in), residual_energy=left.clone(),
-                ))
+                traces.append(self._trace(k, B, idx, keep_now, res, P_in, presence, eratio, e_in, left))
 
         residual = x - sources.sum(dim=1)
         labels = [[self.guide.labels[int(c)] if c >= 0 else "" for c in row] for row in class_ids.tolist()]
@@ -237,133 +289,62 @@ class Separator:
                                labels)
 
     # ------------------------------------------------------------------------------------------
-    def _pass(self, k: int, n_samples: int, cur: torch.Tensor, region: torch.Tensor,
-              prev_anchors: list[torch.Tensor], prev_ran: list[torch.Tensor], prev_eratio: torch.Tensor) -> dict:
-        """One pass for ``b`` windows. ``cur`` ``(b, F, T)`` complex, ``region`` ``(b, T)``."""
+    def _pass(self, k: int, n_samples: int, cur: torch.Tensor, region: torch.Tensor, rows: torch.Tensor,
+              warm: tuple[torch.Tensor, torch.Tensor] | None) -> PassResult:
+        """One pass for ``b`` windows: ``cur (b, F, T)`` complex, ``region (b, T)``, ``rows`` their batch rows."""
         sc, st = self.cfg.separator, self.cfg.stft
         b, Fb, T = cur.shape
         dev = cur.device
-        eps = sc.eps
+        P = cur.abs().pow(2)
 
-        P = cur.abs().pow(2) + eps  # (b, F, T)
-        Xmel = mel_power(P, st.n_mels)  # (b, M, T)
-        # Suppress regions separated earlier: the AST, purity and anchors look elsewhere.
-        sup = 1.0 - sc.suppression * region  # (b, T)
-        P_sup = P * sup.unsqueeze(1)
-        ast_sig = istft(cur * sup.unsqueeze(1), st, n_samples)  # pass 0: nothing separated yet, sup == 1
-
-        g = self.guide(ast_sig)
-        probs = g.probs.to(dev)
+        # The guide sees the current signal with the frames earlier sources dominated turned down
+        # by suppression_db (in power), so it names what is left rather than what was taken.
+        if k > 0 and sc.suppression_db < 0:
+            gain = 1 - (1 - 10 ** (sc.suppression_db / 20)) * region  # amplitude
+            ast_sig = istft(cur * gain.unsqueeze(1), st, n_samples)
+        else:
+            ast_sig = istft(cur, st, n_samples)
+        g_out = self.guide(ast_sig, rows=rows)
+        probs = g_out.probs.to(dev)
         conf, cid = probs.max(dim=-1)
         top5p, top5i = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        grid = g.grid[:, :, : g.tp_valid].to(dev)  # (b, Fp, Tv)
+        if top5i.shape[1] < 5:  # fewer than five classes (an oracle's own label list)
+            top5p = torch.nn.functional.pad(top5p, (0, 5 - top5p.shape[1]))
+            top5i = torch.nn.functional.pad(top5i, (0, 5 - top5i.shape[1]), value=-1)
 
-        # 2. attention over time (frames) and frequency (mel bands)
-        t_att_raw = F.interpolate(grid.mean(dim=1, keepdim=True), size=T, mode="linear",
-                                  align_corners=False).squeeze(1)
-        t_att = norm01(smooth1d(t_att_raw, sc.smooth_frames))
-        f_att = norm01(F.interpolate(grid.mean(dim=2, keepdim=True).transpose(1, 2), size=st.n_mels,
-                                     mode="linear", align_corners=False).squeeze(1))  # (b, M)
+        tp = int(g_out.tp_valid)
+        pool_f, pool_t, up_f, up_t = patch_operators(Fb, T, tp, st, self.guide.layout, dev)
+        g, prior = guidance_prior(g_out.grid[:, :, :tp].to(dev), g_out.calibrated, sc.grid_quantile, up_f, up_t)
 
-        # 3. purity and anchor score
-        e = P_sup.sum(dim=1)
-        e_n = e / e.amax(dim=-1, keepdim=True).clamp_min(eps)
-        p = P_sup / P_sup.sum(dim=1, keepdim=True).clamp_min(eps)
-        Hn = -(p * (p + eps).log()).sum(dim=1) / math.log(max(2, Fb))
-        purity = norm01(smooth1d(sc.purity_energy_weight * e_n + (1 - sc.purity_energy_weight) * (1 - Hn),
-                                 sc.smooth_frames))
-        score = norm01(smooth1d(t_att.clamp(0, 1) ** sc.alpha_attention * purity.clamp(0, 1) ** sc.beta_purity,
-                                sc.smooth_frames))
+        V = P.pow(sc.nmf_power / 2)  # |X|^p
+        if warm is None:
+            W, H = nmf_init(b, Fb, T, V.mean(dim=(1, 2)), sc, dev)
+            iters = sc.nmf_iterations
+        else:
+            W, H = warm
+            iters = sc.nmf_warm_iterations
+        W, H = nmf(V, W, H, iters, sc.eps)
+        M, a = guided_mask(P, g, prior, W, H, pool_f, pool_t, sc)
+        return PassResult(M, prior, g, a, g_out, cid, conf, top5i, top5p, W, H)
 
-        # 4. anchor, excluding earlier anchors (with a buffer) and separated regions
-        La = max(1, min(int(round(sc.anchor_sec * SAMPLE_RATE / st.hop)), T))
-        buf = int(La * sc.anchor_buffer_share)
-        frames = torch.arange(T, device=dev).unsqueeze(0)
-        excluded = torch.zeros(b, T, dtype=torch.bool, device=dev)
-        for a, r in zip(prev_anchors, prev_ran):
-            inside = (frames >= (a[:, :1] - buf)) & (frames < (a[:, 1:] + buf)) & r.unsqueeze(1)
-            excluded |= inside
-            score = torch.where((frames >= a[:, :1]) & (frames < a[:, 1:]) & r.unsqueeze(1), score * 0.1, score)
-        score = score * (1 - region)
-        top = t_att_raw >= row_quantile(t_att_raw, 1 - sc.attention_top_share)
-        peak, ok = masked_argmax(purity, top & ~excluded)
-        peak2, ok2 = masked_argmax(purity, ~excluded)
-        peak = torch.where(ok, peak, torch.where(ok2, peak2, score.argmax(dim=-1)))
-        s = (peak - La // 2).clamp(min=0, max=T - La)
-        win = s.unsqueeze(1) + torch.arange(La, device=dev).unsqueeze(0)  # (b, La)
-        local = score.gather(1, win)
-        lp = local.argmax(dim=-1, keepdim=True)
-        above = local >= row_quantile(local, sc.core_quantile)
-        below_cum = torch.cumsum((~above).long(), dim=1)
-        pos = torch.arange(La, device=dev).unsqueeze(0)
-        lo_idx, hi_idx = torch.minimum(pos, lp), torch.maximum(pos, lp)
-        before_lo = torch.where(lo_idx > 0, below_cum.gather(1, (lo_idx - 1).clamp_min(0)), torch.zeros_like(lo_idx))
-        in_core = (below_cum.gather(1, hi_idx) - before_lo) == 0  # no sub-threshold frame between
-        core_s = s + torch.where(in_core, pos, La).amin(dim=1)
-        core_e = s + torch.where(in_core, pos, -1).amax(dim=1) + 1
-        core_mask = ((frames >= core_s.unsqueeze(1)) & (frames < core_e.unsqueeze(1))).float()  # (b, T)
+    def _trace(self, k, B, idx, keep_now, res: PassResult, P_in, presence, eratio, e_in, left) -> PassTrace:
+        dev = res.mask.device
 
-        # 5. frequency support, template, presence, similarity
-        Ablk = Xmel * core_mask.unsqueeze(1)  # (b, M, T), zero outside the core
-        band_db = rel_db(Ablk.sum(dim=-1))  # (b, M)
-        sig_e = torch.sigmoid(sc.omega_slope * (band_db - row_quantile(band_db, sc.omega_energy_quantile)) / 10.0)
-        n_min = min(sc.omega_min_bins, st.n_mels)
-        top_bins = F.one_hot(band_db.topk(n_min, dim=-1).indices, st.n_mels).sum(dim=1).float()
-        omega = torch.where(sig_e.sum(dim=-1, keepdim=True) < n_min, torch.maximum(top_bins, 0.3 * sig_e), sig_e)
-        omega = omega * torch.sigmoid(sc.omega_slope * (f_att - row_quantile(f_att, sc.ast_freq_quantile)))
+        def full(t, fill=0):
+            out = torch.full((B, *t.shape[1:]), fill, dtype=t.dtype, device=dev)
+            out[idx] = t.to(dev)
+            return out
 
-        w = (Ablk * omega.unsqueeze(-1)).sum(dim=-1) / core_mask.sum(dim=-1, keepdim=True).clamp_min(1) * omega
-        w = w / w.sum(dim=-1, keepdim=True).clamp_min(eps)
-        w = F.avg_pool1d(F.pad(w.unsqueeze(1), (1, 1), mode="replicate"), 3, 1).squeeze(1) * omega
-        w = w / w.sum(dim=-1, keepdim=True).clamp_min(eps)
-
-        e_om = smooth1d((Xmel * omega.unsqueeze(-1)).sum(dim=1), sc.presence_smooth_frames)
-        e_om_db = rel_db(e_om)
-        presence = torch.sigmoid(sc.presence_slope * (e_om_db - row_quantile(e_om_db, sc.presence_quantile)) / 10.0)
-
-        Xo = Xmel * omega.unsqueeze(-1)
-        wn = w * omega
-        wn = wn / wn.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        Xn = Xo / Xo.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        sim = (wn.unsqueeze(-1) * Xn).sum(dim=1).clamp(0, 1) * presence  # (b, T)
-
-        # 6. mask
-        aggressive = (prev_eratio < sc.aggressive_below_eratio) & torch.tensor(k > 0, device=dev)
-        core_power = (P * core_mask.unsqueeze(1)).sum(dim=1)  # (b, T)
-        core_len = core_mask.sum(dim=-1).clamp_min(1)
-        anchor_frame_energy = core_power.sum(dim=-1) / core_len  # mean energy per core frame
-        frame_energy = P.sum(dim=1)
-        weak = 10 * torch.log10(anchor_frame_energy / frame_energy.amax(dim=-1).clamp_min(eps)) < sc.weak_anchor_db
-
-        high = sim > conf.unsqueeze(1)
-        floor = torch.where(weak, torch.zeros_like(conf), torch.full_like(conf, sc.similarity_floor)).unsqueeze(1)
-        cos_p = torch.where(high, sim, floor)
-
-        omega_lin = mel_to_linear(omega, Fb)
-        omega_lin = omega_lin / omega_lin.amax(dim=-1, keepdim=True).clamp_min(eps)
-        anchor_peak = (P * core_mask.unsqueeze(1)).amax(dim=-1)  # (b, F)
-        peak_db = rel_db(anchor_peak)
-        high_amp = torch.sigmoid(sc.amp_slope * (peak_db - row_quantile(peak_db, sc.amp_quantile)) / 10.0)
-        ast_thr = torch.where(aggressive.unsqueeze(1), row_quantile(f_att, sc.ast_freq_quantile_aggressive),
-                              row_quantile(f_att, sc.ast_freq_quantile))
-        ast_active = mel_to_linear(torch.sigmoid(sc.ast_freq_slope * (f_att - ast_thr)), Fb)
-        boost = torch.maximum(high_amp, ast_active)
-        gain = torch.where(aggressive, sc.boost_aggressive, sc.boost_conservative).unsqueeze(1)
-        fw = 1.0 + gain * boost  # (b, F)
-
-        M = (omega_lin.unsqueeze(-1) * cos_p.unsqueeze(1) * fw.unsqueeze(-1)).clamp(0, 1)
-        M = torch.where(weak.view(-1, 1, 1), M ** sc.weak_mask_power, M)
-        # frames that do not resemble the template keep at most 1 % of the anchor's energy
-        target = sc.low_similarity_energy_share * anchor_frame_energy.unsqueeze(1)
-        took = (M.pow(2) * P).sum(dim=1)
-        scale = torch.where(~high & (took > target), (target / took.clamp_min(eps)).sqrt(), torch.ones_like(took))
-        M = (M * scale.unsqueeze(1)).clamp(0, 1)
-
-        region_now = (M.mean(dim=1) > sc.region_mask_threshold).float()
-        return {
-            "mask": M, "power": P, "class_id": cid, "confidence": conf, "top5_ids": top5i, "top5_probs": top5p,
-            "embedding": g.embedding.to(dev), "time_attention": t_att, "score": score, "similarity": sim,
-            "anchor": torch.stack([s, s + La], dim=1), "core": torch.stack([core_s, core_e], dim=1),
-            "grid": F.pad(grid, (0, g.grid.shape[-1] - grid.shape[-1])), "aggressive": aggressive, "weak": weak,
-            "region": region_now,
-        }
+        ran = torch.zeros(B, dtype=torch.bool, device=dev)
+        ran[idx] = True
+        grid = res.guide.grid.to(dev).float()
+        Tp = grid.shape[-1]
+        shares = torch.nn.functional.pad(res.shares, (0, Tp - res.shares.shape[-1]))
+        return PassTrace(
+            index=k, ran=ran, kept=full(keep_now, False), class_id=full(res.class_id, -1),
+            confidence=full(res.confidence), top5_ids=full(res.top5_ids, -1), top5_probs=full(res.top5_probs),
+            embedding=full(res.guide.embedding.float()), mask=full(res.mask), prior=full(res.prior),
+            power=full(P_in), presence=full(presence), grid=full(grid), shares=full(shares),
+            component_share=full(res.component_share), eratio=full(eratio), input_energy=full(e_in),
+            residual_energy=left.clone(),
+        )

@@ -22,20 +22,18 @@ def pass_figure(window_audio: torch.Tensor, trace: dict, source: torch.Tensor, r
                 label: str, hop: int, path: Path, title_prefix: str = "") -> None:
     """Write one figure for one pass of one window.
 
-    Panels: input, source and residual waveforms; power spectrogram (dB); mask; time attention
-    against anchor score with the anchor (yellow) and its core (red); similarity over time; the AST
-    CLS→patch attention grid (frequency × time patches).
+    Panels: input, source and residual waveforms; power spectrogram (dB); the guide's grid as
+    target shares; the prior it gives over bins and frames; the mask; the share of every frame's
+    energy the source took; energies.
     """
     P = trace["power"].float().cpu().numpy()
     M = trace["mask"].float().cpu().numpy()
     T = P.shape[-1]
     t_frames = np.arange(T) * hop / SAMPLE_RATE
-    a0, a1 = [int(v) for v in trace["anchor"].tolist()]
-    c0, c1 = [int(v) for v in trace["core"].tolist()]
+    extent = (0, t_frames[-1] if T > 1 else 1, 0, SAMPLE_RATE / 2000)
     fig, ax = plt.subplots(3, 3, figsize=(16, 11))
     fig.suptitle(f"{title_prefix}pass {trace['index'] + 1}: {label} (confidence {float(trace['confidence']):.3f}, "
-                 f"{'aggressive' if bool(trace['aggressive']) else 'conservative'}"
-                 f"{', weak' if bool(trace['weak']) else ''}, energy share {float(trace['eratio']):.3f})")
+                 f"energy share {float(trace['eratio']):.3f})")
     for a, sig, name, color in ((ax[0, 0], window_audio, "pass input", "tab:blue"),
                                 (ax[0, 1], source, "separated source", "tab:green"),
                                 (ax[0, 2], residual_after, "what is left", "tab:red")):
@@ -45,30 +43,27 @@ def pass_figure(window_audio: torch.Tensor, trace: dict, source: torch.Tensor, r
         a.set_xlabel("s")
     db = 10 * np.log10(P + 1e-12)
     vmin, vmax = np.percentile(db, [5, 99.5])
-    im = ax[1, 0].imshow(db, aspect="auto", origin="lower", vmin=vmin, vmax=vmax, cmap="magma",
-                         extent=(0, t_frames[-1] if T > 1 else 1, 0, SAMPLE_RATE / 2000))
+    im = ax[1, 0].imshow(db, aspect="auto", origin="lower", vmin=vmin, vmax=vmax, cmap="magma", extent=extent)
     ax[1, 0].set_title("power spectrogram (dB)")
     ax[1, 0].set_ylabel("kHz")
     fig.colorbar(im, ax=ax[1, 0])
-    im = ax[1, 1].imshow(M, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
-                         extent=(0, t_frames[-1] if T > 1 else 1, 0, SAMPLE_RATE / 2000))
-    ax[1, 1].set_title("mask")
+    shares = trace["shares"].float().cpu().numpy()
+    used = shares[:, : max(1, int((trace["grid"].float().cpu().numpy().sum(axis=0) > 0).sum()))]
+    im = ax[1, 1].imshow(used, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+    ax[1, 1].set_title("guide grid as target share (freq × time patches)")
     fig.colorbar(im, ax=ax[1, 1])
-    ax[1, 2].plot(t_frames, trace["time_attention"].cpu().numpy(), label="time attention")
-    ax[1, 2].plot(t_frames, trace["anchor_score"].cpu().numpy(), label="anchor score")
-    ax[1, 2].axvspan(a0 * hop / SAMPLE_RATE, a1 * hop / SAMPLE_RATE, color="gold", alpha=0.3, label="anchor")
-    ax[1, 2].axvspan(c0 * hop / SAMPLE_RATE, c1 * hop / SAMPLE_RATE, color="red", alpha=0.3, label="core")
-    ax[1, 2].legend(fontsize=7)
-    ax[1, 2].set_title("attention vs anchor score")
-    ax[2, 0].plot(t_frames, trace["similarity"].cpu().numpy(), color="tab:purple")
-    ax[2, 0].axhline(float(trace["confidence"]), color="grey", linestyle="--", label="AST confidence")
-    ax[2, 0].legend(fontsize=7)
-    ax[2, 0].set_title("similarity to the anchor template")
-    grid = trace["grid"].float().cpu().numpy()
-    used = grid[:, : max(1, int((grid.sum(axis=0) > 0).sum()))]
-    im = ax[2, 1].imshow(used, aspect="auto", origin="lower", cmap="viridis")
-    ax[2, 1].set_title("AST CLS→patch attention (freq × time patches)")
-    fig.colorbar(im, ax=ax[2, 1])
+    im = ax[1, 2].imshow(trace["prior"].float().cpu().numpy(), aspect="auto", origin="lower", vmin=0, vmax=1,
+                         cmap="viridis", extent=extent)
+    ax[1, 2].set_title("prior: the grid over bins and frames")
+    fig.colorbar(im, ax=ax[1, 2])
+    im = ax[2, 0].imshow(M, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis", extent=extent)
+    ax[2, 0].set_title("mask (after NMF split and patch-share fit)")
+    ax[2, 0].set_ylabel("kHz")
+    fig.colorbar(im, ax=ax[2, 0])
+    ax[2, 1].plot(t_frames, trace["presence"].float().cpu().numpy(), color="tab:purple")
+    ax[2, 1].set_ylim(-0.02, 1.02)
+    ax[2, 1].set_title("share of each frame's energy the source took")
+    ax[2, 1].set_xlabel("s")
     ax[2, 2].bar(["input", "source", "left"], [float(trace["input_energy"]), float(trace["eratio"] * trace["input_energy"]),
                                                  float(trace["residual_energy"])], color=["tab:blue", "tab:green", "tab:red"])
     ax[2, 2].set_title("energy (STFT domain)")

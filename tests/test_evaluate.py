@@ -86,3 +86,24 @@ def test_bad_csv_is_one_clear_error_and_a_nonzero_exit(tmp_path, capsys):
     assert main(["--mixtures", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "r"), "--no-baseline"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs columns" in err[0]
+
+
+def test_oracle_guide_baseline_separates_and_a_spoiled_one_less(tmp_path, pair_csv, capsys):
+    """``--guide oracle`` scores the separator under a perfect grid; the report says which guide."""
+    reports = {}
+    for spec in ("oracle", "oracle:random"):
+        out = tmp_path / spec.replace(":", "_")
+        assert main(["--mixtures", str(pair_csv), "--out", str(out), "--guide", spec, "--max-seconds", "5"]) == 0
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["guide"] == spec and set(rep["summary"]) == {"mixture", "baseline", "oracle_irm"}
+        assert f"guide: {spec}" in (out / "report.md").read_text()
+        reports[spec] = rep["summary"]["baseline"]["si_sdri"]["mean"]
+    assert reports["oracle"] > 6.0
+    assert reports["oracle"] > reports["oracle:random"] + 3.0
+
+
+def test_bad_guide_spec_is_one_line_and_exit_2(tmp_path, pair_csv, capsys):
+    assert main(["--mixtures", str(pair_csv), "--out", str(tmp_path / "r"), "--guide", "oracle:blurr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown oracle degradation 'blurr'") and "\n" not in err
+    assert not (tmp_path / "r").exists()
