@@ -102,17 +102,13 @@ def test_same_audio_again_runs_no_forward_in_process_or_with_a_disk_cache(tmp_pa
 def test_a_siren_is_labelled_categorised_and_named(tmp_path, shared):
     model = tiny_ast(seed=1)
     force_class(model, 396)
-    cfg = AstsepConfig()
-    cfg.separator.residual_min_share = 0.0  # the passes may take nearly everything; classify what is left anyway
-    res = astsep.separate(mixture("siren", "dog"), 16000, guide=ASTGuide(model), config=cfg)
+    res = astsep.separate(mixture("siren", "dog"), 16000, guide=ASTGuide(model))
     src = [e for e in res.events if e["kind"] == "source"]
     assert src and all(e["label"] == "Siren" and e["class_id"] == 396 and e["category"] == "danger" for e in src)
     assert all(e["top5"][0] == {"label": "Siren", "class_id": 396, "prob": e["top5"][0]["prob"]} for e in src)
     assert src[0]["confidence"] > 0.9 and src[0]["file"] == "00_Siren.wav"
     # the whole residual is confidently "Siren" too, so it is saved under that name, as the reference does
-    resid = [e for e in res.events if e["kind"] == "residual"]
-    # a classified residual is named by its (forced) class; the new masks may leave too little to classify
-    assert res.tracks[-1].filename == ("01_Siren.wav" if all(e["classified"] for e in resid) else "01_residual.wav")
+    assert res.tracks[-1].filename == "01_Siren.wav"
     res.write(tmp_path)
     assert (tmp_path / "00_Siren.wav").is_file() and (tmp_path / "01_Siren.wav").is_file()
 
