@@ -154,6 +154,17 @@ class PatchLayout:
     def freq_patches(self) -> int:
         return (self.n_mels - self.patch) // self.freq_stride + 1
 
+    def time_patches(self, frames: int) -> int:
+        """Time patches of an fbank of ``frames`` frames (101 for the AST's 1024)."""
+        return (frames - self.patch) // self.time_stride + 1
+
+    def valid_time_patches(self, num_samples: int, max_frames: int, total: int) -> int:
+        """Of ``total`` time patches, those that hold audio for ``num_samples`` samples (the rest
+        cover only the zero padding up to ``max_frames`` frames); at least one."""
+        frames = 0 if num_samples < _FB_WIN else 1 + (num_samples - _FB_WIN) // _FB_SHIFT
+        frames = min(max(frames, 1), max_frames)
+        return max(1, min(total, -(-max(frames - self.patch, 0) // self.time_stride) + 1))
+
     @staticmethod
     def of_model(config) -> "PatchLayout":
         return PatchLayout(int(config.num_mel_bins), int(config.patch_size), int(config.frequency_stride),

@@ -250,9 +250,9 @@ class ASTGuide:
         self.name = name or str(getattr(model.config, "_name_or_path", "") or "ast")
         conf = model.config
         self.max_frames = min(self.cfg.max_frames, conf.max_length)
-        self.freq_patches = (conf.num_mel_bins - conf.patch_size) // conf.frequency_stride + 1
-        self.time_patches = (conf.max_length - conf.patch_size) // conf.time_stride + 1
         self.layout = PatchLayout.of_model(conf)
+        self.freq_patches = self.layout.freq_patches
+        self.time_patches = self.layout.time_patches(conf.max_length)
         id2label = conf.id2label or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"class_{i}"))) for i in range(conf.num_labels)]
         self.cache = _Cache(self.cfg.cache_size, self.cfg.cache_dir)
@@ -310,7 +310,7 @@ class ASTGuide:
                 item = {name: t[j].detach().to("cpu", torch.float32).clone() for name, t in fresh.items()}
                 self.cache.put(keys[i], item)
                 found[i] = item
-        tp_valid = self._valid_patches(x.shape[-1])
+        tp_valid = self.layout.valid_time_patches(x.shape[-1], self.max_frames, self.time_patches)
         grid = torch.stack([f["grid"] for f in found])
         return GuideOutput(
             logits=torch.stack([f["logits"] for f in found]),
@@ -318,12 +318,6 @@ class ASTGuide:
             embedding=torch.stack([f["embedding"] for f in found]),
             tp_valid=min(tp_valid, grid.shape[-1]),
         )
-
-    def _valid_patches(self, num_samples: int) -> int:
-        conf = self.model.config
-        frames = 0 if num_samples < 400 else 1 + (num_samples - 400) // 160
-        frames = min(max(frames, 1), self.max_frames)
-        return max(1, min(self.time_patches, math.ceil(max(frames - conf.patch_size, 0) / conf.time_stride) + 1))
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg

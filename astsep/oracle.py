@@ -161,7 +161,7 @@ class OracleGuide:
         self._hidden = int(hidden_size)
         self.max_frames = int(max_frames)
         self.min_share = float(min_share)
-        self.time_patches = (self.max_frames - self.layout.patch) // self.layout.time_stride + 1
+        self.time_patches = self.layout.time_patches(self.max_frames)
         spoiled = self.degradation.describe()
         self.name = "oracle" + (f":{spoiled}" if spoiled else "")
         self.cfg = GuideConfig(model=self.name, device="cpu", dtype="float32")
@@ -184,13 +184,6 @@ class OracleGuide:
         h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    def valid_time_patches(self, num_samples: int) -> int:
-        """Time patches that hold audio, as :meth:`ASTGuide._valid_patches` counts them."""
-        frames = 0 if num_samples < 400 else 1 + (num_samples - 400) // 160
-        frames = min(max(frames, 1), self.max_frames)
-        lay = self.layout
-        return max(1, min(self.time_patches, -(-max(frames - lay.patch, 0) // lay.time_stride) + 1))
-
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> GuideOutput:
         if x.dim() == 1:
@@ -209,7 +202,7 @@ class OracleGuide:
         Y = stft(x, self.stft_cfg)
         c = ((Y * X.conj()).real / X.abs().pow(2).clamp_min(1e-20)).clamp(0, 1)  # what is left of every bin
         left = c.unsqueeze(1).pow(2) * S.abs().pow(2)  # (b, S, F, T)
-        tp = self.valid_time_patches(n)
+        tp = self.layout.valid_time_patches(n, self.max_frames, self.time_patches)
         pool_f, pool_t, _, _ = patch_operators(X.shape[-2], X.shape[-1], tp, self.stft_cfg, self.layout)
         per_patch = patch_energy(left.flatten(0, 1), pool_f, pool_t).view(b, S.shape[1], -1, tp)
         energy = left.sum(dim=(2, 3))  # (b, S)

@@ -185,6 +185,7 @@ class PassResult:
     """One pass for ``b`` windows (the running ones)."""
 
     mask: torch.Tensor  # (b, F, T)
+    power: torch.Tensor  # (b, F, T) power of the pass's input
     prior: torch.Tensor  # (b, F, T)
     shares: torch.Tensor  # (b, Fp, tp)
     component_share: torch.Tensor  # (b, K)
@@ -250,7 +251,7 @@ class Separator:
             M = res.mask
             src_spec = M * cur[idx]
             src = istft(src_spec, st, N)
-            P_in = cur[idx].abs().pow(2)
+            P_in = res.power
             e_in = P_in.sum(dim=(1, 2)).clamp_min(1e-20)
             src_pow = src_spec.abs().pow(2)
             eratio = src_pow.sum(dim=(1, 2)) / e_in
@@ -325,7 +326,7 @@ class Separator:
             iters = sc.nmf_warm_iterations
         W, H = nmf(V, W, H, iters, sc.eps)
         M, a = guided_mask(P, g, prior, W, H, pool_f, pool_t, sc)
-        return PassResult(M, prior, g, a, g_out, cid, conf, top5i, top5p, W, H)
+        return PassResult(M, P, prior, g, a, g_out, cid, conf, top5i, top5p, W, H)
 
     def _trace(self, k, B, idx, keep_now, res: PassResult, P_in, presence, eratio, e_in, left) -> PassTrace:
         dev = res.mask.device

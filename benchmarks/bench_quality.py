@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from astsep.config import AstsepConfig  # noqa: E402
 from astsep.devset import dev_mixtures, label_id  # noqa: E402
+from astsep.evaluate import oracle_irm  # noqa: E402
 from astsep.features import istft, stft  # noqa: E402
-from astsep.metrics import sdr, si_sdr  # noqa: E402
+from astsep.metrics import sdri, si_sdri  # noqa: E402
 from astsep.oracle import Degradation, OracleGuide  # noqa: E402
 from astsep.pipeline import Pipeline  # noqa: E402
 from astsep.testing import SHARED_DATA, audioset_labels, full_ast  # noqa: E402
@@ -56,7 +57,7 @@ def rank1_mask(X: torch.Tensor, S: torch.Tensor, iterations: int = 30) -> torch.
 
 
 def gains(est: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> tuple[float, float]:
-    return float(si_sdr(est, s) - si_sdr(x, s)), float(sdr(est, s) - sdr(x, s))
+    return float(si_sdri(est, x, s)), float(sdri(est, x, s))
 
 
 def summary(vals: list[float]) -> dict:
@@ -70,10 +71,11 @@ def ceilings(items, cfg) -> dict:
     for it in items:
         x, s, n = it.mixture, it.target, it.interferer
         X, S, N = (stft(v.unsqueeze(0), st)[0] for v in (x, s, n))
-        masks = {"IRM": (S.abs().pow(2) / (S.abs().pow(2) + N.abs().pow(2)).clamp_min(1e-20)).sqrt(),
-                 "IBM": (S.abs() > N.abs()).float(), "rank-1": rank1_mask(X, S)}
-        for k, m in masks.items():
-            a, b = gains(istft((m * X).unsqueeze(0), st, x.numel())[0], x, s)
+        estimates = {"IRM": oracle_irm(x.unsqueeze(0), s.unsqueeze(0), st)[0]}
+        for k, m in (("IBM", (S.abs() > N.abs()).float()), ("rank-1", rank1_mask(X, S))):
+            estimates[k] = istft((m * X).unsqueeze(0), st, x.numel())[0]
+        for k, est in estimates.items():
+            a, b = gains(est, x, s)
             out[k]["si_sdri"].append(a)
             out[k]["sdri"].append(b)
     return {k: {m: summary(v) for m, v in d.items()} for k, d in out.items()}

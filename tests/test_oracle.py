@@ -7,7 +7,7 @@ import torch
 
 from astsep.config import AstsepConfig, STFTConfig
 from astsep.errors import ConfigError
-from astsep.features import patch_energy, patch_operators, stft
+from astsep.features import istft, patch_energy, patch_operators, stft
 from astsep.guide import GuideOutput
 from astsep.metrics import si_sdr
 from astsep.oracle import Degradation, OracleGuide, parse_guide_spec
@@ -51,8 +51,6 @@ def test_oracle_grid_is_the_targets_share_of_every_patch(shared):
 def test_oracle_names_the_interferer_once_the_target_is_taken(shared):
     """What is left after a pass is the mixture times a real mask; the oracle sees how much of each
     source that leaves and names the target while it still holds >= 10 % of the energy."""
-    from astsep.features import istft
-
     x, s, guide = oracle_for("siren", "dog")
     st = STFTConfig()
     X, S = stft(x.unsqueeze(0), st), stft(s.unsqueeze(0), st)
@@ -71,7 +69,6 @@ def test_perfect_guide_separates_pass_one(shared, a, b):
     assert int(out.class_ids[0, 0]) == 0
     g_sep = gain_db(out.sources[0, 0], x, s)
     prior = out.traces[0].prior[0]
-    from astsep.features import istft
     st = AstsepConfig().stft
     g_prior = gain_db(istft(prior * stft(x.unsqueeze(0), st)[0], st, x.numel()), x, s)
     assert g_sep >= 5.0, f"{a}+{b}: {g_sep:.2f} dB"
