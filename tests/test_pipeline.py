@@ -102,7 +102,13 @@ def test_same_audio_again_runs_no_forward_in_process_or_with_a_disk_cache(tmp_pa
 def test_a_siren_is_labelled_categorised_and_named(tmp_path, shared):
     model = tiny_ast(seed=1)
     force_class(model, 396)
-    res = astsep.separate(mixture("siren", "dog"), 16000, guide=ASTGuide(model))
+    # A forced-class tiny AST's attention is nearly flat, so every pass takes nearly everything
+    # (3 passes leave -114 dBFS). One pass, and a residual classified however little it holds,
+    # keep a residual to name.
+    cfg = AstsepConfig()
+    cfg.separator.max_passes = 1
+    cfg.separator.residual_min_share = 0.0
+    res = astsep.separate(mixture("siren", "dog"), 16000, guide=ASTGuide(model), config=cfg)
     src = [e for e in res.events if e["kind"] == "source"]
     assert src and all(e["label"] == "Siren" and e["class_id"] == 396 and e["category"] == "danger" for e in src)
     assert all(e["top5"][0] == {"label": "Siren", "class_id": 396, "prob": e["top5"][0]["prob"]} for e in src)
