@@ -42,6 +42,11 @@ class SeparatorConfig:
     # An attention map (not a calibrated share) is divided by this quantile of its patches, so its
     # strongest patches read as "all target".
     grid_quantile: float = 0.99
+    # An attention map whose coefficient of variation over the patches is below grid_contrast_low
+    # says nothing about where the sound is (an untrained AST's is ~0.02); it is replaced by the
+    # patches' amplitude (the loudest sound), fading back to the map up to grid_contrast_high.
+    grid_contrast_low: float = 0.05
+    grid_contrast_high: float = 0.15
     nmf_components: int = 32  # spectral templates of the current signal (all sounds together)
     nmf_iterations: int = 30  # KL multiplicative updates in the first pass
     nmf_warm_iterations: int = 10  # later passes start from the previous pass's factorisation
@@ -49,9 +54,22 @@ class SeparatorConfig:
     nmf_seed: int = 0  # seed of the (batch-independent) NMF start
     rounds: int = 3  # component split + patch-share fit, repeated with the sharper posterior
     fit_iterations: int = 10  # EM steps fitting the patch shares per round (0: no fit)
-    # bound on the accumulated per-patch log correction: e^0.5 = 1.65x. Larger trusts the grid's
-    # exact values more (better with a perfect grid, worse with a blurred or noisy one)
-    fit_max_log_ratio: float = 0.5
+    # Trust in the grid: the energy-weighted RMS difference between the grid's patch shares and
+    # those of the mixture's own NMF structure; trust 1 at or below trust_residual_low, 0 at or
+    # above trust_residual_high (an exact oracle grid gives ~0.055, blurred by a patch ~0.085,
+    # with 10 dB noise ~0.15).
+    trust_residual_low: float = 0.06
+    trust_residual_high: float = 0.10
+    # bound on the accumulated per-patch log correction of the fit, from fit_min_log_ratio (trust 0:
+    # e^0.25 = 1.3x) to fit_max_log_ratio (trust 1: the grid's shares are met), on a log scale
+    fit_min_log_ratio: float = 0.25
+    fit_max_log_ratio: float = 8.0
+    # windows trusted at least this much are refined with one NMF per side of the mask (the target's
+    # and the rest's own templates), fitted to the grid again, source_nmf_rounds times
+    source_nmf_min_trust: float = 0.25
+    source_nmf_rounds: int = 2
+    source_nmf_components: int = 16
+    source_nmf_iterations: int = 20  # per later round (the first uses nmf_iterations)
     prior_clamp: float = 0.02  # posteriors are kept in [0.02, 0.98] before the fit (no bin is certain)
     # frames an earlier source dominated are turned down by this much (power dB) in what the guide
     # sees in later passes; 0 turns it off

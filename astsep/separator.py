@@ -30,6 +30,7 @@ loud one.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -40,19 +41,32 @@ from .guide import ASTGuide, GuideOutput
 
 
 # --- pure steps ---------------------------------------------------------------------------------
-def guidance_prior(grid: torch.Tensor, calibrated: bool, quantile: float, up_f: torch.Tensor,
-                   up_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patch shares ``g (b, Fp, tp)`` in [0, 1] and the prior ``(b, F, T)`` spread over bins and frames.
+def guidance_prior(grid: torch.Tensor, calibrated: bool, E: torch.Tensor, up_f: torch.Tensor, up_t: torch.Tensor,
+                   sc: SeparatorConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patch shares ``g (b, Fp, tp)`` in [0, 1], the prior ``(b, F, T)`` spread over bins and frames,
+    and each window's map contrast ``(b,)``.
 
-    ``grid``: the guide's map over the ``tp`` patches that hold audio. ``calibrated``: it already is
-    a share of the energy (kept as is); otherwise each window's map is divided by its ``quantile``.
+    ``grid``: the guide's map over the ``tp`` patches that hold audio; ``E (b, Fp, tp)``: the patch
+    energies of the current signal. A ``calibrated`` grid already is a share of the energy and is kept
+    as it is. An attention map is divided by its ``grid_quantile``. An attention map that is nearly
+    flat (coefficient of variation below ``grid_contrast_low``) says nothing about where the sound
+    is; it is replaced by the patches' amplitude (square root of their energy over its
+    ``grid_quantile``: the loudest sound), fading between the two up to ``grid_contrast_high``.
     """
     g = grid.float().clamp_min(0)
+    contrast = torch.ones(g.shape[0], device=g.device)
     if not calibrated:
-        ref = torch.quantile(g.flatten(1), quantile, dim=1).clamp_min(1e-12)
+        flat = g.flatten(1)
+        contrast = flat.std(dim=1) / flat.mean(dim=1).clamp_min(1e-12)
+        ref = torch.quantile(flat, sc.grid_quantile, dim=1).clamp_min(1e-12)
         g = g / ref.view(-1, 1, 1)
+        loud = E.flatten(1)
+        loud = (E / torch.quantile(loud, sc.grid_quantile, dim=1).clamp_min(1e-30).view(-1, 1, 1)).clamp(0, 1).sqrt()
+        span = max(sc.grid_contrast_high - sc.grid_contrast_low, 1e-6)
+        w = ((contrast - sc.grid_contrast_low) / span).clamp(0, 1).view(-1, 1, 1)
+        g = w * g.clamp(0, 1) + (1 - w) * loud
     g = g.clamp(0, 1)
-    return g, (up_f @ g @ up_t.T).clamp(0, 1)
+    return g, (up_f @ g @ up_t.T).clamp(0, 1), contrast
 
 
 def nmf(V: torch.Tensor, W: torch.Tensor, H: torch.Tensor, iterations: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,17 +101,40 @@ def component_split(W: torch.Tensor, H: torch.Tensor, belief: torch.Tensor, prio
     return post.clamp(clamp, 1 - clamp), a
 
 
+def patch_shares(m: torch.Tensor, P: torch.Tensor, E: torch.Tensor, pool_f: torch.Tensor,
+                 pool_t: torch.Tensor) -> torch.Tensor:
+    """The target share ``(b, Fp, tp)`` of every patch's energy ``E`` under the mask ``m (b, F, T)``."""
+    return patch_energy(m * P, pool_f, pool_t) / E.clamp_min(1e-30)
+
+
+def grid_trust(P: torch.Tensor, g: torch.Tensor, post: torch.Tensor, E: torch.Tensor, pool_f: torch.Tensor,
+               pool_t: torch.Tensor, sc: SeparatorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far the grid can be trusted, per window: ``(trust (b,) in [0, 1], residual (b,))``.
+
+    The residual is the energy-weighted RMS difference between the grid's shares ``g`` and the shares
+    the mixture's own structure gives (the component posterior ``post``, before any fit). An exact
+    grid agrees with it closely; a blurred, noisy or distorted one does not. Trust falls linearly from
+    1 at ``trust_residual_low`` to 0 at ``trust_residual_high``.
+    """
+    w = E / E.sum(dim=(1, 2), keepdim=True).clamp_min(1e-30)
+    r = ((g - patch_shares(post, P, E, pool_f, pool_t)).pow(2) * w).sum(dim=(1, 2)).sqrt()
+    span = max(sc.trust_residual_high - sc.trust_residual_low, 1e-6)
+    return ((sc.trust_residual_high - r) / span).clamp(0, 1), r
+
+
 def fit_patch_shares(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, pool_f: torch.Tensor,
-                     pool_t: torch.Tensor, iterations: int, max_log_ratio: float, eps: float) -> torch.Tensor:
+                     pool_t: torch.Tensor, iterations: int, max_log_ratio: torch.Tensor | float,
+                     eps: float) -> torch.Tensor:
     """Correct the per-bin ``prior (b, F, T)`` so each patch's target share of ``P`` approaches ``g``.
 
     EM for learning from label proportions: per patch, the log ratios between the share the grid
     asks for and the share the current posterior gives (for the target and for the rest) are
-    accumulated, bounded to ``± max_log_ratio``, averaged over the patches that cover a bin, and
-    added to the bin's prior log-odds.
+    accumulated, bounded to ``± max_log_ratio`` (a number, or ``(b, 1, 1)`` per window), averaged
+    over the patches that cover a bin, and added to the bin's prior log-odds.
     """
     if iterations <= 0:
         return prior
+    bound = torch.as_tensor(max_log_ratio, dtype=prior.dtype, device=prior.device)
     E = patch_energy(P, pool_f, pool_t)  # (b, Fp, tp)
     cover = pool_f.sum(dim=0).clamp_min(eps).unsqueeze(1) * pool_t.sum(dim=0).clamp_min(eps).unsqueeze(0)  # (F, T)
     logit = torch.log(prior / (1 - prior))
@@ -107,21 +144,70 @@ def fit_patch_shares(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, pool
     for _ in range(iterations):
         es = patch_energy(m * P, pool_f, pool_t)
         en = (E - es).clamp_min(0)
-        la = (la + torch.log((g * E + eps) / (es + eps))).clamp(-max_log_ratio, max_log_ratio)
-        lb = (lb + torch.log(((1 - g) * E + eps) / (en + eps))).clamp(-max_log_ratio, max_log_ratio)
+        la = torch.minimum(torch.maximum(la + torch.log((g * E + eps) / (es + eps)), -bound), bound)
+        lb = torch.minimum(torch.maximum(lb + torch.log(((1 - g) * E + eps) / (en + eps)), -bound), bound)
         m = torch.sigmoid(logit + (pool_f.T @ (la - lb) @ pool_t) / cover)
     return m
 
 
+@dataclass
+class MaskEstimate:
+    """What :func:`guided_mask` found for ``b`` windows."""
+
+    mask: torch.Tensor  # (b, F, T)
+    component_share: torch.Tensor  # (b, K) each shared NMF component's target share
+    trust: torch.Tensor  # (b,) how far the grid was trusted, in [0, 1]
+    residual: torch.Tensor  # (b,) grid vs the mixture's own structure (energy-weighted RMS of shares)
+    bound: torch.Tensor  # (b,) the patch fit's log-ratio bound used
+
+
 def guided_mask(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, W: torch.Tensor,
                 H: torch.Tensor, pool_f: torch.Tensor, pool_t: torch.Tensor,
-                sc: SeparatorConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 3-4, ``rounds`` times: the mask ``(b, F, T)`` and the components' target shares ``(b, K)``."""
-    m, a = prior, None
+                sc: SeparatorConfig) -> MaskEstimate:
+    """Steps 3-5 for ``P (b, F, T)`` with grid ``g (b, Fp, tp)`` and the shared NMF ``W, H``.
+
+    3-4. Component split + patch-share fit, ``rounds`` times. The fit's bound goes from
+         ``fit_min_log_ratio`` (grid not trusted) to ``fit_max_log_ratio`` (trusted), on a log scale.
+    5.   For windows trusted at least ``source_nmf_min_trust``: each side of the mask gets its own
+         NMF (``source_nmf_components`` each, fitted to ``m·P`` and ``(1 − m)·P``); their Wiener
+         ratio, fitted again to the grid, is the new mask; ``source_nmf_rounds`` times.
+    """
+    E = patch_energy(P, pool_f, pool_t)
+    post, a = component_split(W, H, prior, prior, sc.prior_clamp, sc.eps)
+    trust, resid = grid_trust(P, g, post, E, pool_f, pool_t, sc)
+    lo, hi = max(sc.fit_min_log_ratio, 1e-6), max(sc.fit_max_log_ratio, 1e-6)
+    bound = lo * (hi / lo) ** trust  # (b,)
+    kb = bound.view(-1, 1, 1)
+    m = prior
     for _ in range(max(1, sc.rounds)):
         post, a = component_split(W, H, m, prior, sc.prior_clamp, sc.eps)
-        m = fit_patch_shares(P, g, post, pool_f, pool_t, sc.fit_iterations, sc.fit_max_log_ratio, sc.eps)
-    return m, a
+        m = fit_patch_shares(P, g, post, pool_f, pool_t, sc.fit_iterations, kb, sc.eps)
+
+    use = trust >= sc.source_nmf_min_trust
+    if sc.source_nmf_rounds > 0 and bool(use.any()):
+        idx = use.nonzero().squeeze(1)
+        Pi, gi, mi = P[idx], g[idx], m[idx]
+        b, Fb, T = Pi.shape
+        start = dataclasses.replace(sc, nmf_components=sc.source_nmf_components)
+        state = None
+        for r in range(sc.source_nmf_rounds):
+            Vs, Vn = mi * Pi, (1 - mi) * Pi
+            if state is None:
+                Ws, Hs = nmf_init(b, Fb, T, Vs.mean(dim=(1, 2)), start, P.device)
+                Wn, Hn = nmf_init(b, Fb, T, Vn.mean(dim=(1, 2)), start, P.device)
+                iters = sc.nmf_iterations
+            else:
+                Ws, Hs, Wn, Hn = state
+                iters = sc.source_nmf_iterations
+            Ws, Hs = nmf(Vs, Ws, Hs, iters, sc.eps)
+            Wn, Hn = nmf(Vn, Wn, Hn, iters, sc.eps)
+            state = (Ws, Hs, Wn, Hn)
+            S, N = Ws @ Hs, Wn @ Hn
+            post = (S / (S + N + sc.eps)).clamp(sc.prior_clamp, 1 - sc.prior_clamp)
+            mi = fit_patch_shares(Pi, gi, post, pool_f, pool_t, sc.fit_iterations, kb[idx], sc.eps)
+        m = m.clone()
+        m[idx] = mi
+    return MaskEstimate(m, a, trust, resid, bound)
 
 
 def nmf_init(b: int, n_freqs: int, n_frames: int, scale: torch.Tensor, sc: SeparatorConfig,
@@ -157,6 +243,8 @@ class PassTrace:
     grid: torch.Tensor  # (B, Fp, Tp) the guide's raw grid (padding columns zero)
     shares: torch.Tensor  # (B, Fp, Tp) the grid as target shares in [0, 1]
     component_share: torch.Tensor  # (B, K) each NMF component's target share
+    trust: torch.Tensor  # (B,) how far the grid was trusted, in [0, 1]
+    contrast: torch.Tensor  # (B,) the attention map's coefficient of variation (1 for a calibrated grid)
     eratio: torch.Tensor  # (B,) share of the pass input's energy the source took
     input_energy: torch.Tensor  # (B,)
     residual_energy: torch.Tensor  # (B,) energy left after the pass
@@ -189,6 +277,8 @@ class PassResult:
     prior: torch.Tensor  # (b, F, T)
     shares: torch.Tensor  # (b, Fp, tp)
     component_share: torch.Tensor  # (b, K)
+    trust: torch.Tensor  # (b,) how far the grid was trusted (grid_trust)
+    contrast: torch.Tensor  # (b,) the attention map's coefficient of variation (1 for a calibrated grid)
     guide: GuideOutput
     class_id: torch.Tensor  # (b,)
     confidence: torch.Tensor  # (b,)
@@ -315,7 +405,8 @@ class Separator:
 
         tp = int(g_out.tp_valid)
         pool_f, pool_t, up_f, up_t = patch_operators(Fb, T, tp, st, self.guide.layout, dev)
-        g, prior = guidance_prior(g_out.grid[:, :, :tp].to(dev), g_out.calibrated, sc.grid_quantile, up_f, up_t)
+        E = patch_energy(P, pool_f, pool_t)
+        g, prior, contrast = guidance_prior(g_out.grid[:, :, :tp].to(dev), g_out.calibrated, E, up_f, up_t, sc)
 
         V = P.pow(sc.nmf_power / 2)  # |X|^p
         if warm is None:
@@ -325,8 +416,9 @@ class Separator:
             W, H = warm
             iters = sc.nmf_warm_iterations
         W, H = nmf(V, W, H, iters, sc.eps)
-        M, a = guided_mask(P, g, prior, W, H, pool_f, pool_t, sc)
-        return PassResult(M, P, prior, g, a, g_out, cid, conf, top5i, top5p, W, H)
+        est = guided_mask(P, g, prior, W, H, pool_f, pool_t, sc)
+        return PassResult(est.mask, P, prior, g, est.component_share, est.trust, contrast, g_out, cid, conf, top5i,
+                          top5p, W, H)
 
     def _trace(self, k, B, idx, keep_now, res: PassResult, P_in, presence, eratio, e_in, left) -> PassTrace:
         dev = res.mask.device
@@ -346,6 +438,6 @@ class Separator:
             confidence=full(res.confidence), top5_ids=full(res.top5_ids, -1), top5_probs=full(res.top5_probs),
             embedding=full(res.guide.embedding.float()), mask=full(res.mask), prior=full(res.prior),
             power=full(P_in), presence=full(presence), grid=full(grid), shares=full(shares),
-            component_share=full(res.component_share), eratio=full(eratio), input_energy=full(e_in),
+            component_share=full(res.component_share), trust=full(res.trust), contrast=full(res.contrast), eratio=full(eratio), input_energy=full(e_in),
             residual_energy=left.clone(),
         )

@@ -33,7 +33,8 @@ def pass_figure(window_audio: torch.Tensor, trace: dict, source: torch.Tensor, r
     extent = (0, t_frames[-1] if T > 1 else 1, 0, SAMPLE_RATE / 2000)
     fig, ax = plt.subplots(3, 3, figsize=(16, 11))
     fig.suptitle(f"{title_prefix}pass {trace['index'] + 1}: {label} (confidence {float(trace['confidence']):.3f}, "
-                 f"energy share {float(trace['eratio']):.3f})")
+                 f"energy share {float(trace['eratio']):.3f}, grid trust {float(trace['trust']):.2f}, "
+                 f"map contrast {float(trace['contrast']):.2f})")
     for a, sig, name, color in ((ax[0, 0], window_audio, "pass input", "tab:blue"),
                                 (ax[0, 1], source, "separated source", "tab:green"),
                                 (ax[0, 2], residual_after, "what is left", "tab:red")):

@@ -170,3 +170,62 @@ def test_patch_layout_puts_a_tone_in_the_right_frequency_patches():
     torch.testing.assert_close(up_f.sum(dim=1), torch.ones(up_f.shape[0]))
     torch.testing.assert_close(up_t.sum(dim=1), torch.ones(up_t.shape[0]))
     assert set(pt.sum(dim=0).unique().tolist()) <= {0.0, 1.0, 2.0}  # patches overlap: a frame is in 1 or 2
+
+
+def test_trust_follows_how_exact_the_grid_is(shared):
+    """An exact grid agrees with the mixture's own structure and is trusted (the patch fit may move
+    far); a blurred, noisy one is not (the fit stays near the mixture's structure)."""
+    trust = {}
+    for name, deg in (("oracle", None), ("spoiled", Degradation(blur=1.0, noise_db=10.0))):
+        vals = []
+        for a, b in PAIRS:
+            x, s, guide = oracle_for(a, b, deg)
+            out = Separator(AstsepConfig(), guide).separate_batch(x.unsqueeze(0), keep_traces=True)
+            vals.append(float(out.traces[0].trust[0]))
+        trust[name] = sum(vals) / len(vals)
+    assert trust["oracle"] >= 0.6 and trust["spoiled"] <= 0.2, trust
+
+
+class _Flat:
+    """The oracle's answer with its grid replaced by a nearly flat, uncalibrated attention map (what an
+    untrained AST gives: a coefficient of variation of about 0.02)."""
+
+    def __init__(self, guide: OracleGuide):
+        self.inner = guide
+        self.labels, self.layout, self.hidden_size = guide.labels, guide.layout, guide.hidden_size
+
+    def __call__(self, x, rows=None) -> GuideOutput:
+        out = self.inner(x, rows)
+        gen = torch.Generator().manual_seed(0)
+        flat = (1 + 0.02 * torch.randn(out.grid.shape, generator=gen)) * (out.grid.abs().sum(dim=1, keepdim=True) > 0)
+        return GuideOutput(out.logits, flat, out.embedding, out.tp_valid, calibrated=False)
+
+
+def test_a_flat_attention_map_does_not_take_everything(shared):
+    """A map that says nothing about where is replaced by the patches' loudness: the pass takes the
+    loud part of the mixture, not (as a map read as 'target everywhere' would) nearly all of it."""
+    x, s, guide = oracle_for("siren", "dog")
+    out = Separator(AstsepConfig(), _Flat(guide)).separate_batch(x.unsqueeze(0), keep_traces=True)
+    tr = out.traces[0]
+    assert float(tr.contrast[0]) < 0.05
+    assert 0.05 < float(tr.eratio[0]) < 0.8, float(tr.eratio[0])
+
+
+def test_guidance_prior_keeps_a_contrasted_map_and_replaces_a_flat_one():
+    from astsep.separator import guidance_prior
+
+    sc = AstsepConfig().separator
+    gen = torch.Generator().manual_seed(1)
+    E = torch.rand(1, 12, 50, generator=gen) ** 4 + 1e-6
+    up_f, up_t = torch.eye(12), torch.eye(50)
+    peaky = torch.rand(1, 12, 50, generator=gen) ** 3
+    g, _, c = guidance_prior(peaky, False, E, up_f, up_t, sc)
+    assert float(c) > sc.grid_contrast_high
+    torch.testing.assert_close(g, (peaky / torch.quantile(peaky.flatten(), sc.grid_quantile)).clamp(0, 1))
+    flat = 1 + 0.01 * torch.rand(1, 12, 50, generator=gen)
+    g, _, c = guidance_prior(flat, False, E, up_f, up_t, sc)
+    assert float(c) < sc.grid_contrast_low
+    loud = (E / torch.quantile(E.flatten(), sc.grid_quantile)).clamp(0, 1).sqrt()
+    torch.testing.assert_close(g, loud)
+    g, _, c = guidance_prior(peaky, True, E, up_f, up_t, sc)  # a calibrated grid is kept as it is
+    torch.testing.assert_close(g, peaky)
