@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="POST every non-'other' event here (http/https); token from $ASTSEP_BACKEND_TOKEN")
     p.add_argument("--user-id", type=int, default=0, help="user_id sent with events, an integer (default 0)")
     p.add_argument("--recorded-at", type=_iso_time, default=None, metavar="ISO8601",
-                   help="when the recording started (e.g. 2026-01-31T08:15:00Z; no zone: UTC); each event's "
-                        "occurred_at is this plus its start. Default: the file's modification time minus its "
-                        "duration")
+                   help="when the recording started (e.g. 2026-01-31T08:15:00Z; no zone: UTC; the same for every "
+                        "input); each event's occurred_at is this plus its start. Default: the file's "
+                        "modification time minus its duration")
     p.add_argument("--angle", type=int, default=0, help="direction of arrival in degrees sent with events")
     p.add_argument("--outbox", default=None, metavar="PATH",
                    help=f"undelivered events wait here for a later run (default {default_outbox()})")
