@@ -176,9 +176,10 @@ def _read_mono_16k(path: Path) -> tuple[torch.Tensor, AudioInfo]:
 
 
 def to_mono_16k(data: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """Downmix ``(frames, channels)`` or ``(frames,)`` audio to mono and resample it to 16 kHz.
+    """Downmix ``(frames, channels)`` or ``(frames,)`` float audio to mono and resample it to 16 kHz.
 
-    Returns a float32 tensor of shape ``(samples,)``.
+    Returns a float32 tensor of shape ``(samples,)``. The layout is taken as given; arrays from
+    users go through :func:`samples_to_mono_16k`, which works out the layout and the scale.
     """
     x = torch.as_tensor(np.asarray(data, dtype=np.float32) if isinstance(data, np.ndarray) else data).float()
     if x.dim() == 2:
@@ -191,6 +192,64 @@ def to_mono_16k(data: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tens
         return x.contiguous()
     step = max(1, int(BLOCK_SEC * sample_rate))
     return resample_blocks((x[i:i + step] for i in range(0, x.numel(), step)), int(sample_rate))
+
+
+# A 2-D array is read as (channels, samples) or (samples, channels) only when exactly one of its
+# dimensions can be a channel count: at most this many channels.
+MAX_ARRAY_CHANNELS = 8
+
+
+def _as_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Integer PCM scaled by its dtype's range (int16: / 32768; unsigned centred on mid-scale),
+    floats as float32. Booleans, complex numbers and objects are refused."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bool or x.is_complex():
+            raise AudioError(f"audio samples must be real numbers, got dtype {x.dtype}")
+        if x.is_floating_point():
+            return x.float()
+        x = x.numpy()
+    if x.dtype.kind == "f":
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if x.dtype.kind not in "iu":
+        raise AudioError(f"audio samples must be real numbers, got dtype {x.dtype}")
+    half = float(2 ** (x.dtype.itemsize * 8 - 1))
+    y = x.astype(np.float64) - (half if x.dtype.kind == "u" else 0.0)
+    return torch.from_numpy((y / half).astype(np.float32))
+
+
+def samples_to_mono_16k(data: np.ndarray | torch.Tensor, sample_rate: int) -> tuple[torch.Tensor, AudioInfo]:
+    """User samples to validated 16 kHz mono float32 ``(samples,)`` plus an :class:`AudioInfo`.
+
+    ``data``: ``(samples,)``, ``(samples, channels)`` or ``(channels, samples)`` (torchaudio's
+    layout). A 2-D shape is unambiguous when exactly one dimension is at most
+    :data:`MAX_ARRAY_CHANNELS`: that one holds the channels. Any other 2-D shape (``(2, 5)``,
+    ``(16, 48000)``) is refused, as is anything with more dimensions. Integer PCM is scaled by its
+    dtype's range (int16 full scale = 32768), so it comes out at the level a WAV file would.
+    """
+    x = data.detach().cpu() if isinstance(data, torch.Tensor) else np.asarray(data)
+    dtype = str(x.dtype).replace("torch.", "")
+    x = _as_float(x)
+    if x.dim() == 1:
+        channels = 1
+    elif x.dim() == 2:
+        a, b = x.shape
+        if (a <= MAX_ARRAY_CHANNELS) == (b <= MAX_ARRAY_CHANNELS):
+            raise AudioError(f"ambiguous audio shape {tuple(x.shape)}: pass (samples,), (samples, channels) or "
+                             f"(channels, samples) with at most {MAX_ARRAY_CHANNELS} channels and more samples "
+                             "than that")
+        if a <= MAX_ARRAY_CHANNELS:  # channels first
+            x = x.t()
+        channels = int(x.shape[1])
+    else:
+        raise AudioError(f"audio must be (samples,), (samples, channels) or (channels, samples), "
+                         f"got shape {tuple(x.shape)}")
+    frames = int(x.shape[0])
+    validate(x.reshape(-1), "<samples>")
+    y = to_mono_16k(x, int(sample_rate))
+    validate(y, "<samples>")
+    info = AudioInfo("<samples>", int(sample_rate), channels, frames, frames / float(sample_rate), "array", dtype)
+    return y, info
 
 
 def validate(x: torch.Tensor, name: str) -> None:
@@ -236,6 +295,23 @@ def find_inputs(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """Mode a new file gets from ``open()`` under the user's umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+    """Mode a new folder gets from ``mkdir`` under the user's umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
+
+
 def write_wav_atomic(path: str | os.PathLike, x: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
     """Write mono float32 WAV to a temporary file in the same folder, fsync, then rename.
 
@@ -248,6 +324,7 @@ def write_wav_atomic(path: str | os.PathLike, x: torch.Tensor | np.ndarray, samp
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav.tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), new_file_mode())  # mkstemp makes 0600; other tools honour the umask
             sf.write(fh, arr, sample_rate, subtype="FLOAT", format="WAV")
             fh.flush()
             os.fsync(fh.fileno())
@@ -267,11 +344,13 @@ def write_wav_atomic(path: str | os.PathLike, x: torch.Tensor | np.ndarray, samp
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to a temporary file in the same folder, fsync, then rename."""
+    """Write bytes to a temporary file in the same folder, fsync, then rename. The file gets the
+    mode ``open()`` would give it under the user's umask."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), new_file_mode())  # mkstemp makes 0600; other tools honour the umask
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -182,6 +182,17 @@ def _angle(angle: Any) -> int:
     return int(round(value)) % 360
 
 
+def _user_id(user_id: Any) -> int:
+    """``user_id`` as the int the reference backend takes; a string of digits is converted."""
+    if isinstance(user_id, bool):
+        raise BackendError(f"user_id must be an integer, got {user_id!r}")
+    if isinstance(user_id, int):
+        return user_id
+    if isinstance(user_id, str) and user_id.strip().lstrip("-").isdigit():
+        return int(user_id.strip())
+    raise BackendError(f"user_id must be an integer, got {user_id!r}")
+
+
 def build_payload(
     event: Mapping[str, Any],
     *,
@@ -195,7 +206,7 @@ def build_payload(
 
     Fields (exactly these, nothing else):
 
-    * ``user_id`` – as given (the reference sends an int);
+    * ``user_id`` – an int, as the reference backend takes it (``"42"`` is sent as ``42``);
     * ``sound_type`` – ``event["category"]`` (``danger`` / ``help`` / ``warning`` / ``other``);
     * ``sound_detail`` – ``event["label"]`` (the AudioSet class name);
     * ``angle`` – direction of arrival in degrees, rounded and wrapped into 0..359;
@@ -210,7 +221,7 @@ def build_payload(
     if missing:
         raise BackendError(f"event {event.get('event_id', '?')!r} lacks {', '.join(missing)}")
     return {
-        "user_id": user_id,
+        "user_id": _user_id(user_id),
         "sound_type": str(event["category"]),
         "sound_detail": str(event["label"]),
         "angle": _angle(angle),
@@ -231,8 +242,8 @@ class DeliveryResult:
     """Outcome of :meth:`BackendClient.post`.
 
     ``status``: ``delivered`` (2xx), ``retryable`` (timeouts, connection errors, 408/429/5xx after
-    the retries ran out: try again later) or ``rejected`` (other 4xx / 3xx: the backend will not take
-    this payload; do not resend it). ``http_status`` is the last HTTP status seen (None when no
+    the retries ran out, or a 3xx redirect, which is never followed: try again later) or ``rejected``
+    (other 4xx: the backend will not take this payload; do not resend it). ``http_status`` is the last HTTP status seen (None when no
     response came back), ``error`` a short one-line reason (None when delivered), ``attempts`` the
     number of HTTP requests made.
     """
@@ -282,7 +293,8 @@ class BackendClient:
 
     Args:
         url: endpoint, e.g. ``http://host:8000/sound-events/`` (checked by :func:`validate_url`).
-        timeout: seconds allowed for connecting and, separately, for each read of the response.
+        timeout: seconds allowed for one request in all: connecting, sending and reading the whole
+            response (a server that drips its answer cannot hold a request longer).
         retries: extra attempts after the first one for retryable failures (so ``retries + 1``
             requests at most per :meth:`post`).
         backoff: seconds before the first retry; doubles on each further retry.
@@ -356,6 +368,31 @@ class BackendClient:
         delay = retry_after if retry_after is not None else self.backoff * (2 ** (attempt - 1))
         return min(delay, self.max_backoff)
 
+    def _post_within_deadline(self, body: bytes, headers: dict[str, str]) -> requests.Response:
+        """One POST that returns its complete response within ``timeout`` seconds in all, or raises
+        :class:`_DeadlinePassed`. requests' timeout bounds each socket read, so a server dripping a
+        byte at a time would hold it forever; the request runs in a daemon thread, and one past the
+        deadline is abandoned (its socket is closed with the session, or when the process ends)."""
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                resp = self._session.post(self.url, data=body, headers=headers, timeout=self.timeout,
+                                          verify=self.verify_tls, allow_redirects=False)
+                resp.content  # noqa: B018 - read the whole body inside the deadline
+                box["resp"] = resp
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                box["exc"] = exc
+
+        worker = threading.Thread(target=work, name="astsep-backend-post", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            raise _DeadlinePassed()
+        if "exc" in box:
+            raise box["exc"]
+        return box["resp"]
+
     def post(self, payload: Mapping[str, Any], idempotency_key: str) -> DeliveryResult:
         """POST ``payload`` as JSON with ``Idempotency-Key: idempotency_key``; retry as configured.
 
@@ -383,16 +420,9 @@ class BackendClient:
             attempts = attempt
             retry_after: float | None = None
             try:
-                resp = self._session.post(
-                    self.url,
-                    data=body,
-                    headers=headers,
-                    timeout=self.timeout,
-                    verify=self.verify_tls,
-                    allow_redirects=False,
-                )
-            except requests.Timeout:
-                status, error = None, f"timed out after {self.timeout:g} s"
+                resp = self._post_within_deadline(body, headers)
+            except (requests.Timeout, _DeadlinePassed):
+                status, error = None, f"timed out after {self.timeout:g} s (total time allowed per request)"
             except requests.ConnectionError as exc:
                 status, error = None, self._redact(f"connection error: {_root_cause(exc)}", token)
             except (requests.RequestException, OSError, ValueError, http.client.HTTPException) as exc:
@@ -409,10 +439,19 @@ class BackendClient:
                     text = ""
                 reason = resp.reason or ""
                 retry_header = resp.headers.get("Retry-After")
+                location = resp.headers.get("Location") or "?"
                 resp.close()
                 if 200 <= status < 300:
                     log.debug("delivered %s (HTTP %d, attempt %d)", idempotency_key, status, attempt)
                     return DeliveryResult("delivered", status, None, attempt)
+                if 300 <= status < 400:
+                    # The event was not taken, and the payload is fine: it stays pending for a flush
+                    # to the right URL. Redirects are never followed (the bearer token must not go
+                    # to whatever origin a redirect names).
+                    error = self._redact(f"HTTP {status} {reason}: redirected to {_redact_url(location)}, not "
+                                         "followed; the event stays pending: fix --backend-url and flush", token)
+                    log.warning("backend redirected %s: %s", idempotency_key, error)
+                    return DeliveryResult("retryable", status, error, attempt)
                 error = self._redact(f"HTTP {status} {reason}: {text}".rstrip(": "), token)
                 if status in (408, 429) or status >= 500:
                     if status in (429, 503):
@@ -431,6 +470,10 @@ class BackendClient:
                 time.sleep(delay)
         log.warning("giving up on %s for now after %d attempt(s): %s", idempotency_key, attempts, error)
         return DeliveryResult("retryable", status, error, attempts)
+
+
+class _DeadlinePassed(Exception):
+    """A request did not complete within the client's total time allowed per request."""
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -934,7 +977,8 @@ def deliver(
     left pending for :func:`flush`. Events whose id the outbox already holds as done or rejected are
     not sent again; ones it holds as pending are (re)sent.
 
-    ``angle`` is in degrees (an event's own ``"angle"`` key, if present, wins). ``lock_timeout`` is
+    ``angle`` is in degrees (an event's own ``"angle"`` key, if present, wins); likewise an event's
+    own ``"occurred_at"`` (when its sound happened) wins over ``occurred_at`` (None: now). ``lock_timeout`` is
     how many seconds to wait for another process's send loop to finish (None: forever); when it
     does not, the events stay queued and the report says ``busy``. With ``stop_on_retryable``, the
     first entry that is still failing after its retries ends the send loop (the rest stay pending).
@@ -963,7 +1007,8 @@ def deliver(
         if key in batch:
             report.duplicates += 1
             continue
-        batch[key] = build_payload(ev, user_id=user_id, angle=ev.get("angle", angle), occurred_at=occurred_at)
+        when = ev.get("occurred_at") or occurred_at  # the event's own time (when the sound happened) wins
+        batch[key] = build_payload(ev, user_id=user_id, angle=ev.get("angle", angle), occurred_at=when)
     added = outbox.add_many(batch.items())  # durably queued BEFORE the first request
     to_send: list[str] = []
     for key, was_added in zip(batch, added):
@@ -1013,7 +1058,7 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("flush", help="send every pending entry of an outbox")
     f.add_argument("--outbox", required=True, help="outbox journal file (JSON lines)")
     f.add_argument("--backend-url", required=True, help="endpoint, e.g. http://host:8000/sound-events/")
-    f.add_argument("--timeout", type=float, default=5.0, help="seconds per connect / read (default 5)")
+    f.add_argument("--timeout", type=float, default=5.0, help="seconds allowed per request in all (default 5)")
     f.add_argument("--retries", type=int, default=3, help="retries per entry (default 3)")
     f.add_argument("--token-env", default=DEFAULT_TOKEN_ENV, help=f"env var holding a bearer token (default {DEFAULT_TOKEN_ENV})")
     f.add_argument("--lock-timeout", type=float, default=10.0, help="seconds to wait for another sender (default 10)")

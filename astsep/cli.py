@@ -9,10 +9,11 @@ import os
 import sys
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import DEFAULT_MODEL, SAMPLE_RATE, load_config
-from .errors import AstsepError
+from .errors import AstsepError, AudioError, ConfigError, OutputError
 
 log = logging.getLogger("astsep")
 
@@ -22,6 +23,18 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "separator.ya
 def default_outbox() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "astsep" / "outbox.jsonl"
+
+
+def _iso_time(text: str) -> datetime:
+    """``--recorded-at``: an ISO-8601 time; ``Z`` or an offset, else UTC."""
+    t = text.strip()
+    if t.endswith(("Z", "z")):
+        t = t[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r} (e.g. 2026-01-31T08:15:00Z)") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,11 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--clap-ckpt", default=None, metavar="CKPT", help="laion-clap checkpoint to embed text and audio")
     p.add_argument("--backend-url", default=None, metavar="URL",
                    help="POST every non-'other' event here (http/https); token from $ASTSEP_BACKEND_TOKEN")
-    p.add_argument("--user-id", default="0", help="user_id sent with events (default 0)")
+    p.add_argument("--user-id", type=int, default=0, help="user_id sent with events, an integer (default 0)")
+    p.add_argument("--recorded-at", type=_iso_time, default=None, metavar="ISO8601",
+                   help="when the recording started (e.g. 2026-01-31T08:15:00Z; no zone: UTC; the same for every "
+                        "input); each event's occurred_at is this plus its start. Default: the file's "
+                        "modification time minus its duration")
     p.add_argument("--angle", type=int, default=0, help="direction of arrival in degrees sent with events")
     p.add_argument("--outbox", default=None, metavar="PATH",
                    help=f"undelivered events wait here for a later run (default {default_outbox()})")
-    p.add_argument("--backend-timeout", type=float, default=5.0, help="seconds per request (default 5)")
+    p.add_argument("--backend-timeout", type=float, default=5.0, help="seconds allowed per request in all, answer included (default 5)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv for debug)")
     return p
@@ -109,20 +126,107 @@ def _config(args):
     return cfg
 
 
+def output_names(inputs: list[Path]) -> list[str]:
+    """One subfolder name per input, unique within the run, also for filesystems that ignore case.
+
+    An input whose stem no other input shares keeps its stem; inputs sharing a stem get
+    ``stem_ext``, and ``_2``, ``_3``, … on top while that is still taken
+    (``a.wav a.flac a_1.wav`` → ``a_wav``, ``a_flac``, ``a_1``)."""
+    stems = [p.stem or p.name or "input" for p in inputs]
+    counts: dict[str, int] = {}
+    for st in stems:
+        counts[st.casefold()] = counts.get(st.casefold(), 0) + 1
+    names: list[str | None] = [st if counts[st.casefold()] == 1 else None for st in stems]
+    used = {n.casefold() for n in names if n is not None}
+    for i, (st, p) in enumerate(zip(stems, inputs)):
+        if names[i] is not None:
+            continue
+        base = f"{st}_{p.suffix.lstrip('.') or 'noext'}"
+        name, k = base, 2
+        while name.casefold() in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name.casefold())
+        names[i] = name
+    return [n for n in names if n is not None]
+
+
+def _check_queries(args, refiner) -> None:
+    """Refuse, before any audio is decoded, queries this refiner cannot use (one line, exit 2)."""
+    import difflib
+
+    if (args.negative or args.negative_audio) and not refiner.net.cfg.use_negative:
+        raise ConfigError(f"the refiner {refiner.name} was trained without negative queries and would ignore "
+                          "--negative/--negative-audio: leave the option out or use a refiner trained with negatives")
+    if args.query and refiner.query_source == "target_audio":
+        raise ConfigError("this refiner was trained with audio (AST embedding) queries: use --query-audio FILE")
+    texts = [t for t in (args.query, args.negative) if t]
+    if not texts or refiner.text_encoder is not None:
+        return
+    if refiner.table is None:
+        raise ConfigError("a text query needs its embedding: pass --query-table TABLE (python -m astsep.embed) "
+                          "or --clap-ckpt CKPT (laion-clap) to embed new text")
+    from .query import normalise_text
+
+    for text in texts:
+        if text in refiner.table:
+            continue
+        near = difflib.get_close_matches(normalise_text(text), refiner.table.texts, n=3, cutoff=0.5)
+        hint = ("nearest entries: " + ", ".join(repr(t) for t in near)) if near else "no entry is close"
+        raise ConfigError(f"{text!r} is not in the query table {args.query_table} ({len(refiner.table)} entries; "
+                          f"{hint}); use one of them, or pass --clap-ckpt CKPT to embed new text")
+
+
+def _recording_start(args, path: Path, info) -> tuple[datetime | None, str]:
+    """When the recording of ``path`` started, and how we know: ``--recorded-at``, else the file's
+    modification time minus its duration (a recorder writes the file until it stops)."""
+    if args.recorded_at is not None:
+        return args.recorded_at, "recorded_at"
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None, "queued"
+    return datetime.fromtimestamp(mtime - info.duration_sec, tz=timezone.utc), "file_mtime"
+
+
 def run(args) -> int:
     from .audio import find_inputs, load_audio
-    from .pipeline import Pipeline, window_starts
+    from .events import stamp_occurred_at
+    from .pipeline import Pipeline, check_output_folder, window_starts
 
     cfg = _config(args)
     if (args.query or args.query_audio or args.negative or args.negative_audio) and not args.refiner:
         raise AstsepError("--query/--query-audio/--negative need a trained refiner: pass --refiner CKPT")
     if args.query and args.query_audio:
         raise AstsepError("give either --query or --query-audio, not both")
+    if (args.negative or args.negative_audio) and not (args.query or args.query_audio):
+        raise AstsepError("--negative/--negative-audio leave a sound out of a query: pass --query or --query-audio")
+
+    # Inputs: every -i is expanded on its own, and a bad one is reported and skipped like a bad file.
+    failures: list[int] = []
+    inputs: list[Path] = []
+    for raw in args.input:
+        try:
+            inputs.extend(find_inputs([raw]))
+        except AstsepError as exc:
+            failures.append(exc.exit_code)
+            print(f"astsep: error: {exc}", file=sys.stderr)
+    multi = len(inputs) + len(failures) > 1
+
+    # Output folders are checked before any decoding or model work: a bad one is refused at once.
+    out_root = Path(args.output)
+    if out_root.exists() and not out_root.is_dir():
+        raise OutputError(f"--output {out_root} exists and is not a folder")
+    names = output_names(inputs)
+    out_dirs = [out_root / name for name in names] if multi else [out_root] * len(inputs)
+    for d in dict.fromkeys(out_dirs):
+        check_output_folder(d)
+
     refiner = None
     if args.refiner:
         from .refine import Refiner
 
         refiner = Refiner.load(args.refiner, table=args.query_table, clap_ckpt=args.clap_ckpt)
+        _check_queries(args, refiner)
     client = outbox = None
     if args.backend_url:
         from .backend import BackendClient, Outbox
@@ -130,74 +234,83 @@ def run(args) -> int:
         client = BackendClient(args.backend_url, timeout=args.backend_timeout)
         outbox = Outbox(Path(args.outbox) if args.outbox else default_outbox())
 
-    inputs = find_inputs(args.input)
-    out_root = Path(args.output)
-    if out_root.exists() and not out_root.is_dir():
-        raise AstsepError(f"--output {out_root} exists and is not a folder")
-    stems = [p.stem for p in inputs]
-    multi = len(inputs) > 1
-
-    # Decode the first input before loading the model: a bad file fails in milliseconds.
-    t0 = time.perf_counter()
-    first = load_audio(inputs[0])
-    t_first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pipe = Pipeline(cfg, refiner=refiner)
-    query = _query(args, pipe) if refiner is not None else None
-    t_model = time.perf_counter() - t0
-    log.info("model %s loaded on %s in %.2f s", cfg.guide.model, pipe.guide.device, t_model)
-
-    failures = 0
     durations = [_duration(p) for p in inputs]
-    show_bar = not args.quiet and (multi or sum(durations) > 30)
     bar = None
-    if show_bar:
+    if not args.quiet and inputs:
         from tqdm import tqdm
 
+        # disable=None: a bar only where stderr is a terminal; -v logs a line per input instead
         bar = tqdm(total=round(sum(durations), 1), unit="s", desc="audio separated", disable=None, file=sys.stderr,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]")
-    for n, path in enumerate(inputs):
-        try:
-            t0 = time.perf_counter()
-            x, info = first if n == 0 else load_audio(path)
-            t_dec = t_first if n == 0 else time.perf_counter() - t0
+        if bar.disable:
+            bar = None
+    summaries: list[str] = []  # printed once the bar is closed, never through it
+
+    def say(line: str) -> None:
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+    pipe = query = None
+    t_model = 0.0
+    try:
+        for n, path in enumerate(inputs):
             done = [0.0]
-            win_total = len(window_starts(x.numel(), int(round(cfg.window.window_sec * SAMPLE_RATE)),
-                                          int(round(cfg.window.overlap_sec * SAMPLE_RATE))))
+            try:
+                t0 = time.perf_counter()
+                x, info = load_audio(path)
+                t_dec = time.perf_counter() - t0
+                if pipe is None:  # after the first good decode: a bad file fails in milliseconds
+                    t0 = time.perf_counter()
+                    pipe = Pipeline(cfg, refiner=refiner)
+                    query = _query(args, pipe) if refiner is not None else None
+                    t_model = time.perf_counter() - t0
+                    log.info("model %s loaded on %s in %.2f s", cfg.guide.model, pipe.guide.device, t_model)
+                win_total = len(window_starts(x.numel(), int(round(cfg.window.window_sec * SAMPLE_RATE)),
+                                              int(round(cfg.window.overlap_sec * SAMPLE_RATE))))
+                log.info("%s: separating %.1f s of audio (%d window(s)) [%d/%d]", path, info.duration_sec,
+                         win_total, n + 1, len(inputs))
 
-            def advance(windows: int, dur=durations[n], done=done, total=win_total) -> None:
+                def advance(windows: int, dur=durations[n], done=done, total=win_total) -> None:
+                    if bar is not None:
+                        step = dur * windows / total
+                        done[0] += step
+                        bar.update(step)
+
+                result = pipe.run(x, str(path), info, keep_traces=args.debug, progress=advance, query=query)
+                result.stats["seconds"]["decode"] = round(t_dec, 4)
+                result.stats["seconds"]["model_load"] = round(t_model, 4)
+                stamp_occurred_at(result.events, *_recording_start(args, path, info))
+                out_dir = out_dirs[n]
+                manifest = result.write(out_dir, debug=args.debug, config=cfg)
+                if client is not None:
+                    _deliver(result, client, outbox, args, manifest)
+                counts: dict[tuple[str, str], int] = {}
+                for e in result.events:
+                    if e["kind"] == "source":
+                        counts[(e["label"], e["category"])] = counts.get((e["label"], e["category"]), 0) + 1
+                summary = ", ".join(f"{lab} ({cat}){f' x{c}' if c > 1 else ''}" for (lab, cat), c in counts.items())
+                log.info("%s: %d source(s)%s -> %s", path, len(result.labels), f": {summary}" if summary else "",
+                         out_dir)
+                summaries.append(f"{path} -> {out_dir}: {summary or 'no separated source'}")
+            except (AudioError, OutputError) as exc:  # this input only: report, go on with the others
+                failures.append(exc.exit_code)
+                say(f"astsep: error: {exc}")
+            finally:
                 if bar is not None:
-                    step = dur * windows / total
-                    done[0] += step
-                    bar.update(step)
-
-            result = pipe.run(x, str(path), info, keep_traces=args.debug, progress=advance, query=query)
-            result.stats["seconds"]["decode"] = round(t_dec, 4)
-            result.stats["seconds"]["model_load"] = round(t_model, 4)
-            sub = stems[n] if stems.count(stems[n]) == 1 else f"{stems[n]}_{n}"
-            out_dir = out_root / sub if multi else out_root
-            manifest = result.write(out_dir, debug=args.debug, config=cfg)
-            if client is not None:
-                _deliver(result, client, outbox, args, manifest)
-            counts: dict[tuple[str, str], int] = {}
-            for e in result.events:
-                if e["kind"] == "source":
-                    counts[(e["label"], e["category"])] = counts.get((e["label"], e["category"]), 0) + 1
-            summary = ", ".join(f"{lab} ({cat}){f' x{c}' if c > 1 else ''}" for (lab, cat), c in counts.items())
-            log.info("%s: %d source(s)%s -> %s", path, len(result.labels), f": {summary}" if summary else "", out_dir)
-            if not args.quiet:
-                print(f"{path} -> {out_dir}: {summary or 'no separated source'}", file=sys.stderr)
-        except AstsepError as exc:
-            failures += 1
-            print(f"astsep: error: {exc}", file=sys.stderr)
-            if not multi:
-                return exc.exit_code
-        finally:
-            if bar is not None and n < len(durations):
-                bar.update(max(0.0, durations[n] - (done[0] if "done" in locals() else 0.0)))
-    if bar is not None:
-        bar.close()
-    return 1 if failures else 0
+                    bar.update(max(0.0, durations[n] - done[0]))
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        for line in summaries:
+            print(line, file=sys.stderr)
+    if not failures:
+        return 0
+    if not summaries and len(set(failures)) == 1:
+        return failures[0]  # nothing succeeded, for one reason: its code (2 input, 4 output folder)
+    return 1  # some inputs failed (each said why above), the others were written
 
 
 def _deliver(result, client, outbox, args, manifest: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import glob
 import json
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,10 +38,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .audio import AudioInfo, dbfs, load_audio, to_mono_16k, validate, write_bytes_atomic, write_wav_atomic
+from .audio import (AudioInfo, dbfs, load_audio, new_dir_mode, samples_to_mono_16k, write_bytes_atomic,
+                    write_wav_atomic)
 from .config import SAMPLE_RATE, AstsepConfig, load_config
 from .errors import AudioError, ConfigError, OutputError
-from .events import active_span, event_id, safe_name
+from .events import active_span, content_key, event_id, merge_window_events, safe_name
 from .guide import ASTGuide, use_fast_settings
 from .separator import BatchSeparation, Separator
 
@@ -163,12 +166,33 @@ class SeparationResult:
 
 
 # --- the pipeline -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_model_loading():
+    """No "Loading weights" progress bars from transformers while a model loads (library code
+    prints nothing); the caller's setting is restored afterwards."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 class Pipeline:
     """Holds the configuration, the AST guide (and its cache) and the separator."""
 
     def __init__(self, cfg: AstsepConfig | None = None, guide: ASTGuide | None = None, refiner=None):
         self.cfg = cfg or AstsepConfig()
-        self.guide = guide if guide is not None else ASTGuide.from_pretrained(self.cfg.guide)
+        if guide is None:
+            with quiet_model_loading():
+                guide = ASTGuide.from_pretrained(self.cfg.guide)
+        self.guide = guide
         self.separator = Separator(self.cfg, self.guide)
         self.refiner = refiner.to(self.guide.device) if refiner is not None else None
         if self.refiner is not None and self.refiner.n_masks != self.cfg.separator.max_passes:
@@ -199,7 +223,9 @@ class Pipeline:
         starts = window_starts(n, win, ovl)
         length = min(win, n)
         total_energy = float(x.double().pow(2).sum())
-        input_key = self.guide.key(x) if n <= 4 * win else f"{name}:{n}:{float(x.double().sum()):.10e}"
+        # the same audio gives the same event ids wherever it comes from (idempotent delivery);
+        # long inputs are hashed block by block instead of as one copy of their bytes
+        input_key = self.guide.key(x) if n <= 4 * win else content_key(x, self.guide.key(x[:0]))
 
         tracks: dict[int, Track] = {}
         events: list[dict] = []
@@ -266,6 +292,8 @@ class Pipeline:
             events.append(self._residual_event(res_track, seg, s, w_idx, residual_cls[w_idx], total_energy,
                                                input_key, silent=dbfs(x[s:s + length]) < sc.silence_dbfs))
 
+        # overlapping windows see one sound twice: one event per sound (no duplicate alerts)
+        result.events = events = merge_window_events(events)
         g1 = self.guide.stats()
         result.stats = {
             "input": name,
@@ -508,6 +536,32 @@ def output_lock(out_dir: Path):
         outer.close()
 
 
+def check_output_folder(out_dir: str | os.PathLike) -> Path:
+    """Refuse, before any decoding or model work, an output folder :func:`write_outputs` would
+    refuse after it: a path that exists and is not a folder, a folder that is not astsep's
+    (non-empty without an astsep ``events.json``), a folder or a parent (where the lock file goes)
+    that cannot be written. Raises :class:`OutputError` (exit code 4); returns the real path.
+    Changes nothing on disk."""
+    out_dir = Path(os.path.abspath(out_dir))
+    if out_dir.is_symlink() or out_dir.exists():
+        out_dir = out_dir.resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--output {out_dir} exists and is not a folder")
+    anc = out_dir.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"cannot create output folder {out_dir}: {anc} is not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create output folder {out_dir}: {anc} is not writable (astsep keeps a lock "
+                          "file beside the output folder and swaps the folder as a whole)")
+    if out_dir.is_dir():
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write outputs to {out_dir}: the folder is not writable")
+        _foreign_entries(out_dir)
+    return out_dir
+
+
 def recover_output(out_dir: Path) -> None:
     """Undo what a killed run left (call under the lock): restore ``out_dir`` from the backup of an
     interrupted two-rename swap, then remove staging and backup siblings."""
@@ -544,6 +598,8 @@ def write_outputs(result: SeparationResult, out_dir: Path, debug: bool = False,
             log.info("cannot stage beside %s (%s): writing in place", out_dir, exc.strerror or exc)
             return _write_in_place(result, out_dir, debug, config, t0)
         try:
+            # mkdtemp makes 0700; the swapped-in folder keeps the old one's mode, a new one the umask's
+            os.chmod(stage, stat.S_IMODE(out_dir.stat().st_mode) if out_dir.is_dir() else new_dir_mode())
             _checkpoint("staging")
             manifest = _write_folder(result, stage, debug, config, t0)
             for name in keep:
@@ -726,21 +782,28 @@ def _old_files(out_dir: Path) -> set[str]:
 
 
 # --- functional API -------------------------------------------------------------------------
-_PIPELINES: dict[tuple, Pipeline] = {}
+_GUIDES: dict[str, ASTGuide] = {}
+
+
+def _frozen(section: Any) -> str:
+    """A config section as canonical JSON: equal configs give equal keys, any change a new one."""
+    return json.dumps(dataclasses.asdict(section), sort_keys=True, default=repr)
 
 
 def get_pipeline(cfg: AstsepConfig) -> Pipeline:
-    """A process-wide pipeline per (model, device, dtype, trim, cache dir): the model is loaded
-    once and its cache is shared by every call."""
-    g = cfg.guide
-    key = (g.model, g.device, g.dtype, g.trim_padding, g.pad_merge, g.cache_dir, g.allow_pickle)
-    pipe = _PIPELINES.get(key)
-    if pipe is None:
-        pipe = _PIPELINES[key] = Pipeline(cfg)
-    else:
-        pipe.cfg = cfg
-        pipe.separator.cfg = cfg
-    return pipe
+    """A pipeline for ``cfg``. The AST guide (model and cache) is kept process-wide per *whole*
+    guide config, so the model is loaded once per distinct setting and its cache is shared by
+    every call with that setting; any change (``fbank_mean``, ``max_frames``, …) gets a new guide.
+    The pipeline itself holds a frozen copy of the whole ``cfg``: later changes to the caller's
+    object do not leak into it."""
+    cfg = copy.deepcopy(cfg)
+    key = _frozen(cfg.guide)
+    guide = _GUIDES.get(key)
+    if guide is None:
+        pipe = Pipeline(cfg)
+        _GUIDES[key] = pipe.guide
+        return pipe
+    return Pipeline(cfg, guide)
 
 
 def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: int | None = None, *,
@@ -751,7 +814,9 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
     """Separate a recording into sources, classify them, and describe them as events.
 
     Args:
-        audio: a path to any file soundfile decodes, or samples: ``(N,)`` or ``(N, channels)``.
+        audio: a path to any file soundfile decodes, or samples: ``(N,)``, ``(N, channels)`` or
+            ``(channels, N)`` with at most 8 channels (an ambiguous shape is refused); integer PCM
+            (int16, int32, …) is scaled by its dtype's range.
         sample_rate: rate of ``audio`` in Hz when it is samples (required then); ignored for paths.
         model: AST Hub id or local folder (default: the config's, ``MIT/ast-finetuned-audioset-10-10-0.4593``).
         config: an :class:`AstsepConfig` or a YAML path (``configs/separator.yaml``).
@@ -787,10 +852,7 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
     else:
         if sample_rate is None:
             raise AudioError("sample_rate is required when audio is given as samples")
-        arr = audio.detach().cpu() if isinstance(audio, torch.Tensor) else torch.as_tensor(np.asarray(audio))
-        validate(arr.float().reshape(-1), "<samples>")
-        x = to_mono_16k(arr, int(sample_rate))
-        validate(x, "<samples>")
+        x, info = samples_to_mono_16k(audio, int(sample_rate))
         name = "<samples>"
     t_load = time.perf_counter() - t0
     if refiner is not None:

@@ -603,3 +603,78 @@ def test_report_is_json_serialisable() -> None:
     rep = DeliveryReport(sent=1, delivered=1)
     assert json.loads(json.dumps(rep.to_dict()))["delivered"] == 1
     assert "delivered 1/1" in rep.summary()
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 12: ints, event times, redirects, dripping servers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_user_id_goes_out_as_an_int_and_a_non_integer_is_refused() -> None:
+    body = build_payload(make_event(0), user_id="42", angle=0)
+    assert body["user_id"] == 42 and isinstance(body["user_id"], int)
+    with pytest.raises(BackendError, match="user_id"):
+        build_payload(make_event(0), user_id="bob", angle=0)
+
+
+def test_each_event_is_sent_with_the_time_its_sound_happened(server: FakeBackend, tmp_path: Path) -> None:
+    events = [make_event(0, occurred_at="2026-01-31T08:15:02.500Z"), make_event(1, occurred_at="2026-01-31T08:15:09Z")]
+    with make_client(server.url) as client:
+        report = deliver(events, client, Outbox(tmp_path / "outbox.jsonl"), user_id=7, angle=0)
+    assert report.delivered == 2
+    sent = {r.key: r.body["occurred_at"] for r in server.requests}
+    assert sent == {events[0]["event_id"]: "2026-01-31T08:15:02Z", events[1]["event_id"]: "2026-01-31T08:15:09Z"}
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_keeps_the_event_pending_with_the_reason(server: FakeBackend, tmp_path: Path, status: int) -> None:
+    server.queue(Action(status=status))
+    outbox = Outbox(tmp_path / "outbox.jsonl")
+    with make_client(server.url, retries=2) as client:
+        report = deliver([make_event(0)], client, outbox, user_id=1, angle=0)
+    assert report.delivered == 0 and report.rejected == 0 and report.pending == 1
+    assert outbox.state(make_event(0)["event_id"]) == "pending" and not outbox.rejected()
+    assert f"HTTP {status}" in report.last_error and "not followed" in report.last_error
+    assert server.count() == 1  # a redirect is not retried at once: the URL is wrong, not the backend busy
+    with make_client(server.url) as client:  # the next flush (to the right URL) sends it
+        assert flush(outbox, client).delivered == 1
+
+
+def test_a_server_dripping_its_answer_cannot_hold_a_request_past_the_timeout(tmp_path: Path) -> None:
+    """One byte every 0.3 s of a complete 201 answer (about 20 s in all) against a 1 s timeout:
+    every byte arrives well within requests' per-read timeout, so only a total deadline stops it."""
+    answer = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(0.2)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+                for i in range(len(answer)):
+                    if stop.wait(0.3):
+                        return
+                    try:
+                        conn.sendall(answer[i:i + 1])
+                    except OSError:
+                        break
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/sound-events/"
+        with make_client(url, timeout=1.0, retries=0) as client:
+            result = client.post(build_payload(make_event(0), user_id=1, angle=0), "k1")
+    finally:
+        stop.set()
+        t.join(5)
+        listener.close()
+    assert result.status == "retryable" and result.http_status is None
+    assert "timed out" in result.error

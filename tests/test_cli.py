@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -213,3 +214,134 @@ def test_a_second_run_into_a_locked_output_folder_is_refused(tmp_path, tiny_mode
         proc = infer("-i", str(SEED_RECORDING), "-o", str(out), "-m", str(tiny_model_dir))
     assert proc.returncode == 4 and "another astsep run" in one_error_line(proc)
     assert not (out / "events.json").exists()
+
+
+# --- issue 12: in-process runs of the same command line (no new interpreter per case) ---------
+def main_in_process(capsys, *args: str) -> tuple[int, str]:
+    from astsep.cli import main
+
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def _write(path, x) -> None:
+    sf.write(path, np.asarray(x, dtype=np.float32), 16000)
+
+
+def test_inputs_sharing_a_stem_get_their_own_output_folders(tmp_path, tiny_model_dir, capsys, shared):
+    ins = tmp_path / "in"
+    ins.mkdir()
+    paths = [ins / "a.wav", ins / "a.flac", ins / "a_1.wav"]
+    for p, name in zip(paths, ["dog", "rain", "cat"]):
+        _write(p, clip(name, 1.0).numpy())
+    out = tmp_path / "out"
+    rc, err = main_in_process(capsys, "-i", *map(str, paths), "-o", str(out), "-m", str(tiny_model_dir),
+                              "--max-passes", "1", "-q")
+    assert rc == 0, err
+    written = {json.loads(m.read_text())["stats"]["input"]: m.parent.name for m in out.glob("*/events.json")}
+    assert set(written) == set(map(str, paths))  # every input's results, none overwritten
+    assert len(set(written.values())) == 3
+
+
+@pytest.mark.parametrize("case", ["foreign_files", "regular_file"])
+def test_a_bad_output_folder_is_refused_before_any_decoding(tmp_path, tiny_model_dir, capsys, monkeypatch, case):
+    import astsep.audio
+
+    decoded = []
+    real = astsep.audio.load_audio
+    monkeypatch.setattr(astsep.audio, "load_audio", lambda p: decoded.append(p) or real(p))
+    path = tmp_path / "in.wav"
+    _write(path, np.random.default_rng(0).normal(0, 0.1, 16000))
+    out = tmp_path / "out"
+    if case == "foreign_files":
+        out.mkdir()
+        (out / "thesis.tex").write_text("mine")
+    else:
+        out.write_text("a file, not a folder")
+    rc, err = main_in_process(capsys, "-i", str(path), "-o", str(out), "-m", str(tiny_model_dir), "-q")
+    assert rc == 4, err  # docs/robustness.md: output folder problems exit 4
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("astsep: error:") and str(out) in lines[0]
+    assert decoded == []
+    assert (out / "thesis.tex").read_text() == "mine" if case == "foreign_files" else out.is_file()
+
+
+def test_a_bad_first_input_is_skipped_like_a_later_one(tmp_path, tiny_model_dir, capsys, shared):
+    bad, good = tmp_path / "bad.wav", tmp_path / "good.wav"
+    bad.write_bytes(b"not audio at all" * 64)
+    _write(good, clip("dog", 1.0).numpy())
+    out = tmp_path / "out"
+    rc, err = main_in_process(capsys, "-i", str(bad), str(good), str(tmp_path / "missing.wav"), "-o", str(out),
+                              "-m", str(tiny_model_dir), "--max-passes", "1", "-q")
+    assert rc == 1  # some inputs failed: non-zero at the end, after the others were written
+    assert (out / "good" / "events.json").is_file()
+    errors = [ln for ln in err.splitlines() if ln.startswith("astsep: error:")]
+    assert len(errors) == 2
+    assert any(str(bad) in e for e in errors) and any("missing.wav" in e for e in errors)
+
+
+def test_verbose_logs_a_line_as_each_input_starts(tmp_path, tiny_model_dir, capsys, caplog, shared):
+    import logging
+
+    path = tmp_path / "short.wav"
+    _write(path, clip("dog", 1.0).numpy())
+    caplog.set_level(logging.INFO, logger="astsep")
+    rc, err = main_in_process(capsys, "-i", str(path), "-o", str(tmp_path / "out"), "-m", str(tiny_model_dir),
+                              "--max-passes", "1", "-v")
+    assert rc == 0, err
+    messages = [r.getMessage() for r in caplog.records]
+    starts = [i for i, m in enumerate(messages) if m.startswith(f"{path}: separating")]
+    ends = [i for i, m in enumerate(messages) if m.startswith(f"{path}:") and "source(s)" in m]
+    assert starts and ends and starts[0] < ends[0]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_short_input_on_a_terminal_gets_a_bar_and_the_summary_after_it(tmp_path, tiny_model_dir, monkeypatch, shared):
+    from astsep.cli import main
+
+    path = tmp_path / "short.wav"
+    _write(path, clip("dog", 2.0).numpy())
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    rc = main(["-i", str(path), "-o", str(tmp_path / "out"), "-m", str(tiny_model_dir), "--max-passes", "1"])
+    text = term.getvalue()
+    assert rc == 0, text
+    assert "audio separated" in text  # a progress bar for a 2 s input too
+    assert text.rindex("audio separated") < text.index(f"{path} -> ")  # the bar is closed before the summary
+
+
+def test_user_id_must_be_an_integer(tmp_path, capsys):
+    from astsep.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["-i", "x.wav", "-o", str(tmp_path / "out"), "--user-id", "bob"])
+    assert exc.value.code == 2 and "--user-id" in capsys.readouterr().err
+
+
+def test_events_say_when_their_sound_happened(tmp_path, siren_model_dir, capsys, shared):
+    from datetime import datetime, timedelta, timezone
+
+    path = tmp_path / "mix.wav"
+    _write(path, mixture("siren", "dog", seconds=3.0).numpy())
+    ended = datetime(2026, 1, 31, 8, 0, 3, tzinfo=timezone.utc)
+    os.utime(path, (ended.timestamp(), ended.timestamp()))
+    common = ["-i", str(path), "-m", str(siren_model_dir), "--max-passes", "1", "-q"]
+    rc, err = main_in_process(capsys, *common, "-o", str(tmp_path / "o1"))
+    assert rc == 0, err
+    rc, err = main_in_process(capsys, *common, "-o", str(tmp_path / "o2"), "--recorded-at", "2026-02-01T10:00:00Z")
+    assert rc == 0, err
+
+    def when(text: str) -> datetime:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    for out, source, start in (("o1", "file_mtime", ended - timedelta(seconds=3.0)),
+                               ("o2", "recorded_at", datetime(2026, 2, 1, 10, tzinfo=timezone.utc))):
+        events = json.loads((tmp_path / out / "events.json").read_text())["events"]
+        for ev in events:
+            assert ev["occurred_at_source"] == source
+            offset = ev["start_sec"] if ev["start_sec"] is not None else ev["window_start_sec"]
+            assert abs((when(ev["occurred_at"]) - start).total_seconds() - offset) < 0.002

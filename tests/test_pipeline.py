@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ import torch
 
 import astsep
 from astsep.config import AstsepConfig, load_config
-from astsep.errors import ConfigError
+from astsep.errors import AudioError, ConfigError
 from astsep.guide import ASTGuide
 from astsep.pipeline import Pipeline, crossfade_weights, window_starts
 from astsep.testing import force_class, tiny_ast
@@ -129,7 +132,7 @@ def test_api_accepts_stereo_samples_at_any_rate(shared):
     assert abs(res.num_samples - x.numel()) <= 2
     total = sum(res.sources.values())
     torch.testing.assert_close(total, res.audio, atol=1e-5, rtol=0)
-    assert res.stats["input_channels"] == 1  # samples given directly: already downmixed by the API
+    assert (res.stats["input_sample_rate"], res.stats["input_channels"]) == (44100, 2)  # what was given
 
 
 def test_silent_input_gives_residual_only_and_says_so(shared):
@@ -163,3 +166,127 @@ def test_api_fast_option_loads_an_int8_guide_with_merged_padding(tiny_model_dir,
     torch.testing.assert_close(sum(res.sources.values()), res.audio, atol=1e-5, rtol=0)
     with pytest.raises(ConfigError, match="fast=True"):
         astsep.separate(str(SEED_RECORDING), guide=ASTGuide(tiny_ast(seed=0)), fast=True)
+
+
+# --- issue 12: arrays, the pipeline cache, event ids, one event per sound, files ---------------
+def _one_pass(window_sec: float | None = None) -> AstsepConfig:
+    cfg = AstsepConfig()
+    cfg.separator.max_passes = 1
+    if window_sec:
+        cfg.window.window_sec, cfg.window.overlap_sec = window_sec, 0.5
+    return cfg
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_channels_first_samples_are_read_as_channels_and_stats_say_so(kind, shared):
+    x = clip("rooster", 2.0)
+    stereo = torch.stack([x, 0.5 * x])  # (2, N): torchaudio's layout
+    arg = stereo if kind == "tensor" else stereo.numpy()
+    res = astsep.separate(arg, 16000, guide=ASTGuide(tiny_ast(seed=0)), config=_one_pass())
+    assert res.num_samples == x.numel()
+    torch.testing.assert_close(res.audio, 0.75 * x, atol=1e-6, rtol=0)
+    assert (res.stats["input_sample_rate"], res.stats["input_channels"]) == (16000, 2)
+    assert res.stats["duration_sec"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (16, 48000), (1, 2, 16000)])
+def test_an_ambiguous_array_shape_is_refused_with_a_clear_error(shape):
+    guide = ASTGuide(tiny_ast(seed=0))
+    with pytest.raises(AudioError, match="shape"):
+        astsep.separate(np.full(shape, 0.1, dtype=np.float32), 16000, guide=guide)
+    assert guide.forwards == 0
+
+
+@pytest.mark.parametrize("dtype, full_scale", [(np.int16, 32768), (np.int32, 2 ** 31)])
+def test_integer_pcm_is_scaled_by_its_dtype_range(dtype, full_scale, shared):
+    x = clip("dog", 1.0).numpy()
+    pcm = np.round(x * (full_scale - 1)).astype(dtype)
+    res = astsep.separate(pcm, 16000, guide=ASTGuide(tiny_ast(seed=0)), config=_one_pass())
+    np.testing.assert_allclose(res.audio.numpy(), x, atol=2e-4, rtol=0)
+    assert res.stats["input_channels"] == 1
+
+
+def test_changing_any_guide_setting_builds_a_new_guide_instead_of_reusing_the_cache(tiny_model_dir, shared):
+    x = clip("siren", 1.0)
+    cfg = _one_pass()
+    cfg.guide.model = str(tiny_model_dir)
+    cfg.guide.cache_size = 77  # a setting no other test uses: this test's own guides
+    first = astsep.separate(x, 16000, config=cfg)
+    again = astsep.separate(x, 16000, config=cfg)
+    assert first.stats["ast_forwards"] >= 1 and again.stats["ast_forwards"] == 0  # same settings: cached
+    cfg.guide.fbank_mean = 0.0
+    changed = astsep.separate(x, 16000, config=cfg)
+    assert changed.stats["ast_forwards"] >= 1  # a new normalisation: new AST results, not the old cache
+
+
+def test_event_ids_of_long_inputs_depend_on_the_content_not_the_path(shared):
+    cfg = _one_pass(window_sec=2.0)  # inputs over 4 windows (8 s) take the long-input path
+    pipe = Pipeline(cfg, ASTGuide(tiny_ast(seed=0), cfg.guide))
+    x = torch.cat([clip("siren", 5.0), clip("dog", 4.0)])
+    here = pipe.run(x, "/data/a.wav")
+    there = pipe.run(x.clone(), "/elsewhere/copy_of_a.flac")
+    other = pipe.run(0.5 * x, "/data/a.wav")
+    ids = [e["event_id"] for e in here.events]
+    assert len(ids) == len(set(ids)) > 0
+    assert ids == [e["event_id"] for e in there.events]
+    assert not set(ids) & {e["event_id"] for e in other.events}
+
+
+def test_one_sound_seen_by_two_overlapping_windows_is_one_event(shared):
+    model = tiny_ast(seed=1)
+    force_class(model, 396)
+    x = clip("siren").repeat(3)[: int(10.30 * 16000)]  # 10.30 s: two windows overlapping by 10.18 s
+    res = astsep.separate(x, 16000, guide=ASTGuide(model), config=_one_pass())
+    assert res.stats["windows"] == 2
+    src = [e for e in res.events if e["kind"] == "source"]
+    assert len(src) == 1 and src[0]["label"] == "Siren" and src[0]["windows"] == [0, 1]
+    assert src[0]["end_sec"] > 10.0  # spans both windows' seconds of the file
+
+
+def test_loading_a_model_through_the_api_prints_no_progress_bars(tmp_path, capfd, shared):
+    model_dir = tmp_path / "ast"
+    tiny_ast(seed=3).save_pretrained(model_dir)
+    capfd.readouterr()
+    astsep.separate(clip("dog", 1.0), 16000, model=str(model_dir), config=_one_pass())
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+
+
+def test_output_files_and_an_existing_folder_keep_the_modes_the_umask_gives(tmp_path):
+    res = astsep.separate(torch.zeros(16000), 16000, guide=ASTGuide(tiny_ast(seed=0)))
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o755)
+    old = os.umask(0o022)
+    try:
+        res.write(out)
+        new = tmp_path / "new"
+        res.write(new)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 and stat.S_IMODE(new.stat().st_mode) == 0o755
+    for f in ("00_residual.wav", "events.json"):
+        assert stat.S_IMODE((out / f).stat().st_mode) == 0o644, f
+        assert stat.S_IMODE((new / f).stat().st_mode) == 0o644, f
+
+
+def test_debug_figures_of_later_windows_label_seconds_of_the_file(tmp_path, monkeypatch, shared):
+    import matplotlib.figure
+
+    first_x: dict[str, float] = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, path, *a, **k):
+        first_x[Path(path).name] = float(fig.axes[0].lines[0].get_xdata()[0])  # the input waveform
+        return save(fig, path, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    cfg = _one_pass(window_sec=2.0)
+    res = astsep.separate(mixture("siren", "dog", seconds=5.0), 16000, guide=ASTGuide(tiny_ast(seed=0)),
+                          config=cfg, keep_traces=True)
+    res.write(tmp_path / "out", debug=True, config=cfg)
+    starts = {f"debug_w{w:03d}_pass_1.png" if w else "debug_pass_1.png": s / 16000 for w, s, _ in res.traces}
+    later = [n for n in starts if n in first_x and starts[n] > 0]
+    assert later, first_x
+    for name in later:
+        assert first_x[name] == pytest.approx(starts[name], abs=1e-6)

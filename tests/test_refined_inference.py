@@ -22,9 +22,9 @@ from test_cli import infer, one_error_line
 SMALL = {"n_masks": 3, "channels": 8, "max_channels": 16, "depth": 2, "cond_dim": 16, "groups": 4}
 
 
-def _train_and_save(path, query_source: str, query_dim: int) -> None:
+def _train_and_save(path, query_source: str, query_dim: int, **refiner) -> None:
     """Two real optimisation steps on shared-clip mixtures, saved by Lightning."""
-    module = RefinerModule(refiner=dict(SMALL, query_dim=query_dim), guide_model="tiny", guide_seed=0,
+    module = RefinerModule(refiner=dict(SMALL, query_dim=query_dim, **refiner), guide_model="tiny", guide_seed=0,
                            query_source=query_source, example_every_n_val=0)
     tgt = [clip("dog", 2.0), clip("siren", 2.0)]
     itf = [clip("rain", 2.0), clip("crow", 2.0)]
@@ -133,3 +133,43 @@ def test_refiner_misuse_gives_one_line(tmp_path, tiny_model_dir, audio_ckpt, tex
     assert proc.returncode != 0
     assert one_error_line(proc).startswith("astsep: error:")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.fixture(scope="module")
+def no_negative_ckpt(tmp_path_factory):
+    p = tmp_path_factory.mktemp("refiner_noneg") / "no_negatives.ckpt"
+    _train_and_save(p, "target_audio", 32, use_negative=False)
+    return p
+
+
+def _in_process(capsys, *args: str) -> tuple[int, str]:
+    from astsep.cli import main
+
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def test_a_negative_query_for_a_refiner_trained_without_negatives_is_refused(tmp_path, tiny_model_dir,
+                                                                            no_negative_ckpt, capsys, shared):
+    path, query, neg = tmp_path / "mix.wav", tmp_path / "dog.wav", tmp_path / "rain.wav"
+    sf.write(path, mixture("dog", "rain", seconds=2.0).numpy(), 16000)
+    sf.write(query, clip("dog", 1.0).numpy(), 16000)
+    sf.write(neg, clip("rain", 1.0).numpy(), 16000)
+    out = tmp_path / "out"
+    rc, err = _in_process(capsys, "-i", str(path), "-o", str(out), "-m", str(tiny_model_dir),
+                          "--refiner", str(no_negative_ckpt), "--query-audio", str(query), "--negative-audio", str(neg))
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "without negative queries" in lines[0], err
+    assert not (out / "events.json").exists()
+
+
+def test_a_text_query_missing_from_the_table_names_the_nearest_entries(tmp_path, tiny_model_dir,
+                                                                       text_ckpt_and_table, capsys, shared):
+    ckpt, table = text_ckpt_and_table
+    path = tmp_path / "mix.wav"
+    sf.write(path, mixture("dog", "rain", seconds=2.0).numpy(), 16000)
+    rc, err = _in_process(capsys, "-i", str(path), "-o", str(tmp_path / "out"), "-m", str(tiny_model_dir),
+                          "--refiner", str(ckpt), "--query-table", str(table), "--query", "a dog barkin")
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert "'a dog barking'" in lines[0] and "nearest" in lines[0] and "--clap-ckpt" in lines[0]
