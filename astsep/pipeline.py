@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import glob
 import json
 import logging
@@ -456,6 +455,8 @@ def _lock_path(out_dir: Path) -> Path:
 def _flock(path: Path, out_dir: Path):
     """Open and ``flock`` ``path``; retried when the name stopped pointing at the locked inode
     (the holder removed or replaced the lock file meanwhile), so a stale inode never counts."""
+    import fcntl  # POSIX only; imported here so that `import astsep` works on Windows
+
     for _ in range(20):
         fh = open(path, "a+")
         try:
