@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .audio import write_bytes_atomic
-from .config import GuideConfig
+from .config import PRECISIONS, GuideConfig
 from .errors import ConfigError, ModelError
 from .features import PatchLayout, ast_input
 
@@ -60,9 +60,6 @@ class GuideOutput:
         # AudioSet is multi-label; AST checkpoints are trained with BCE. The reference reports
         # softmax probabilities, and its thresholds (0.7, 0.8) are calibrated on those.
         return torch.softmax(self.logits, dim=-1)
-
-
-PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 def check_precision(dtype: str, device: torch.device) -> None:

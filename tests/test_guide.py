@@ -9,7 +9,7 @@ import torchaudio.compliance.kaldi as kaldi
 from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
 from astsep.config import GuideConfig
-from astsep.errors import ModelError
+from astsep.errors import ConfigError, ModelError
 from astsep.features import ast_fbank, ast_input, istft, mel_to_linear, stft
 from astsep.config import STFTConfig
 from astsep.guide import ASTGuide, check_precision, fast_precision, load_ast_model
@@ -131,8 +131,10 @@ def test_int8_guide_is_close_to_float32_and_leaves_the_callers_model_alone(share
 
 
 def test_int8_guide_refuses_a_gpu_and_unknown_precisions_are_named():
+    with pytest.raises(ConfigError, match="float32, bfloat16, int8"):
+        GuideConfig(dtype="fp8")  # refused when the config is built, before any model is loaded
     with pytest.raises(ModelError, match="float32, bfloat16, int8"):
-        ASTGuide(tiny_ast(seed=0), GuideConfig(dtype="fp8"))
+        check_precision("fp8", torch.device("cpu"))
     with pytest.raises(ModelError, match="CPU only"):
         check_precision("int8", torch.device("cuda"))
     check_precision("bfloat16", torch.device("cuda"))
