@@ -35,6 +35,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from .config import GuideConfig, load_config
@@ -45,7 +46,7 @@ from .refiner import MaskRefiner, RefinerConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefinerModule", "AutoWandbLogger", "build_guide", "baseline_estimate"]
+__all__ = ["RefinerModule", "AutoWandbLogger", "ValidateOnLastStep", "build_guide", "baseline_estimate"]
 
 METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")
 
@@ -86,6 +87,22 @@ class AutoWandbLogger(WandbLogger):
             offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE", "") != "online"
         kwargs.setdefault("project", "astsep-refiner")
         super().__init__(offline=offline, **kwargs)
+
+
+class ValidateOnLastStep(Callback):
+    """Validate after the last training step when ``trainer.max_steps`` ends a run mid-epoch.
+
+    Lightning validates only at ``val_check_interval`` and at epoch ends, so a ``max_steps`` that
+    stops inside an epoch (``--trainer.max_steps=20`` with 100-step epochs) ended without any, or
+    with a stale, validation: no ``val/...`` metric for ``ModelCheckpoint`` / ``EarlyStopping``
+    and no checkpoint of the final weights. Asking the trainer to stop at the last step makes its
+    own loop run the validation there (the path early stopping takes), so checkpoints and
+    monitors see it as usual. :class:`RefinerModule` adds it in ``configure_callbacks``.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 class RefinerModule(pl.LightningModule):
@@ -295,6 +312,9 @@ class RefinerModule(pl.LightningModule):
                 images = [(np.flipud(m.clamp(0, 1).numpy()) * 255).astype(np.uint8) for m in imgs]
                 lg.log_image(f"examples/{i}/masks", images, step=self.global_step,
                              caption=["refined"] + [f"baseline pass {k}" for k in range(len(imgs) - 1)])
+
+    def configure_callbacks(self):
+        return [ValidateOnLastStep()]
 
     # --- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):

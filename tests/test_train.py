@@ -86,3 +86,18 @@ def test_non_finite_loss_skips_the_step_with_a_warning(caplog, shared):
 def test_refiner_masks_must_match_the_separator_passes():
     with pytest.raises(ConfigError, match="max_passes"):
         RefinerModule(refiner=dict(n_masks=2, query_dim=32), guide_model="tiny")
+
+
+@pytest.mark.parametrize("extra", [[], ["--trainer.val_check_interval=50"]])
+def test_a_run_that_stops_mid_epoch_validates_at_its_last_step_and_saves_a_best_checkpoint(tmp_path, shared, extra):
+    """``--trainer.max_steps`` inside the first epoch used to end in "EarlyStopping conditioned on metric
+    val/refined/si_sdri which is not available": no validation had run."""
+    cli = train.cli(["--config", TINY, f"--data.train_csv={MANIFEST}", "--data.epoch_size=40", "--data.val_mixtures=4",
+                     "--trainer.max_steps=3", f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.example_every_n_val=0",
+                     "--trainer.enable_progress_bar=false",
+                     f"--trainer.default_root_dir={tmp_path}", *extra], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 3 and cli.model.n_validations == 1
+    assert "val/refined/si_sdri" in cli.trainer.callback_metrics
+    best = list(tmp_path.rglob("best-step3.ckpt"))
+    assert len(best) == 1, list(tmp_path.rglob("*.ckpt"))
