@@ -272,6 +272,49 @@ def _build(cls, data: dict[str, Any], where: str):
     return cls(**kwargs)
 
 
+# What makes two baselines the same: every STFT and separator value and these guide values. The
+# device, cache and model-loading options do not change the masks; ``dtype`` is recorded but not
+# compared (float32 / bfloat16 / int8 change the AST's logits by a few hundredths, not the algorithm).
+BASELINE_GUIDE_KEYS = ("dtype", "trim_padding", "pad_merge", "max_frames", "fbank_mean", "fbank_std")
+UNCOMPARED_KEYS = ("guide.dtype",)
+
+
+def baseline_settings(cfg: AstsepConfig) -> dict[str, dict[str, Any]]:
+    """The settings that define the baseline's masks, by value (plain types: fit for a checkpoint's
+    hyper-parameters or a report): ``{"stft": {...}, "separator": {...}, "guide": {...}}``."""
+    return {"stft": dataclasses.asdict(cfg.stft), "separator": dataclasses.asdict(cfg.separator),
+            "guide": {k: getattr(cfg.guide, k) for k in BASELINE_GUIDE_KEYS}}
+
+
+def config_from_settings(settings: dict[str, Any], base: AstsepConfig | None = None,
+                         where: str = "baseline settings") -> AstsepConfig:
+    """``base`` (default: the defaults) with ``settings`` (:func:`baseline_settings`' layout) applied, checked."""
+    data = (base or AstsepConfig()).to_dict()
+    for section, values in (settings or {}).items():
+        if section not in data or not isinstance(values, dict):
+            raise ConfigError(f"{where}: unknown or malformed section {section!r}")
+        data[section].update(values)
+    try:
+        return _build(AstsepConfig, data, "config")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def settings_differences(recorded: dict[str, Any], cfg: AstsepConfig) -> list[str]:
+    """``["guide.trim_padding: True here False", …]``: the compared keys where ``cfg`` differs
+    from ``recorded`` (:func:`baseline_settings`' layout); keys missing from ``recorded`` are skipped."""
+    now = baseline_settings(cfg)
+    out = []
+    for section, values in (recorded or {}).items():
+        for key, was in (values or {}).items():
+            name = f"{section}.{key}"
+            if name in UNCOMPARED_KEYS or key not in now.get(section, {}):
+                continue
+            if now[section][key] != was:
+                out.append(f"{name} (trained with {was!r}, now {now[section][key]!r})")
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AstsepConfig:
     """Read a YAML config (every key optional) and apply ``{"section.key": value}`` overrides."""
     data: dict[str, Any] = {}

@@ -173,6 +173,8 @@ class Pipeline:
         if self.refiner is not None and self.refiner.n_masks != self.cfg.separator.max_passes:
             raise ConfigError(f"the refiner takes {self.refiner.n_masks} baseline masks but --max-passes is "
                               f"{self.cfg.separator.max_passes}; use --max-passes {self.refiner.n_masks}")
+        if self.refiner is not None:
+            self.refiner.check_baseline(self.cfg)  # warns, naming the keys, if trained on another baseline
 
     @property
     def model_name(self) -> str:
