@@ -102,21 +102,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_ast_model(name_or_path: str, *, allow_pickle: bool = False):
+def load_ast_model(name_or_path: str, *, allow_pickle: bool = False, option: str = "--model"):
     """Load ``ASTForAudioClassification`` from a Hub id or a local folder, SDPA attention.
 
     Local folders must hold ``config.json`` and safetensors weights; pickle weights
     (``pytorch_model.bin``) are refused unless ``allow_pickle`` is set, since unpickling runs code.
-    Raises :class:`ModelError` with a message naming ``--model`` when the model cannot be had.
+    Raises :class:`ModelError` with a message naming ``option`` (the command-line option that takes
+    the model, ``--model`` for ``infer.py``) when the model cannot be had.
     """
     from transformers import ASTForAudioClassification
 
     path = Path(name_or_path).expanduser()
-    hint = ("download it on a connected machine (e.g. `hf download MIT/ast-finetuned-audioset-10-10-0.4593 "
-            "--local-dir ast_model`) and pass the folder with --model ast_model")
+    hint = (f"download it on a connected machine (e.g. `hf download MIT/ast-finetuned-audioset-10-10-0.4593 "
+            f"--local-dir ast_model`) and pass the folder with {option} ast_model")
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise ModelError(f"model folder {path} has no config.json; --model takes a Hub id or a folder "
+            raise ModelError(f"model folder {path} has no config.json; {option} takes a Hub id or a folder "
                              "saved with save_pretrained()")
         has_st = any(path.glob("*.safetensors"))
         has_pickle = any(path.glob("pytorch_model*.bin"))
@@ -130,7 +131,7 @@ def load_ast_model(name_or_path: str, *, allow_pickle: bool = False):
     else:
         looks_like_path = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1)
         if looks_like_path or name_or_path.count("/") > 1:
-            raise ModelError(f"model folder not found: {name_or_path} (--model takes a Hub id or a local folder)")
+            raise ModelError(f"model folder not found: {name_or_path} ({option} takes a Hub id or a local folder)")
         kwargs = {} if allow_pickle else {"use_safetensors": True}
         source = name_or_path
     if source == name_or_path:  # a Hub id: the local HF cache first, the network only if reachable
@@ -259,8 +260,9 @@ class ASTGuide:
         self.forward_seconds = 0.0
 
     @classmethod
-    def from_pretrained(cls, cfg: GuideConfig) -> "ASTGuide":
-        return cls(load_ast_model(cfg.model, allow_pickle=cfg.allow_pickle), cfg, name=cfg.model)
+    def from_pretrained(cls, cfg: GuideConfig, option: str = "--model") -> "ASTGuide":
+        """``option``: the command-line option that names the model, for error messages."""
+        return cls(load_ast_model(cfg.model, allow_pickle=cfg.allow_pickle, option=option), cfg, name=cfg.model)
 
     @classmethod
     def from_model(cls, model, cfg: GuideConfig | None = None, name: str | None = None) -> "ASTGuide":

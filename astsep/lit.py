@@ -51,8 +51,9 @@ __all__ = ["RefinerModule", "AutoWandbLogger", "ValidateOnLastStep", "build_guid
 METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")
 
 
-def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0):
-    """``ASTGuide`` from a Hub id / local folder, or ``"tiny"`` (random tiny AST, smoke tests)."""
+def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0, option: str = "--model"):
+    """``ASTGuide`` from a Hub id / local folder, or ``"tiny"`` (random tiny AST, smoke tests);
+    ``option`` names the command-line option that took ``model`` in error messages."""
     from .guide import ASTGuide
 
     if model == "tiny":
@@ -60,7 +61,7 @@ def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0):
 
         return ASTGuide.from_model(tiny_ast(seed=seed), guide_cfg, name=f"tiny-ast-{seed}")
     guide_cfg = dataclasses.replace(guide_cfg, model=model)
-    return ASTGuide.from_pretrained(guide_cfg)
+    return ASTGuide.from_pretrained(guide_cfg, option=option)
 
 
 def baseline_estimate(sources: torch.Tensor, kept: torch.Tensor, mixture: torch.Tensor,
