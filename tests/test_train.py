@@ -101,3 +101,15 @@ def test_a_run_that_stops_mid_epoch_validates_at_its_last_step_and_saves_a_best_
     assert "val/refined/si_sdri" in cli.trainer.callback_metrics
     best = list(tmp_path.rglob("best-step3.ckpt"))
     assert len(best) == 1, list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_latin1_training_csv_is_one_error_line_naming_file_and_line(tmp_path, capsys, shared):
+    csv_path = tmp_path / "clips.csv"
+    dog = next(ESC.glob("dog__*.flac"))
+    csv_path.write_bytes(f"path,caption\n{dog},a dog barks\n{dog},caf\u00e9 noise\n".encode("latin-1"))
+    code = train.main(["fit", "--config", TINY, f"--data.train_csv={csv_path}", "--trainer.logger=false",
+                       "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                       f"--trainer.default_root_dir={tmp_path}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, errors
+    assert str(csv_path) in errors[0] and "line 3" in errors[0] and "UTF-8" in errors[0]
