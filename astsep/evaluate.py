@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         if oracle is not None and args.max_seconds is not None and args.max_seconds > 10.24:
             raise ConfigError("--guide oracle scores one 10.24 s window per row: --max-seconds must be <= 10.24")
         module = separator = table = None
-        config_path = args.separator_config or (DEFAULT_SEPARATOR_CONFIG if DEFAULT_SEPARATOR_CONFIG.is_file() else None)
+        default_config = DEFAULT_SEPARATOR_CONFIG if DEFAULT_SEPARATOR_CONFIG.is_file() else None
+        config_path = args.separator_config or default_config
         cfg = load_config(config_path)
         cfg.guide.device = args.device
         if args.refiner:
