@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import email.utils
-import fcntl
 import http.client
 import json
 import logging
@@ -564,6 +563,8 @@ class _FileLock:
             self._mutex.release()
 
     def _acquire(self, deadline: float | None) -> None:
+        import fcntl  # POSIX only; imported here so that `import astsep` works on Windows
+
         fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if deadline is None:
@@ -584,6 +585,8 @@ class _FileLock:
 
     def _release(self) -> None:
         if self._fd is not None:
+            import fcntl
+
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             finally:

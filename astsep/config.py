@@ -7,6 +7,7 @@ comes from the reference separator (``Bentlytrucker/ast_source_sep``), the refer
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,55 @@ SAMPLE_RATE = 16_000  # Hz; the AST's rate and the rate of every output file
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 
+N_AUDIOSET_CLASSES = 527  # class ids 0..526 of the AST AudioSet checkpoints
+MAX_WINDOW_SEC = 10.24  # the AST's input (1024 fbank frames of 10 ms): it never sees more of a window
+PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+# --- value checks: every dataclass below checks its own fields in __post_init__ ---------------------
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _int(section: str, key: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
+    """``value`` must be an int (not a bool, not a string) in ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{section}.{key} must be an integer, got {_describe(value)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{section}.{key} must be an integer {bound}, got {value}")
+
+
+def _float(section: str, key: str, value: Any, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False, hi_open: bool = False) -> None:
+    """``value`` must be a finite number (int or float, not a bool or a string) within the bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{section}.{key} must be a finite number, got {_describe(value)}")
+    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+    bad_hi = hi is not None and (value >= hi if hi_open else value > hi)
+    if bad_lo or bad_hi:
+        parts = []
+        if lo is not None:
+            parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+        if hi is not None:
+            parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+        raise ConfigError(f"{section}.{key} must be {' and '.join(parts)}, got {value:g}")
+
+
+def _bool(section: str, key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{section}.{key} must be true or false, got {_describe(value)}")
+
+
+def _str(section: str, key: str, value: Any, choices: tuple[str, ...] | None = None, optional: bool = False) -> None:
+    if optional and (value is None or isinstance(value, Path)):
+        return
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{section}.{key} must be a non-empty string{' or null' if optional else ''}, "
+                          f"got {_describe(value)}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, got {value!r}")
+
 
 @dataclass
 class STFTConfig:
@@ -28,6 +78,15 @@ class STFTConfig:
     hop: int = 160  # samples; 10 ms
     win_length: int = 400
     n_mels: int = 128  # slaney mel bands used for templates and similarity (reference N_MELS)
+
+    def __post_init__(self) -> None:
+        _int("stft", "n_fft", self.n_fft, lo=2)
+        _int("stft", "hop", self.hop, lo=1)
+        _int("stft", "win_length", self.win_length, lo=1, hi=self.n_fft)
+        if self.hop > self.win_length:
+            raise ConfigError(f"stft.hop ({self.hop}) must be <= stft.win_length ({self.win_length}): "
+                              "otherwise samples between frames are lost")
+        _int("stft", "n_mels", self.n_mels, lo=1)
 
 
 @dataclass
@@ -81,6 +140,37 @@ class SeparatorConfig:
     silence_dbfs: float = -80.0  # an input (or residual) quieter than this RMS is treated as silence
     eps: float = 1e-10
 
+    def __post_init__(self) -> None:
+        sec = "separator"
+        _int(sec, "max_passes", self.max_passes, lo=1)
+        _float(sec, "min_eratio", self.min_eratio, lo=0, hi=1, hi_open=True)
+        _float(sec, "grid_quantile", self.grid_quantile, lo=0, hi=1, lo_open=True)
+        _float(sec, "grid_contrast_low", self.grid_contrast_low, lo=0)
+        _float(sec, "grid_contrast_high", self.grid_contrast_high, lo=self.grid_contrast_low, lo_open=True)
+        _int(sec, "nmf_components", self.nmf_components, lo=1)
+        _int(sec, "nmf_iterations", self.nmf_iterations, lo=1)
+        _int(sec, "nmf_warm_iterations", self.nmf_warm_iterations, lo=0)
+        _float(sec, "nmf_power", self.nmf_power, lo=0, lo_open=True)
+        _int(sec, "nmf_seed", self.nmf_seed, lo=0)
+        _int(sec, "rounds", self.rounds, lo=1)
+        _int(sec, "fit_iterations", self.fit_iterations, lo=0)
+        _float(sec, "trust_residual_low", self.trust_residual_low, lo=0)
+        _float(sec, "trust_residual_high", self.trust_residual_high, lo=self.trust_residual_low, lo_open=True)
+        _float(sec, "fit_min_log_ratio", self.fit_min_log_ratio, lo=0, lo_open=True)
+        _float(sec, "fit_max_log_ratio", self.fit_max_log_ratio, lo=self.fit_min_log_ratio)
+        _float(sec, "source_nmf_min_trust", self.source_nmf_min_trust, lo=0, hi=1)
+        _int(sec, "source_nmf_rounds", self.source_nmf_rounds, lo=0)
+        _int(sec, "source_nmf_components", self.source_nmf_components, lo=1)
+        _int(sec, "source_nmf_iterations", self.source_nmf_iterations, lo=1)
+        _float(sec, "prior_clamp", self.prior_clamp, lo=0, hi=0.5, hi_open=True)
+        _float(sec, "suppression_db", self.suppression_db, hi=0)
+        _float(sec, "region_share", self.region_share, lo=0, hi=1, lo_open=True)
+        _float(sec, "active_threshold_db", self.active_threshold_db, hi=0)
+        _float(sec, "residual_min_share", self.residual_min_share, lo=0, hi=1)
+        _float(sec, "residual_confidence", self.residual_confidence, lo=0, hi=1)
+        _float(sec, "silence_dbfs", self.silence_dbfs, hi=0)
+        _float(sec, "eps", self.eps, lo=0, lo_open=True)
+
 
 @dataclass
 class GuideConfig:
@@ -100,6 +190,22 @@ class GuideConfig:
     cache_dir: str | None = None
     allow_pickle: bool = False  # load non-safetensors weights (pickle) only when asked
 
+    def __post_init__(self) -> None:
+        sec = "guide"
+        _str(sec, "model", self.model)
+        _str(sec, "device", self.device)
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"guide.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        _str(sec, "dtype", self.dtype, choices=PRECISIONS)
+        _bool(sec, "trim_padding", self.trim_padding)
+        _int(sec, "pad_merge", self.pad_merge, lo=0)
+        _int(sec, "max_frames", self.max_frames, lo=16)  # at least one 16-frame patch
+        _float(sec, "fbank_mean", self.fbank_mean)
+        _float(sec, "fbank_std", self.fbank_std, lo=0, lo_open=True)
+        _int(sec, "cache_size", self.cache_size, lo=0)
+        _str(sec, "cache_dir", self.cache_dir, optional=True)  # a folder (str or Path) or null
+        _bool(sec, "allow_pickle", self.allow_pickle)
+
 
 @dataclass
 class WindowConfig:
@@ -110,6 +216,12 @@ class WindowConfig:
     # windows processed together (one batched AST forward per pass); 0 = auto: 1 on CPU, where
     # batching buys no speed and intermediate memory would grow with it, 32 on a GPU
     batch_windows: int = 0
+
+    def __post_init__(self) -> None:
+        _float("window", "window_sec", self.window_sec, lo=0, hi=MAX_WINDOW_SEC, lo_open=True)
+        # the hop between windows is window_sec - overlap_sec: it must be positive, or the windows never advance
+        _float("window", "overlap_sec", self.overlap_sec, lo=0, hi=self.window_sec, hi_open=True)
+        _int("window", "batch_windows", self.batch_windows, lo=0)
 
 
 # AudioSet class ids per alert category (DESIGN.md).
@@ -123,6 +235,29 @@ DEFAULT_CATEGORIES: dict[str, list[int]] = {
 @dataclass
 class CategoryConfig:
     sets: dict[str, list[int]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_CATEGORIES.items()})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sets, dict):
+            raise ConfigError(f"categories.sets must be a mapping of category name to a list of AudioSet class ids, "
+                              f"got {_describe(self.sets)}")
+        owner: dict[int, str] = {}
+        for name, ids in self.sets.items():
+            if not isinstance(name, str) or not name or name == "other":
+                raise ConfigError(f"categories.sets: {name!r} is not a usable category name ('other' is what "
+                                  "every unlisted class gets)")
+            if not isinstance(ids, (list, tuple)):
+                raise ConfigError(f"categories.sets.{name} must be a list of AudioSet class ids, got {_describe(ids)}")
+            for i in ids:
+                if isinstance(i, bool) or not isinstance(i, int):
+                    raise ConfigError(f"categories.sets.{name}: class id {_describe(i)} is not an integer "
+                                      f"(write 390, not \"390\")")
+                if not 0 <= i < N_AUDIOSET_CLASSES:
+                    raise ConfigError(f"categories.sets.{name}: class id {i} is not an AudioSet class "
+                                      f"(0..{N_AUDIOSET_CLASSES - 1})")
+                if owner.get(i, name) != name:
+                    raise ConfigError(f"categories.sets: class id {i} is in both {owner[i]!r} and {name!r}; "
+                                      "a class belongs to one category")
+                owner[i] = name
 
     def category(self, class_id: int) -> str:
         for name, ids in self.sets.items():
@@ -153,11 +288,58 @@ def _build(cls, data: dict[str, Any], where: str):
     kwargs = {}
     for name, value in data.items():
         default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        if dataclasses.is_dataclass(default):
+            section = name if where == "config" else f"{where}.{name}"
+            if not isinstance(value, dict):
+                raise ConfigError(f"{section} must be a mapping of keys (or be left out for the defaults), "
+                                  f"got {_describe(value)}")
+            kwargs[name] = _build(type(default), value, section)
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+# What makes two baselines the same: every STFT and separator value and these guide values. The
+# device, cache and model-loading options do not change the masks; ``dtype`` is recorded but not
+# compared (float32 / bfloat16 / int8 change the AST's logits by a few hundredths, not the algorithm).
+BASELINE_GUIDE_KEYS = ("dtype", "trim_padding", "pad_merge", "max_frames", "fbank_mean", "fbank_std")
+UNCOMPARED_KEYS = ("guide.dtype",)
+
+
+def baseline_settings(cfg: AstsepConfig) -> dict[str, dict[str, Any]]:
+    """The settings that define the baseline's masks, by value (plain types: fit for a checkpoint's
+    hyper-parameters or a report): ``{"stft": {...}, "separator": {...}, "guide": {...}}``."""
+    return {"stft": dataclasses.asdict(cfg.stft), "separator": dataclasses.asdict(cfg.separator),
+            "guide": {k: getattr(cfg.guide, k) for k in BASELINE_GUIDE_KEYS}}
+
+
+def config_from_settings(settings: dict[str, Any], base: AstsepConfig | None = None,
+                         where: str = "baseline settings") -> AstsepConfig:
+    """``base`` (default: the defaults) with ``settings`` (:func:`baseline_settings`' layout) applied, checked."""
+    data = (base or AstsepConfig()).to_dict()
+    for section, values in (settings or {}).items():
+        if section not in data or not isinstance(values, dict):
+            raise ConfigError(f"{where}: unknown or malformed section {section!r}")
+        data[section].update(values)
+    try:
+        return _build(AstsepConfig, data, "config")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def settings_differences(recorded: dict[str, Any], cfg: AstsepConfig) -> list[str]:
+    """``["guide.trim_padding: True here False", …]``: the compared keys where ``cfg`` differs
+    from ``recorded`` (:func:`baseline_settings`' layout); keys missing from ``recorded`` are skipped."""
+    now = baseline_settings(cfg)
+    out = []
+    for section, values in (recorded or {}).items():
+        for key, was in (values or {}).items():
+            name = f"{section}.{key}"
+            if name in UNCOMPARED_KEYS or key not in now.get(section, {}):
+                continue
+            if now[section][key] != was:
+                out.append(f"{name} (trained with {was!r}, now {now[section][key]!r})")
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AstsepConfig:
@@ -173,7 +355,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping")
-    cfg = _build(AstsepConfig, data, "config")
+    try:
+        cfg = _build(AstsepConfig, data, "config")
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise ConfigError(f"config file {path}: {exc}") from None
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -181,5 +368,5 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         obj = getattr(cfg, section)
         if not hasattr(obj, key):
             raise ConfigError(f"unknown config key {dotted}")
-        setattr(obj, key, value)
+        setattr(cfg, section, dataclasses.replace(obj, **{key: value}))  # replace() checks the new value
     return cfg

@@ -10,7 +10,11 @@ For every row it scores four estimates of the target:
 
 - ``mixture``: the unprocessed mixture (SDRi = 0 by definition);
 - ``baseline``: the deterministic separator's source with the best SI-SDR against the target
-  (oracle selection among its up to K sources; see ``astsep.lit``);
+  (oracle selection among its up to K sources; see ``astsep.lit``). It is always made with the
+  evaluation's own settings (``--separator-config``, default ``configs/separator.yaml``, the ones
+  ``infer.py`` uses) and ``--guide-model``, with or without ``--refiner``, and the report says which;
+  a refiner is still fed the baseline it was trained on (its checkpoint's settings), and the report
+  lists where those differ;
 - ``refined``: the trained refiner (``--refiner best.ckpt``), queried with the caption's embedding
   (``--embedding-table``) or with the target's AST embedding, as it was trained;
 - ``oracle_irm``: the ideal ratio mask ``sqrt(|S|² / (|S|² + |N|²))`` on the mixture STFT, an
@@ -39,13 +43,15 @@ from pathlib import Path
 import torch
 
 from .audio import load_audio, write_bytes_atomic
-from .config import DEFAULT_MODEL, SAMPLE_RATE, STFTConfig, load_config
+from .config import DEFAULT_MODEL, SAMPLE_RATE, STFTConfig, baseline_settings, load_config, settings_differences
 from .data.audiocaps import mix_at_snr, read_csv_rows
 from .errors import AstsepError, ConfigError
 from .features import istft, stft
 from .metrics import separation_metrics
 
 log = logging.getLogger(__name__)
+
+DEFAULT_SEPARATOR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "separator.yaml"  # as infer.py
 
 METHODS = ("mixture", "baseline", "refined", "oracle_irm")
 METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")
@@ -127,8 +133,9 @@ def evaluate(items: list[EvalItem], module=None, separator=None, table=None, stf
              progress: bool = True, oracle=None, config=None) -> dict:
     """Score every item; returns ``{"n", "summary", "rows"}``.
 
-    ``module``: a trained ``RefinerModule`` (gives ``refined``, and ``baseline`` from its own guide);
-    ``separator``: a ``Separator`` for ``baseline`` without a refiner; ``table``: an
+    ``module``: a trained ``RefinerModule`` (gives ``refined``; and ``baseline`` from its own guide
+    when no ``separator`` is given); ``separator``: a ``Separator`` that makes ``baseline`` (with or
+    without a module); ``table``: an
     ``EmbeddingTable`` for caption queries when the module was trained on a table; ``oracle``: a
     :class:`~astsep.oracle.Degradation` for a baseline guided by an oracle built from each item
     (separator settings from ``config``, an :class:`AstsepConfig`).
@@ -154,11 +161,12 @@ def evaluate(items: list[EvalItem], module=None, separator=None, table=None, stf
                 query = table.lookup(item.caption).unsqueeze(0).to(dev)
             out = module.separate(xd, query)
             ests["refined"] = out["estimate"].float().cpu()
-            ests["baseline"] = baseline_estimate(out["sources"].cpu(), out["kept"].cpu(), x, s)[0]
-        elif separator is not None:
+            if separator is None:
+                ests["baseline"] = baseline_estimate(out["sources"].cpu(), out["kept"].cpu(), x, s)[0]
+        if separator is not None:
             res = separator.separate_batch(x)
             ests["baseline"] = baseline_estimate(res.sources.cpu(), res.kept.cpu(), x, s)[0]
-        elif oracle is not None:
+        elif oracle is not None and module is None:
             from .oracle import OracleGuide
             from .separator import Separator
 
@@ -181,6 +189,17 @@ def markdown(results: dict, title: str = "Separation quality") -> str:
     for method, vals in results["summary"].items():
         cells = [f"{vals[m]['mean']:.2f} ({vals[m]['median']:.2f})" for m in METRICS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    base = results.get("baseline")
+    if base:
+        g = base["settings"]["guide"]
+        lines += ["", f"Baseline: guide `{base['guide_model']}`, " + ", ".join(f"{k} {v}" for k, v in g.items())
+                  + f"; separator and STFT settings from {base['config']} (every value in report.json)."]
+    ref = results.get("refiner")
+    if ref:
+        diff = ref["baseline_differences"]
+        lines.append(f"Refiner `{ref['checkpoint']}` is fed the baseline it was trained on" + (
+            " (its checkpoint records no settings)." if diff is None else
+            f", which differs in: {'; '.join(diff)}." if diff else ", the same settings."))
     return "\n".join(lines) + "\n"
 
 
@@ -212,9 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and report.json")
     p.add_argument("--refiner", default=None, metavar="CKPT", help="trained refiner checkpoint (adds 'refined')")
     p.add_argument("--embedding-table", default=None, metavar="PT", help="caption embeddings for table-trained refiners")
-    p.add_argument("--guide-model", default=DEFAULT_MODEL,
-                   help="AST for the baseline without --refiner: Hub id, local folder, or 'tiny' (default %(default)s)")
-    p.add_argument("--separator-config", default=None, metavar="YAML", help="separator config for the baseline")
+    p.add_argument("--guide-model", default=None,
+                   help="AST for the baseline: Hub id, local folder, or 'tiny' (default: the refiner's guide with "
+                        f"--refiner, else {DEFAULT_MODEL})")
+    p.add_argument("--separator-config", default=None, metavar="YAML",
+                   help="separator and guide settings of the baseline (default configs/separator.yaml, as infer.py)")
     p.add_argument("--guide", default="ast", metavar="SPEC",
                    help="guide of the baseline: 'ast' (the AST, default) or 'oracle[:blur=1,noise_db=10,gamma=2,"
                         "gain=2,floor=0.2,random,seed=0]' (built from each row's known target)")
@@ -236,23 +257,42 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--guide oracle scores the baseline separator; it cannot be combined with --refiner")
         if oracle is not None and args.max_seconds is not None and args.max_seconds > 10.24:
             raise ConfigError("--guide oracle scores one 10.24 s window per row: --max-seconds must be <= 10.24")
-        items = read_eval_csv(args.mixtures, args.max_seconds)
         module = separator = table = None
-        cfg = load_config(args.separator_config)
+        default_config = DEFAULT_SEPARATOR_CONFIG if DEFAULT_SEPARATOR_CONFIG.is_file() else None
+        config_path = args.separator_config or default_config
+        cfg = load_config(config_path)
+        cfg.guide.device = args.device
         if args.refiner:
             module = load_refiner(args.refiner, args.device)
-        elif not args.no_baseline and oracle is None:
-            from .lit import build_guide
-            from .separator import Separator
+        guide_model = args.guide_model or (module.hparams.guide_model if module is not None else DEFAULT_MODEL)
+        info: dict = {"guide": args.guide}
+        if not args.no_baseline and oracle is None:
+            # one baseline: the evaluation's settings, whether or not a refiner is scored
+            info["baseline"] = {"guide_model": guide_model, "config": str(config_path or "defaults"),
+                                "settings": baseline_settings(cfg)}
+            same_as_refiner = (module is not None and guide_model == module.hparams.guide_model
+                               and module.hparams.baseline == baseline_settings(cfg))
+            if not same_as_refiner:  # else the refiner's own baseline run is this very baseline
+                from .lit import build_guide
+                from .separator import Separator
 
-            cfg.guide.device = args.device
-            separator = Separator(cfg, build_guide(args.guide_model, cfg.guide))
+                separator = Separator(cfg, build_guide(guide_model, cfg.guide, option="--guide-model"))
+        if module is not None:
+            info["refiner"] = {"checkpoint": str(args.refiner), "guide_model": module.hparams.guide_model,
+                               "baseline": module.hparams.baseline,
+                               "baseline_differences": (settings_differences(module.hparams.baseline, cfg)
+                                                        if module.hparams.baseline else None)}
+        items = read_eval_csv(args.mixtures, args.max_seconds)
         if args.embedding_table:
             from .query import EmbeddingTable
 
             table = EmbeddingTable.load(args.embedding_table)
         results = evaluate(items, module, separator, table, oracle=None if args.no_baseline else oracle, config=cfg)
-        results["guide"] = args.guide
+        if args.no_baseline:
+            results["summary"].pop("baseline", None)
+            for row in results["rows"]:
+                row.pop("baseline", None)
+        results.update(info)
         title = "Separation quality" + (f" (guide: {args.guide})" if oracle is not None else "")
         md, _ = write_report(results, args.out, title)
     except AstsepError as exc:

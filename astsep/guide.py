@@ -17,12 +17,16 @@ run patch by patch: its patches are merged into a few tokens that keep their sha
 (see :meth:`ASTGuide.forward_features`).
 
 Results are cached by content: a SHA-256 over the samples, the model's fingerprint and every
-setting that changes the output. The cache lives in memory (LRU) and optionally on disk.
+setting that changes the output. The cache lives in memory (LRU) and optionally on disk. The
+fingerprint is needed only by the disk cache (the memory cache belongs to one guide, one model),
+and computed on first use: a SHA-256 of the weight files' bytes when the model came from files,
+else of the parameters.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .audio import write_bytes_atomic
-from .config import GuideConfig
+from .config import PRECISIONS, GuideConfig
 from .errors import ConfigError, ModelError
 from .features import PatchLayout, ast_input
 
@@ -62,14 +66,18 @@ class GuideOutput:
         return torch.softmax(self.logits, dim=-1)
 
 
-PRECISIONS = ("float32", "bfloat16", "int8")
-
-
 def check_precision(dtype: str, device: torch.device) -> None:
     if dtype not in PRECISIONS:
         raise ModelError(f"unknown guide dtype {dtype!r} ({', '.join(PRECISIONS)})")
     if dtype == "int8" and device.type != "cpu":
         raise ModelError("guide dtype int8 runs on the CPU only; use bfloat16 (or --fast) on a GPU")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matrix products natively (AVX512 / AMX, as torch reports it).
+    Without (AVX2-only machines), a bfloat16 AST forward is about 5x slower than float32."""
+    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return "AVX512" in cap or "AMX" in cap
 
 
 def fast_precision(device: torch.device) -> str:
@@ -105,21 +113,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_ast_model(name_or_path: str, *, allow_pickle: bool = False):
+def load_ast_model(name_or_path: str, *, allow_pickle: bool = False, option: str = "--model"):
     """Load ``ASTForAudioClassification`` from a Hub id or a local folder, SDPA attention.
 
     Local folders must hold ``config.json`` and safetensors weights; pickle weights
     (``pytorch_model.bin``) are refused unless ``allow_pickle`` is set, since unpickling runs code.
-    Raises :class:`ModelError` with a message naming ``--model`` when the model cannot be had.
+    Raises :class:`ModelError` with a message naming ``option`` (the command-line option that takes
+    the model, ``--model`` for ``infer.py``) when the model cannot be had.
     """
     from transformers import ASTForAudioClassification
 
     path = Path(name_or_path).expanduser()
-    hint = ("download it on a connected machine (e.g. `hf download MIT/ast-finetuned-audioset-10-10-0.4593 "
-            "--local-dir ast_model`) and pass the folder with --model ast_model")
+    hint = (f"download it on a connected machine (e.g. `hf download MIT/ast-finetuned-audioset-10-10-0.4593 "
+            f"--local-dir ast_model`) and pass the folder with {option} ast_model")
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise ModelError(f"model folder {path} has no config.json; --model takes a Hub id or a folder "
+            raise ModelError(f"model folder {path} has no config.json; {option} takes a Hub id or a folder "
                              "saved with save_pretrained()")
         has_st = any(path.glob("*.safetensors"))
         has_pickle = any(path.glob("pytorch_model*.bin"))
@@ -133,7 +142,7 @@ def load_ast_model(name_or_path: str, *, allow_pickle: bool = False):
     else:
         looks_like_path = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1)
         if looks_like_path or name_or_path.count("/") > 1:
-            raise ModelError(f"model folder not found: {name_or_path} (--model takes a Hub id or a local folder)")
+            raise ModelError(f"model folder not found: {name_or_path} ({option} takes a Hub id or a local folder)")
         kwargs = {} if allow_pickle else {"use_safetensors": True}
         source = name_or_path
     if source == name_or_path:  # a Hub id: the local HF cache first, the network only if reachable
@@ -168,7 +177,40 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _weight_files(name_or_path: str) -> list[Path]:
+    """The weight files a model was loaded from: a local folder's, or the Hugging Face cache's
+    snapshot of a Hub id; ``[]`` when they cannot be found (the fingerprint then uses the parameters)."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(name_or_path, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the cache (or not a Hub id): no files to hash
+            return []
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    return [f for f in files if f.is_file()]
+
+
+def _stat(files: list[Path]) -> list[tuple[int, int]]:
+    return [(f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def _fingerprint_files(files: list[Path], model) -> str:
+    """SHA-256 of the config and of every weight file's bytes (header and tensors), by file name,
+    so that the same weights in another folder share a disk cache."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return "f" + h.hexdigest()[:15]
+
+
 def _fingerprint(model) -> str:
+    """Fingerprint of an in-memory model's parameters (no files to hash)."""
     h = hashlib.sha256()
     h.update(str(getattr(model.config, "_name_or_path", "")).encode())
     h.update(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
@@ -233,10 +275,16 @@ class ASTGuide:
     ``cache_hits`` (windows answered from the cache).
     """
 
-    def __init__(self, model, cfg: GuideConfig | None = None, name: str | None = None):
+    def __init__(self, model, cfg: GuideConfig | None = None, name: str | None = None,
+                 weight_files: list[Path] | None = None):
         self.cfg = cfg or GuideConfig()
         self.device = resolve_device(self.cfg.device)
         check_precision(self.cfg.dtype, self.device)
+        if self.cfg.dtype == "bfloat16" and self.device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("guide dtype bfloat16 was asked for, but this CPU has no native bfloat16 (torch reports %s): "
+                        "it would run about 5x slower than float32; running the AST in float32 (--fast uses int8 "
+                        "on the CPU)", torch.backends.cpu.get_cpu_capability())
+            self.cfg = dataclasses.replace(self.cfg, dtype="float32")
         if int(self.cfg.pad_merge) < 0:
             raise ConfigError(f"guide.pad_merge must be >= 0 (0 drops the padding), not {self.cfg.pad_merge}")
         self.dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
@@ -245,7 +293,13 @@ class ASTGuide:
         model = model.to(self.device, self.dtype).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        self.fingerprint = _fingerprint(model)  # of the float weights; the precision is in the cache key
+        # the fingerprint (of the float weights; the precision is in the cache key) waits for a cache
+        # that needs it, except for an in-memory model about to be quantised: its float weights go
+        self._fingerprint: str | None = None
+        self._weight_files = list(weight_files or [])
+        self._weight_stat = _stat(self._weight_files)
+        if self.cfg.dtype == "int8" and not self._weight_files:
+            self._fingerprint = _fingerprint(model)
         self.model = quantize_int8(model) if self.cfg.dtype == "int8" else model
         self.name = name or str(getattr(model.config, "_name_or_path", "") or "ast")
         conf = model.config
@@ -262,8 +316,22 @@ class ASTGuide:
         self.forward_seconds = 0.0
 
     @classmethod
-    def from_pretrained(cls, cfg: GuideConfig) -> "ASTGuide":
-        return cls(load_ast_model(cfg.model, allow_pickle=cfg.allow_pickle), cfg, name=cfg.model)
+    def from_pretrained(cls, cfg: GuideConfig, option: str = "--model") -> "ASTGuide":
+        """``option``: the command-line option that names the model, for error messages."""
+        model = load_ast_model(cfg.model, allow_pickle=cfg.allow_pickle, option=option)
+        return cls(model, cfg, name=cfg.model, weight_files=_weight_files(cfg.model))
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the weights (computed once, on first use): a hash of the weight files the model
+        was loaded from, or of its parameters when it came from memory or its files changed since."""
+        if self._fingerprint is None:
+            files = self._weight_files
+            if files and all(f.is_file() for f in files) and _stat(files) == self._weight_stat:
+                self._fingerprint = _fingerprint_files(files, self.model)
+            else:
+                self._fingerprint = _fingerprint(self.model)
+        return self._fingerprint
 
     @classmethod
     def from_model(cls, model, cfg: GuideConfig | None = None, name: str | None = None) -> "ASTGuide":
@@ -279,7 +347,10 @@ class ASTGuide:
 
     # --- cache keys ---------------------------------------------------------------------------
     def _settings(self) -> bytes:
-        return json.dumps({"fp": self.fingerprint, "dtype": self.cfg.dtype, "trim": self.cfg.trim_padding,
+        # the memory cache belongs to this guide and its one model: only files on disk, which other
+        # guides and processes read, need the model's fingerprint in their key
+        fp = self.fingerprint if self.cache.dir is not None else None
+        return json.dumps({"fp": fp, "dtype": self.cfg.dtype, "trim": self.cfg.trim_padding,
                            "pad_merge": self.cfg.pad_merge if self.cfg.trim_padding else None,
                            "max_frames": self.max_frames, "mean": self.cfg.fbank_mean, "std": self.cfg.fbank_std,
                            "v": 1}, sort_keys=True).encode()
@@ -300,15 +371,17 @@ class ASTGuide:
         """
         if x.dim() == 1:
             x = x.unsqueeze(0)
-        keys = [self.key(row) for row in x]
-        found = [self.cache.get(k) for k in keys]
+        cached = self.cache.size > 0 or self.cache.dir is not None
+        keys = [self.key(row) for row in x] if cached else [None] * x.shape[0]
+        found = [self.cache.get(k) if k is not None else None for k in keys]
         miss = [i for i, f in enumerate(found) if f is None]
         self.cache_hits += len(keys) - len(miss)
         if miss:
             fresh = self._forward(x[miss].to(self.device))
             for j, i in enumerate(miss):
                 item = {name: t[j].detach().to("cpu", torch.float32).clone() for name, t in fresh.items()}
-                self.cache.put(keys[i], item)
+                if keys[i] is not None:
+                    self.cache.put(keys[i], item)
                 found[i] = item
         tp_valid = self.layout.valid_time_patches(x.shape[-1], self.max_frames, self.time_patches)
         grid = torch.stack([f["grid"] for f in found])

@@ -35,9 +35,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
-from .config import GuideConfig, load_config
+from .config import GuideConfig, baseline_settings, config_from_settings, load_config
 from .errors import ConfigError
 from .features import istft, stft
 from .metrics import sdr_sisdr_loss, separation_metrics, si_sdr
@@ -45,13 +46,14 @@ from .refiner import MaskRefiner, RefinerConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefinerModule", "AutoWandbLogger", "build_guide", "baseline_estimate"]
+__all__ = ["RefinerModule", "AutoWandbLogger", "ValidateOnLastStep", "build_guide", "baseline_estimate"]
 
 METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")
 
 
-def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0):
-    """``ASTGuide`` from a Hub id / local folder, or ``"tiny"`` (random tiny AST, smoke tests)."""
+def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0, option: str = "--model"):
+    """``ASTGuide`` from a Hub id / local folder, or ``"tiny"`` (random tiny AST, smoke tests);
+    ``option`` names the command-line option that took ``model`` in error messages."""
     from .guide import ASTGuide
 
     if model == "tiny":
@@ -59,7 +61,7 @@ def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0):
 
         return ASTGuide.from_model(tiny_ast(seed=seed), guide_cfg, name=f"tiny-ast-{seed}")
     guide_cfg = dataclasses.replace(guide_cfg, model=model)
-    return ASTGuide.from_pretrained(guide_cfg)
+    return ASTGuide.from_pretrained(guide_cfg, option=option)
 
 
 def baseline_estimate(sources: torch.Tensor, kept: torch.Tensor, mixture: torch.Tensor,
@@ -88,6 +90,22 @@ class AutoWandbLogger(WandbLogger):
         super().__init__(offline=offline, **kwargs)
 
 
+class ValidateOnLastStep(Callback):
+    """Validate after the last training step when ``trainer.max_steps`` ends a run mid-epoch.
+
+    Lightning validates only at ``val_check_interval`` and at epoch ends, so a ``max_steps`` that
+    stops inside an epoch (``--trainer.max_steps=20`` with 100-step epochs) ended without any, or
+    with a stale, validation: no ``val/...`` metric for ``ModelCheckpoint`` / ``EarlyStopping``
+    and no checkpoint of the final weights. Asking the trainer to stop at the last step makes its
+    own loop run the validation there (the path early stopping takes), so checkpoints and
+    monitors see it as usual. :class:`RefinerModule` adds it in ``configure_callbacks``.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 class RefinerModule(pl.LightningModule):
     """Trains :class:`MaskRefiner` on top of the frozen AST-guided separator.
 
@@ -96,9 +114,12 @@ class RefinerModule(pl.LightningModule):
         guide_model: AST Hub id, local folder, or ``"tiny"`` (random tiny AST for smoke tests).
         guide_seed: seed of the ``"tiny"`` guide.
         separator_config: YAML of the separator (``configs/separator.yaml`` layout); None: defaults.
-        guide_dtype: AST precision (``float32``, ``bfloat16``, or ``int8`` on the CPU).
-        trim_padding: run the AST only on the patches that hold audio (5 s segments: half the cost).
-        pad_merge: with ``trim_padding``, padded patches per merged token (0: the padding is dropped).
+        guide_dtype: AST precision (``float32``, ``bfloat16``, or ``int8`` on the CPU); None: the
+            separator config's (float32 by default).
+        trim_padding: run the AST only on the patches that hold audio (5 s segments: half the cost);
+            None: the separator config's, which is also what ``infer.py`` uses (false by default).
+        pad_merge: with ``trim_padding``, padded patches per merged token (0: the padding is dropped);
+            None: the separator config's (8).
         query_source: ``"table"`` (batch ``query``) or ``"target_audio"`` (AST embedding of the target).
         sdr_weight: λ of the loss ``-λ·SDR - (1-λ)·SI-SDR``.
         lr, weight_decay, betas: AdamW.
@@ -107,14 +128,19 @@ class RefinerModule(pl.LightningModule):
         example_every_n_val: log audio examples and mask images every N validations (0: never).
         n_examples: examples per logging.
         cache_val_baseline: keep the baseline's results of the fixed validation batches in memory.
+        baseline: leave it null. The STFT, separator and guide settings by value
+            (:func:`astsep.config.baseline_settings`), which the module writes into its
+            hyper-parameters so that a checkpoint says what baseline the refiner was trained on,
+            wherever it is loaded (``infer.py --refiner`` compares them with its own). When given
+            (loading a checkpoint), they replace ``separator_config``, ``trim_padding``, ``pad_merge``.
     """
 
     def __init__(self, refiner: RefinerConfig | dict | None = None, guide_model: str = "tiny", guide_seed: int = 0,
-                 separator_config: str | None = None, guide_dtype: str = "float32", trim_padding: bool = True,
-                 pad_merge: int = 8, query_source: str = "table", sdr_weight: float = 0.5, lr: float = 1e-3,
-                 weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
+                 separator_config: str | None = None, guide_dtype: str | None = None,
+                 trim_padding: bool | None = None, pad_merge: int | None = None, query_source: str = "table",
+                 sdr_weight: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  schedule: str = "cosine", min_lr_ratio: float = 0.05, example_every_n_val: int = 5,
-                 n_examples: int = 2, cache_val_baseline: bool = True):
+                 n_examples: int = 2, cache_val_baseline: bool = True, baseline: dict | None = None):
         super().__init__()
         if isinstance(refiner, dict):
             refiner = RefinerConfig(**refiner)
@@ -125,11 +151,18 @@ class RefinerModule(pl.LightningModule):
             raise ConfigError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
         self.save_hyperparameters()
         self.hparams["refiner"] = dataclasses.asdict(refiner)  # plain types: checkpoints load with weights_only
-        self.cfg = load_config(separator_config)
-        self.cfg.guide.dtype = guide_dtype
-        self.cfg.guide.trim_padding = trim_padding
-        self.cfg.guide.pad_merge = pad_merge
-        self.cfg.guide.cache_size = 0  # training mixtures never repeat; validation is cached here instead
+        if baseline is not None:  # a checkpoint: the settings it was trained with, not a path
+            cfg = config_from_settings(baseline, where="the checkpoint's baseline settings")
+        else:
+            cfg = load_config(separator_config)
+            chosen = {"trim_padding": trim_padding, "pad_merge": pad_merge}
+            cfg.guide = dataclasses.replace(cfg.guide, **{k: v for k, v in chosen.items() if v is not None})
+        if guide_dtype is not None:
+            cfg.guide = dataclasses.replace(cfg.guide, dtype=guide_dtype)
+        self.hparams["baseline"] = baseline_settings(cfg)
+        # training mixtures never repeat; validation is cached here instead
+        cfg.guide = dataclasses.replace(cfg.guide, cache_size=0)
+        self.cfg = cfg
         if self.cfg.separator.max_passes != refiner.n_masks:
             raise ConfigError(f"refiner.n_masks={refiner.n_masks} must equal the separator's max_passes="
                               f"{self.cfg.separator.max_passes}")
@@ -295,6 +328,9 @@ class RefinerModule(pl.LightningModule):
                 images = [(np.flipud(m.clamp(0, 1).numpy()) * 255).astype(np.uint8) for m in imgs]
                 lg.log_image(f"examples/{i}/masks", images, step=self.global_step,
                              caption=["refined"] + [f"baseline pass {k}" for k in range(len(imgs) - 1)])
+
+    def configure_callbacks(self):
+        return [ValidateOnLastStep()]
 
     # --- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):

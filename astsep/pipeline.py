@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import fcntl
 import glob
 import json
 import logging
@@ -198,6 +197,8 @@ class Pipeline:
         if self.refiner is not None and self.refiner.n_masks != self.cfg.separator.max_passes:
             raise ConfigError(f"the refiner takes {self.refiner.n_masks} baseline masks but --max-passes is "
                               f"{self.cfg.separator.max_passes}; use --max-passes {self.refiner.n_masks}")
+        if self.refiner is not None:
+            self.refiner.check_baseline(self.cfg)  # warns, naming the keys, if trained on another baseline
 
     @property
     def model_name(self) -> str:
@@ -484,6 +485,8 @@ def _lock_path(out_dir: Path) -> Path:
 def _flock(path: Path, out_dir: Path):
     """Open and ``flock`` ``path``; retried when the name stopped pointing at the locked inode
     (the holder removed or replaced the lock file meanwhile), so a stale inode never counts."""
+    import fcntl  # POSIX only; imported here so that `import astsep` works on Windows
+
     for _ in range(20):
         fh = open(path, "a+")
         try:

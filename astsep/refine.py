@@ -11,7 +11,10 @@ Two uses, both behind ``infer.py --refiner CKPT``:
   ``--negative``): the refiner's mask for the query, plus the rest.
 
 Checkpoints are Lightning checkpoints written by ``train.py`` (``hyper_parameters`` hold plain
-types); they are read with ``torch.load(weights_only=True)``: no pickled code runs.
+types); they are read with ``torch.load(weights_only=True)``: no pickled code runs. They record the
+baseline's STFT, separator and guide settings by value (``hyper_parameters["baseline"]``); the
+refiner is fed baseline masks, so :meth:`Refiner.check_baseline` warns, naming the keys, when the
+inference config would make different ones.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import STFTConfig
+from .config import AstsepConfig, STFTConfig, settings_differences
 from .errors import ConfigError, ModelError
 from .features import istft, stft
 from .refiner import MaskRefiner, RefinerConfig
@@ -43,7 +46,8 @@ class Query:
 class Refiner:
     """A trained refiner ready for inference, plus what it needs to embed queries."""
 
-    def __init__(self, net: MaskRefiner, query_source: str, name: str, table=None, text_encoder=None):
+    def __init__(self, net: MaskRefiner, query_source: str, name: str, table=None, text_encoder=None,
+                 baseline: dict | None = None):
         self.net = net.eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -51,6 +55,7 @@ class Refiner:
         self.name = name
         self.table = table
         self.text_encoder = text_encoder
+        self.baseline = baseline  # the settings it was trained with (astsep.config.baseline_settings), or None
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
@@ -85,7 +90,22 @@ class Refiner:
             from .query import ClapQueryEncoder
 
             enc = ClapQueryEncoder(clap_ckpt)
-        return cls(net, str(hp.get("query_source", "table")), p.name, tbl, enc)
+        baseline = hp.get("baseline")
+        return cls(net, str(hp.get("query_source", "table")), p.name, tbl, enc,
+                   baseline if isinstance(baseline, dict) else None)
+
+    def check_baseline(self, cfg: AstsepConfig) -> list[str]:
+        """Warn when ``cfg`` makes other baseline masks than the refiner was trained on; returns the
+        differing keys with both values (empty when they match or the checkpoint records none)."""
+        if self.baseline is None:
+            log.info("refiner %s records no baseline settings (written before they were recorded); "
+                     "cannot check that the baseline matches its training", self.name)
+            return []
+        diff = settings_differences(self.baseline, cfg)
+        if diff:
+            log.warning("refiner %s was trained on a baseline with other settings: %s; its masks may be worse "
+                        "than its validation scores (set these in --config to match)", self.name, "; ".join(diff))
+        return diff
 
     @property
     def query_dim(self) -> int:

@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 from astsep.data import AudioCapsDataModule, MixtureDataset, mix_at_snr, read_clip_csv
+from astsep.errors import ConfigError
 from astsep.query import EmbeddingTable
 from conftest import ESC, clip
 
@@ -111,3 +112,21 @@ def test_datamodule_batches_carry_table_queries_and_negatives(tmp_path, clip_csv
         torch.testing.assert_close(batch["negative"][i], table.lookup(batch["negative_caption"][i]))
     v1, v2 = next(iter(dm.val_dataloader())), next(iter(dm.val_dataloader()))
     torch.testing.assert_close(v1["mixture"], v2["mixture"])
+
+
+def test_a_latin1_csv_is_one_clear_error_naming_the_file_and_line(tmp_path, shared):
+    path = tmp_path / "clips.csv"
+    dog = next(ESC.glob("dog__*.flac"))
+    path.write_bytes(f"path,caption\n{dog},a dog barks\n{dog},un chien aboie pr\u00e8s du caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        read_clip_csv(path)
+    msg = str(info.value)
+    assert str(path) in msg and "line 3" in msg and "UTF-8" in msg and "\n" not in msg, msg
+
+
+def test_a_utf8_csv_with_a_bom_reads_its_first_column(tmp_path, shared):
+    path = tmp_path / "clips.csv"
+    dog = next(ESC.glob("dog__*.flac"))
+    path.write_bytes(f"path,caption\n{dog},caf\u00e9 dog\n".encode("utf-8-sig"))
+    clips = read_clip_csv(path)
+    assert len(clips) == 1 and clips[0].caption == "caf\u00e9 dog"

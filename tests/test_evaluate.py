@@ -107,3 +107,43 @@ def test_bad_guide_spec_is_one_line_and_exit_2(tmp_path, pair_csv, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown oracle degradation 'blurr'") and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def _one_row_csv(tmp_path):
+    p = tmp_path / "one.csv"
+    p.write_text(f"target,interferer\n{_flac('dog')},{_flac('rain')}\n")
+    return p
+
+
+def test_the_baseline_is_the_same_with_and_without_a_refiner_and_the_report_names_its_settings(tmp_path, shared):
+    # a refiner trained on another baseline (trimmed padding, padding dropped) than the evaluation's
+    module = RefinerModule(refiner=dict(n_masks=3, query_dim=32, channels=4, max_channels=8, depth=2, cond_dim=8),
+                           guide_model="tiny", query_source="target_audio", trim_padding=True, pad_merge=0,
+                           example_every_n_val=0)
+    s, n = clip("dog", 1.0), clip("rain", 1.0)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader([{"mixture": s + n, "target": s}], batch_size=1))
+    trainer.save_checkpoint(tmp_path / "r.ckpt")
+
+    csv_path, reports = _one_row_csv(tmp_path), {}
+    for name, extra in (("plain", []), ("refined", ["--refiner", str(tmp_path / "r.ckpt")])):
+        assert main(["--mixtures", str(csv_path), "--out", str(tmp_path / name), "--guide-model", "tiny",
+                     "--max-seconds", "2", *extra]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    plain, refined = reports["plain"], reports["refined"]
+    assert plain["rows"][0]["baseline"] == refined["rows"][0]["baseline"]
+    assert plain["baseline"] == refined["baseline"]
+    assert plain["baseline"]["settings"]["guide"]["trim_padding"] is False  # infer.py's default
+    assert "guide.trim_padding" in " ".join(refined["refiner"]["baseline_differences"])
+    md = (tmp_path / "refined" / "report.md").read_text()
+    assert "trim_padding False" in md and "differs in: guide.trim_padding" in md
+
+
+def test_default_hub_guide_offline_is_one_line_naming_the_option_and_exit_3(tmp_path, capsys, shared, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: the published AST is not here
+    assert main(["--mixtures", str(_one_row_csv(tmp_path)), "--out", str(tmp_path / "r")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: cannot load AST model") and "--guide-model" in err, err
+    assert not (tmp_path / "r").exists()

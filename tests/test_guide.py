@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torchaudio.compliance.kaldi as kaldi
 from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
 from astsep.config import GuideConfig
-from astsep.errors import ModelError
+from astsep.errors import ConfigError, ModelError
 from astsep.features import ast_fbank, ast_input, istft, mel_to_linear, stft
 from astsep.config import STFTConfig
 from astsep.guide import ASTGuide, check_precision, fast_precision, load_ast_model
@@ -131,8 +133,10 @@ def test_int8_guide_is_close_to_float32_and_leaves_the_callers_model_alone(share
 
 
 def test_int8_guide_refuses_a_gpu_and_unknown_precisions_are_named():
+    with pytest.raises(ConfigError, match="float32, bfloat16, int8"):
+        GuideConfig(dtype="fp8")  # refused when the config is built, before any model is loaded
     with pytest.raises(ModelError, match="float32, bfloat16, int8"):
-        ASTGuide(tiny_ast(seed=0), GuideConfig(dtype="fp8"))
+        check_precision("fp8", torch.device("cpu"))
     with pytest.raises(ModelError, match="CPU only"):
         check_precision("int8", torch.device("cuda"))
     check_precision("bfloat16", torch.device("cuda"))
@@ -197,3 +201,67 @@ def test_seed_recording_is_what_the_benchmarks_expect(shared):
 
     info = sf.info(str(SEED_RECORDING))
     assert info.samplerate == 16000 and np.isclose(info.duration, 5.056, atol=0.01)
+
+
+def test_bfloat16_is_not_used_on_a_cpu_without_native_bf16_and_the_user_is_told(monkeypatch, caplog):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with caplog.at_level("WARNING", logger="astsep.guide"):
+        g = ASTGuide(tiny_ast(seed=0), GuideConfig(device="cpu", dtype="bfloat16"))
+    assert g.cfg.dtype == "float32" and next(g.model.parameters()).dtype == torch.float32
+    assert "no native bfloat16" in caplog.text and "AVX2" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with caplog.at_level("WARNING", logger="astsep.guide"):
+        g = ASTGuide(tiny_ast(seed=0), GuideConfig(device="cpu", dtype="bfloat16"))
+    assert g.cfg.dtype == "bfloat16" and next(g.model.parameters()).dtype == torch.bfloat16 and not caplog.text
+
+
+def _forbid_fingerprints(monkeypatch):
+    import astsep.guide as guide_mod
+
+    def boom(*a, **k):
+        raise AssertionError("fingerprint computed")
+
+    monkeypatch.setattr(guide_mod, "_fingerprint", boom)
+    monkeypatch.setattr(guide_mod, "_fingerprint_files", boom)
+
+
+def test_the_fingerprint_is_not_computed_when_no_disk_cache_needs_it(tmp_path, monkeypatch, shared):
+    d = tmp_path / "m"
+    tiny_ast(seed=0).save_pretrained(d)
+    x = clip("cat", 1.0).unsqueeze(0)
+    _forbid_fingerprints(monkeypatch)
+    for cfg in (GuideConfig(model=str(d), device="cpu"), GuideConfig(model=str(d), device="cpu", cache_size=0)):
+        g = ASTGuide.from_pretrained(cfg)  # start-up hashes nothing
+        g(x)
+        g(x)  # the memory cache answers without any fingerprint
+        assert g.forwards == (1 if cfg.cache_size else 2)
+    g = ASTGuide(tiny_ast(seed=0), GuideConfig(device="cpu"))  # an in-memory model: no parameter sums either
+    g(x)
+
+
+def test_the_fingerprint_comes_from_the_weight_files_and_changes_with_them(tmp_path, monkeypatch, shared):
+    import astsep.guide as guide_mod
+
+    d = tmp_path / "m"
+    model = tiny_ast(seed=0)
+    model.save_pretrained(d)
+    monkeypatch.setattr(guide_mod, "_fingerprint", lambda m: pytest.fail("parameters summed for a model from files"))
+    cfg = GuideConfig(model=str(d), device="cpu", cache_dir=str(tmp_path / "cache"))
+    first = ASTGuide.from_pretrained(cfg).fingerprint
+    x = clip("cat", 1.0).unsqueeze(0)
+    g = ASTGuide.from_pretrained(cfg)
+    g(x)
+    assert g.fingerprint == first  # stable: same files
+    copy_dir = tmp_path / "elsewhere"
+    model.save_pretrained(copy_dir)  # the same weights in another folder share the disk cache
+    g2 = ASTGuide.from_pretrained(dataclasses.replace(cfg, model=str(copy_dir)))
+    g2(x)
+    assert g2.fingerprint == first and (g2.forwards, g2.cache_hits) == (0, 1)
+    with torch.no_grad():
+        model.classifier.dense.bias[0] += 1e-3  # one value of one tensor
+    model.save_pretrained(d)
+    changed = ASTGuide.from_pretrained(cfg)
+    assert changed.fingerprint != first
+    changed(x)
+    assert changed.forwards == 1  # a disk-cache miss: the old weights' results are not reused

@@ -173,3 +173,49 @@ def test_a_text_query_missing_from_the_table_names_the_nearest_entries(tmp_path,
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1, err
     assert "'a dog barking'" in lines[0] and "nearest" in lines[0] and "--clap-ckpt" in lines[0]
+
+
+def test_training_and_inference_default_to_the_same_baseline_settings():
+    from astsep.config import baseline_settings, load_config
+    from conftest import ROOT
+
+    module = RefinerModule(refiner=dict(SMALL, query_dim=32), guide_model="tiny")
+    infer_cfg = load_config(ROOT / "configs" / "separator.yaml")  # what infer.py reads by default
+    assert module.hparams["baseline"] == baseline_settings(infer_cfg)
+    assert module.cfg.guide.trim_padding is False
+
+
+def test_a_checkpoint_records_the_baseline_by_value_and_inference_warns_naming_what_differs(tmp_path, caplog, shared):
+    from astsep.config import load_config
+    from astsep.pipeline import Pipeline
+
+    sep_yaml = tmp_path / "sep.yaml"
+    sep_yaml.write_text("separator:\n  rounds: 2\n")
+    module = RefinerModule(refiner=dict(SMALL, query_dim=32), guide_model="tiny", separator_config=str(sep_yaml),
+                           trim_padding=True, pad_merge=0, query_source="target_audio")
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False)
+    s = clip("dog", 1.0)
+    trainer.fit(module, DataLoader([{"mixture": s + clip("rain", 1.0), "target": s}], batch_size=1))
+    trainer.save_checkpoint(tmp_path / "r.ckpt")
+    sep_yaml.unlink()  # the checkpoint holds the values, not the path
+
+    hp = torch.load(tmp_path / "r.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hp["baseline"]["separator"]["rounds"] == 2 and hp["baseline"]["guide"]["trim_padding"] is True
+    reloaded = RefinerModule.load_from_checkpoint(tmp_path / "r.ckpt", map_location="cpu", weights_only=True)
+    assert reloaded.cfg.separator.rounds == 2 and reloaded.cfg.guide.pad_merge == 0
+
+    ref = Refiner.load(tmp_path / "r.ckpt")
+    from astsep.guide import ASTGuide
+    from astsep.testing import tiny_ast
+
+    guide = ASTGuide.from_model(tiny_ast(seed=0), load_config(None).guide)
+    with caplog.at_level("WARNING", logger="astsep.refine"):
+        Pipeline(load_config(None), guide, refiner=ref)
+    assert "separator.rounds" in caplog.text and "guide.trim_padding" in caplog.text and "guide.pad_merge" in caplog.text
+    assert "stft." not in caplog.text and "max_passes" not in caplog.text
+    caplog.clear()
+    same = load_config(None, {"separator.rounds": 2, "guide.trim_padding": True, "guide.pad_merge": 0})
+    with caplog.at_level("WARNING", logger="astsep.refine"):
+        Pipeline(same, guide, refiner=ref)
+    assert "other settings" not in caplog.text

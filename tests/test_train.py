@@ -86,3 +86,30 @@ def test_non_finite_loss_skips_the_step_with_a_warning(caplog, shared):
 def test_refiner_masks_must_match_the_separator_passes():
     with pytest.raises(ConfigError, match="max_passes"):
         RefinerModule(refiner=dict(n_masks=2, query_dim=32), guide_model="tiny")
+
+
+@pytest.mark.parametrize("extra", [[], ["--trainer.val_check_interval=50"]])
+def test_a_run_that_stops_mid_epoch_validates_at_its_last_step_and_saves_a_best_checkpoint(tmp_path, shared, extra):
+    """``--trainer.max_steps`` inside the first epoch used to end in "EarlyStopping conditioned on metric
+    val/refined/si_sdri which is not available": no validation had run."""
+    cli = train.cli(["--config", TINY, f"--data.train_csv={MANIFEST}", "--data.epoch_size=40", "--data.val_mixtures=4",
+                     "--trainer.max_steps=3", f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.example_every_n_val=0",
+                     "--trainer.enable_progress_bar=false",
+                     f"--trainer.default_root_dir={tmp_path}", *extra], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 3 and cli.model.n_validations == 1
+    assert "val/refined/si_sdri" in cli.trainer.callback_metrics
+    best = list(tmp_path.rglob("best-step3.ckpt"))
+    assert len(best) == 1, list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_latin1_training_csv_is_one_error_line_naming_file_and_line(tmp_path, capsys, shared):
+    csv_path = tmp_path / "clips.csv"
+    dog = next(ESC.glob("dog__*.flac"))
+    csv_path.write_bytes(f"path,caption\n{dog},a dog barks\n{dog},caf\u00e9 noise\n".encode("latin-1"))
+    code = train.main(["fit", "--config", TINY, f"--data.train_csv={csv_path}", "--trainer.logger=false",
+                       "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                       f"--trainer.default_root_dir={tmp_path}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, errors
+    assert str(csv_path) in errors[0] and "line 3" in errors[0] and "UTF-8" in errors[0]

@@ -20,6 +20,7 @@ random overall gain from ``gain_db``; when the mixture would clip, both are scal
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -100,9 +101,15 @@ def read_csv_rows(csv_path: str | Path, what: str) -> tuple[Path, set[str], list
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file():
         raise ConfigError(f"{what} not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        return csv_path, set(reader.fieldnames or []), list(reader)
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM (Excel's UTF-8 export) is not part of the first column's name
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {csv_path} is not UTF-8 text: line {line} holds the byte 0x{raw[exc.start]:02x}; "
+                          f"save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    return csv_path, set(reader.fieldnames or []), list(reader)
 
 def read_clip_csv(csv_path: str | os.PathLike, audio_dir: str | os.PathLike | None = None,
                   min_seconds: float = 1.0, skipped: Counter | None = None) -> list[Clip]:
