@@ -6,19 +6,24 @@ the guide's answer for them, and returns one mask per window (``F`` STFT bins, `
 
 1. :func:`guidance_prior` — the guide's 2-D grid ``(b, Fp, tp)`` says how much of every AST patch
    belongs to the sound it names. A calibrated grid (an oracle's energy shares) is used as it is;
-   an attention map is scaled so its ``grid_quantile`` maps to 1. Linear interpolation between
-   patch centres spreads it over bins and frames: the prior ``(b, F, T)``.
+   an attention map is scaled so its ``grid_quantile`` maps to 1, and a nearly flat one (it says
+   nothing about where) gives way to the patches' loudness. Linear interpolation between patch
+   centres spreads it over bins and frames: the prior ``(b, F, T)``.
 2. :func:`nmf` — the current power spectrogram is factorised into ``nmf_components`` spectral
    templates × activations (KL multiplicative updates). This is the mixture's own structure at
    STFT resolution, which the 160 ms × 16-band patches cannot see.
 3. :func:`component_split` — every component is given to the target in proportion to how much of
    its energy falls where the target is believed to be; the components' model of the target and of
    the rest, combined with the prior, gives a per-bin posterior (product of experts).
+   :func:`grid_trust` compares the grid with the shares this posterior gives: an exact grid agrees
+   with the mixture's structure, a blurred or noisy one does not.
 4. :func:`fit_patch_shares` — the posterior is corrected, patch by patch, towards the grid's shares
    of the energy (an EM fit to the patch proportions over the overlapping patches). The correction
-   is bounded (``fit_max_log_ratio``) so that a blurred or noisy grid cannot force a share onto bins
-   that do not look like the target. Steps 3-4 repeat ``rounds`` times, each with the sharper
-   posterior.
+   is bounded, loosely for a trusted grid and tightly for an untrusted one, so that a blurred or
+   noisy grid cannot force a share onto bins that do not look like the target. Steps 3-4 repeat
+   ``rounds`` times, each with the sharper posterior.
+5. For trusted windows, each side of the mask gets its own NMF (the target's templates and the
+   rest's); their Wiener ratio, fitted to the grid again, is the mask (``source_nmf_*``).
 
 The posterior is the mask. Source = mask · current STFT (its phase); the rest goes on to the next
 pass. Confidence never removes frames; the class and confidence only name the source. An item
