@@ -117,16 +117,18 @@ class SeparatorConfig:
     # those of the mixture's own NMF structure; trust 1 at or below trust_residual_low, 0 at or
     # above trust_residual_high (an exact oracle grid gives ~0.055, blurred by a patch ~0.085,
     # with 10 dB noise ~0.15).
-    trust_residual_low: float = 0.06
-    trust_residual_high: float = 0.10
+    trust_residual_low: float = 0.05
+    trust_residual_high: float = 0.09
     # bound on the accumulated per-patch log correction of the fit, from fit_min_log_ratio (trust 0:
-    # e^0.25 = 1.3x) to fit_max_log_ratio (trust 1: the grid's shares are met), on a log scale
-    fit_min_log_ratio: float = 0.25
-    fit_max_log_ratio: float = 8.0
+    # e^0.125 = 1.13x) to fit_max_log_ratio (trust 1: e^4, the grid's shares are met), on a log scale
+    fit_min_log_ratio: float = 0.125
+    fit_max_log_ratio: float = 4.0
     # windows trusted at least this much are refined with one NMF per side of the mask (the target's
-    # and the rest's own templates), fitted to the grid again, source_nmf_rounds times
+    # and the rest's own templates), fitted to the grid again, source_nmf_rounds times. Off by
+    # default: with an exact grid it adds ~0.4 dB (oracle 12.0 dB), but a lightly spoiled grid
+    # (20 dB noise, half-patch blur) loses up to 1 dB with it (benchmarks/README.md)
     source_nmf_min_trust: float = 0.25
-    source_nmf_rounds: int = 2
+    source_nmf_rounds: int = 0
     source_nmf_components: int = 16
     source_nmf_iterations: int = 20  # per later round (the first uses nmf_iterations)
     prior_clamp: float = 0.02  # posteriors are kept in [0.02, 0.98] before the fit (no bin is certain)
