@@ -128,6 +128,15 @@ def validate_url(url: str) -> str:
     return url
 
 
+
+def parse_iso_time(text: str) -> datetime:
+    """An ISO-8601 time as an aware datetime: ``Z`` or an offset, else UTC. Raises ``ValueError``."""
+    t = text.strip()
+    if t.endswith(("Z", "z")):
+        t = t[:-1] + "+00:00"
+    when = datetime.fromisoformat(t)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
 def _format_time(occurred_at: datetime | str | float | None) -> str:
     """ISO-8601 UTC with second resolution, ``YYYY-MM-DDTHH:MM:SSZ``.
 
@@ -143,14 +152,10 @@ def _format_time(occurred_at: datetime | str | float | None) -> str:
             raise BackendError(f"occurred_at must be a finite epoch time, got {occurred_at!r}")
         dt = datetime.fromtimestamp(float(occurred_at), tz=timezone.utc)
     elif isinstance(occurred_at, str):
-        text = occurred_at.strip()
-        if text.endswith(("Z", "z")):
-            text = text[:-1] + "+00:00"
         try:
-            dt = datetime.fromisoformat(text)
+            dt = parse_iso_time(occurred_at)
         except ValueError:
             raise BackendError(f"occurred_at is not an ISO-8601 time: {occurred_at!r}") from None
-        dt = dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
     else:
         raise BackendError(f"occurred_at must be a datetime, ISO string or epoch seconds, got {type(occurred_at).__name__}")
     return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

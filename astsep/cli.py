@@ -27,14 +27,12 @@ def default_outbox() -> Path:
 
 def _iso_time(text: str) -> datetime:
     """``--recorded-at``: an ISO-8601 time; ``Z`` or an offset, else UTC."""
-    t = text.strip()
-    if t.endswith(("Z", "z")):
-        t = t[:-1] + "+00:00"
+    from .backend import parse_iso_time
+
     try:
-        when = datetime.fromisoformat(t)
+        return parse_iso_time(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r} (e.g. 2026-01-31T08:15:00Z)") from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def build_parser() -> argparse.ArgumentParser:
