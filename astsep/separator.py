@@ -184,8 +184,9 @@ def guided_mask(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, W: torch.
     bound = lo * (hi / lo) ** trust  # (b,)
     kb = bound.view(-1, 1, 1)
     m = prior
-    for _ in range(max(1, sc.rounds)):
-        post, a = component_split(W, H, m, prior, sc.prior_clamp, sc.eps)
+    for r in range(max(1, sc.rounds)):
+        if r > 0:  # round 0's split (belief = prior) is the one the trust was measured on
+            post, a = component_split(W, H, m, prior, sc.prior_clamp, sc.eps)
         m = fit_patch_shares(P, g, post, pool_f, pool_t, sc.fit_iterations, kb, sc.eps)
 
     use = trust >= sc.source_nmf_min_trust
