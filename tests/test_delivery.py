@@ -303,6 +303,7 @@ def test_connection_refused_queues_everything_then_flush_delivers_once(
     assert time.monotonic() - t0 < 5
     assert report.delivered == 0 and report.pending == 5 and report.outbox_pending == 5
     assert report.skipped_other == 1
+    assert report.requests == 2  # the first event: one try and one retry; the rest wait for a flush
     assert report.last_error and "connection" in report.last_error.lower()
     assert {e["key"] for e in Outbox(tmp_path / "ob.sqlite3").pending()} == ids  # durable, visible on reopen
 

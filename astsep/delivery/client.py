@@ -6,9 +6,9 @@ timeouts, connection errors, 408, 429 and 5xx are retried with urllib3's exponen
 ``max_backoff``), and a ``Retry-After`` on 429 / 503 is honoured (also capped by ``max_backoff``).
 
 requests' timeout bounds each socket operation, so a server that drips its answer a byte at a time
-could hold one request for ever. A watchdog armed on every request the adapter sends (one timer per
-HTTP request, retries included) shuts that request's socket down once ``timeout`` seconds have
-passed; urllib3 then sees a broken connection and retries or gives up as for any other.
+could hold one request for ever. A watchdog armed on every request the adapter's pools make (one
+timer per HTTP request, retries included) shuts that request's socket down once ``timeout`` seconds
+have passed; urllib3 then sees a broken connection and retries or gives up as for any other.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Iterator, Literal, Mapping
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, InvalidHeader, NewConnectionError, ReadTimeoutError
 from urllib3.util.retry import Retry
@@ -149,16 +149,17 @@ class _Watchdog:
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-class _ArmOnRequest:
+class _WatchedPool:
+    """Connection-pool mixin: arms the watchdog for each HTTP request it makes (connecting and a TLS
+    handshake included), and disarms it when the connection comes back with its response read."""
+
     watchdog: _Watchdog
 
-    def request(self, *args: Any, **kwargs: Any) -> Any:
-        self.watchdog.arm(self)  # type: ignore[arg-type]
-        return super().request(*args, **kwargs)  # type: ignore[misc]
+    def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
+        self.watchdog.arm(conn)
+        return super()._make_request(conn, *args, **kwargs)  # type: ignore[misc]
 
-
-class _DisarmOnReturn:
-    def _put_conn(self, conn: Any) -> None:  # a connection comes back once its response is read
+    def _put_conn(self, conn: Any) -> None:
         if conn is not None:
             _Watchdog.disarm(conn)
         super()._put_conn(conn)  # type: ignore[misc]
@@ -168,14 +169,9 @@ class _DeadlineAdapter(HTTPAdapter):
     """A requests adapter whose connection pools arm :class:`_Watchdog` on every request."""
 
     def __init__(self, watchdog: _Watchdog, **kwargs: Any) -> None:
-        self.watchdog = watchdog  # before super().__init__, which builds the pool manager
-        ns = {"watchdog": watchdog}
-        http_conn = type("DeadlineHTTPConnection", (_ArmOnRequest, HTTPConnection), ns)
-        https_conn = type("DeadlineHTTPSConnection", (_ArmOnRequest, HTTPSConnection), ns)
-        self._pools = {
-            "http": type("DeadlineHTTPConnectionPool", (_DisarmOnReturn, HTTPConnectionPool), {"ConnectionCls": http_conn}),
-            "https": type("DeadlineHTTPSConnectionPool", (_DisarmOnReturn, HTTPSConnectionPool), {"ConnectionCls": https_conn}),
-        }
+        ns = {"watchdog": watchdog}  # set before super().__init__, which builds the pool manager
+        self._pools = {"http": type("WatchedHTTPConnectionPool", (_WatchedPool, HTTPConnectionPool), ns),
+                       "https": type("WatchedHTTPSConnectionPool", (_WatchedPool, HTTPSConnectionPool), ns)}
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:

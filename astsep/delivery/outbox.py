@@ -110,8 +110,8 @@ class Outbox:
                     self._create(Path(migrate_from) if migrate_from else None)
             except Timeout:
                 raise BackendError(f"outbox {self.path} is locked by another process (its .lock file)") from None
-            except OSError as exc:
-                raise BackendError(f"cannot use the outbox {self.path}: {exc.strerror or exc}") from None
+            except (OSError, sqlite3.Error) as exc:
+                raise BackendError(f"cannot use the outbox {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
         self._check_schema()
 
     def __repr__(self) -> str:
