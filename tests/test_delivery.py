@@ -550,6 +550,18 @@ def test_cli_flush_migrates_a_json_lines_outbox_and_delivers_it(server: FakeBack
     assert [r[1] for r in rows(box)] == ["delivered", "delivered", "delivered", "rejected", "delivered"]
 
 
+def test_only_the_most_recent_delivered_rows_are_kept(server: FakeBackend, tmp_path: Path) -> None:
+    path = tmp_path / "ob.sqlite3"
+    server.queue(Action(status=400))
+    report = deliver([make_event(i) for i in range(5)], make_client(server.url), Outbox(path, keep_delivered=2),
+                     user_id=6, angle=0)
+    assert (report.delivered, report.rejected) == (4, 1)
+    assert [(k, state) for k, state, *_ in rows(path)] == [
+        ("ev-0000-danger", "rejected"), ("ev-0003-danger", "delivered"), ("ev-0004-danger", "delivered")]
+    again = deliver([make_event(4)], make_client(server.url), Outbox(path), user_id=6, angle=0)
+    assert again.sent == 0 and again.duplicates == 1 and server.count() == 5
+
+
 def test_outbox_send_lock_excludes_a_second_sender(server: FakeBackend, tmp_path: Path) -> None:
     path = tmp_path / "ob.sqlite3"
     Outbox(path).add("ev-x", build_payload(make_event(0), user_id=6, angle=0))

@@ -83,8 +83,9 @@ class Outbox:
 
     Every method opens its own short connection, so an ``Outbox`` holds no open handle between calls
     and several processes can share one database; SQLite serialises their writes. Rows are kept in
-    the order they were queued (``rowid``), and delivered and rejected rows are kept, so an event
-    delivered earlier is not queued again when it is passed to ``deliver`` a second time.
+    the order they were queued (``rowid``). Rejected rows are kept, and so are the ``keep_delivered``
+    most recent delivered ones (:meth:`prune`), so an event delivered earlier is not queued again
+    when it is passed to ``deliver`` a second time.
 
     Args:
         path: the database file; created (with its folder) on first use. A JSON-lines journal of an
@@ -92,10 +93,14 @@ class Outbox:
             ``<path>.migrated``). The send lock ``<path>.send.lock`` lives next to it.
         migrate_from: a JSON-lines journal to import when ``path`` does not exist yet (it is then
             renamed to ``<journal>.migrated``); e.g. the previous default location.
+        keep_delivered: how many delivered rows :meth:`prune` keeps (the most recent; older keys are
+            forgotten, and the backend can still deduplicate them by ``Idempotency-Key``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, migrate_from: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, migrate_from: str | os.PathLike[str] | None = None,
+                 keep_delivered: int = 100_000) -> None:
         self.path = Path(path)
+        self.keep_delivered = max(0, int(keep_delivered))
         if self.path.is_dir():
             raise BackendError(f"outbox path is a folder, not a file: {self.path}")
         try:
@@ -272,6 +277,17 @@ class Outbox:
         row = dict(rows[0])
         row["payload"] = json.loads(row["payload"]) if row["payload"] is not None else None
         return row
+
+    def prune(self) -> int:
+        """Delete delivered rows beyond the ``keep_delivered`` most recent, so a device that runs for
+        years keeps a bounded file. Returns how many rows went."""
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM outbox WHERE state = 'delivered' AND rowid NOT IN "
+                "(SELECT rowid FROM outbox WHERE state = 'delivered' ORDER BY rowid DESC LIMIT ?)",
+                (self.keep_delivered,),
+            )
+        return cur.rowcount
 
     def state(self, key: str) -> str | None:
         """``pending`` / ``delivered`` / ``rejected`` for a key in the outbox, None if it is not there."""

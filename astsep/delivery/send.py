@@ -107,6 +107,11 @@ def _send(
     pending = outbox.pending_keys()
     report.pending = len(set(keys) & set(pending))
     report.outbox_pending = len(pending)
+    if report.delivered:
+        try:
+            outbox.prune()
+        except BackendError as exc:  # housekeeping; never fail a delivery for it
+            log.warning("could not prune outbox %s: %s", outbox.path, exc)
 
 
 def deliver(
