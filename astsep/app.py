@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -217,8 +218,9 @@ class Sessions:
     """A folder per browser session inside ``root``, and the uploads the session sent; both go
     when the session ends (:meth:`close`) or the server stops (:meth:`close_all`)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, keep_seconds: float = 3600.0):
         self.root = Path(root)
+        self.keep_seconds = keep_seconds
         self._dirs: dict[str, Path] = {}
         self._uploads: dict[str, set[Path]] = {}
         self._lock = threading.Lock()
@@ -227,14 +229,26 @@ class Sessions:
         """A new, not yet existing output folder for one run of ``session``."""
         from .events import safe_name
 
+        self.sweep()
         with self._lock:
             d = self._dirs.get(session)
             if d is None:
                 d = self._dirs[session] = self.root / secrets.token_hex(16)  # unguessable: served by URL
                 d.mkdir(parents=True)
-            run = d / f"run{len(list(d.iterdir())):03d}" / safe_name(stem, "audio")
-            run.parent.mkdir()
-        return run
+            return Path(tempfile.mkdtemp(prefix="run", dir=d)) / safe_name(stem, "audio")
+
+    def sweep(self) -> None:
+        """Remove every session's runs older than ``keep_seconds`` (a page left open for days);
+        Gradio's ``delete_cache`` ages out the files it served, this the rest (``events.json``)."""
+        import time
+
+        limit = time.time() - self.keep_seconds
+        for run in self.root.glob("*/run*"):
+            try:
+                if run.stat().st_mtime < limit:
+                    shutil.rmtree(run, ignore_errors=True)
+            except OSError:
+                pass
 
     def remember_upload(self, session: str, path: str | os.PathLike) -> None:
         with self._lock:
@@ -243,7 +257,8 @@ class Sessions:
     def close(self, session: str) -> None:
         with self._lock:
             d = self._dirs.pop(session, None)
-            uploads = self._uploads.pop(session, set())
+            # Gradio files uploads by content: an open session that sent the same file still needs it
+            uploads = self._uploads.pop(session, set()).difference(*self._uploads.values())
         if d is not None:
             shutil.rmtree(d, ignore_errors=True)
         for p in uploads:
@@ -366,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     from gradio.utils import get_upload_folder
 
-    sessions = Sessions(Path(get_upload_folder()) / "astsep-sessions")
+    sessions = Sessions(Path(get_upload_folder()) / "astsep-sessions", keep_seconds=args.keep_minutes * 60)
     ui = build_ui(demo, sessions, args.keep_minutes * 60)
     ui.queue(default_concurrency_limit=1)
     import signal
