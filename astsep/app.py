@@ -341,7 +341,8 @@ def build_ui(demo: Demo, sessions: Sessions, keep_seconds: float):
             return (_status(msg), views, str(run.zip_path), run.event_rows(),
                     [(str(f), f.name) for f in run.figures])
 
-        go.click(separate, inputs=[upload, record, query, query_clip, debug], outputs=[status, sources_state, everything, events, figures],
+        go.click(separate, inputs=[upload, record, query, query_clip, debug],
+                 outputs=[status, sources_state, everything, events, figures],
                  concurrency_limit=1, concurrency_id="separate")
 
         def end_session(request: gr.Request):
