@@ -214,6 +214,10 @@ def _views(result, out_dir: Path) -> list[SourceView]:
     return views
 
 
+class PageClosed(Exception):
+    """The session's page was closed while its file was being separated."""
+
+
 class Sessions:
     """A folder per browser session inside ``root``, and the uploads the session sent; both go
     when the session ends (:meth:`close`) or the server stops (:meth:`close_all`)."""
@@ -223,6 +227,7 @@ class Sessions:
         self.keep_seconds = keep_seconds
         self._dirs: dict[str, Path] = {}
         self._uploads: dict[str, set[Path]] = {}
+        self._closed: set[str] = set()  # session ids are random per page load: never reopened
         self._lock = threading.Lock()
 
     def new_run_dir(self, session: str, stem: str) -> Path:
@@ -231,6 +236,8 @@ class Sessions:
 
         self.sweep()
         with self._lock:
+            if session in self._closed:  # a queued job of a page closed meanwhile
+                raise PageClosed
             d = self._dirs.get(session)
             if d is None:
                 d = self._dirs[session] = self.root / secrets.token_hex(16)  # unguessable: served by URL
@@ -250,12 +257,18 @@ class Sessions:
             except OSError:
                 pass
 
+    def is_open(self, session: str) -> bool:
+        """False once :meth:`close` ran for ``session`` (its page was closed)."""
+        with self._lock:
+            return session not in self._closed
+
     def remember_upload(self, session: str, path: str | os.PathLike) -> None:
         with self._lock:
             self._uploads.setdefault(session, set()).add(Path(path))
 
     def close(self, session: str) -> None:
         with self._lock:
+            self._closed.add(session)
             d = self._dirs.pop(session, None)
             # Gradio files uploads by content: an open session that sent the same file still needs it
             uploads = self._uploads.pop(session, set()).difference(*self._uploads.values())
@@ -324,11 +337,22 @@ def build_ui(demo: Demo, sessions: Sessions, keep_seconds: float):
             name = Path(upload_path).name if upload_path else "recording.wav"
 
             def report(done: int, total: int) -> None:
+                if not sessions.is_open(session):  # the page was closed: stop after this window
+                    log.info("page closed: stopped separating %s after %d of %d windows", name, done, total)
+                    raise PageClosed
                 progress((done, total), desc=f"separating {name}", unit="windows")
 
+            run_dir = None
             try:
-                run = demo.run(path, sessions.new_run_dir(session, Path(name).stem), name=name, query=q_text,
-                               query_audio=q_clip, debug=want_debug, progress=report)
+                run_dir = sessions.new_run_dir(session, Path(name).stem)
+                run = demo.run(path, run_dir, name=name, query=q_text, query_audio=q_clip, debug=want_debug,
+                               progress=report)
+                if not sessions.is_open(session):
+                    raise PageClosed
+            except PageClosed:
+                if run_dir is not None:
+                    shutil.rmtree(run_dir.parent, ignore_errors=True)  # nobody is left to download it
+                return ("",) + empty[1:]
             except AstsepError as exc:
                 return (_status(f"astsep: error: {_one_line(str(exc))}", error=True),) + empty[1:]
             except Exception as exc:  # noqa: BLE001 - a bug, not a bad input: one line, the traceback in the log

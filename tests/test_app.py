@@ -44,7 +44,7 @@ def server(tmp_path_factory, tiny_model_dir):
     env = dict(os.environ, GRADIO_TEMP_DIR=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     log = (cache.parent / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "astsep.app", "--model", str(tiny_model_dir), "--port", str(port),
-                             "--max-passes", "2"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             "--max-passes", "2", "-v"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT
     while True:
@@ -59,7 +59,7 @@ def server(tmp_path_factory, tiny_model_dir):
             proc.kill()
             pytest.fail(f"the demo did not answer on {url} within {START_TIMEOUT} s")
         time.sleep(1)
-    yield {"url": url, "cache": cache, "proc": proc}
+    yield {"url": url, "cache": cache, "proc": proc, "log": cache.parent / "server.log"}
     proc.terminate()
     try:
         proc.wait(timeout=30)
@@ -235,15 +235,7 @@ def test_web_page_separates_a_recording_from_the_microphone(server, browser):
 @pytest.mark.slow
 def test_closing_the_page_removes_the_sessions_uploads_and_outputs(server, tmp_path, shared):
     """Run in a browser of its own, closed at the end: Gradio then ends the session."""
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("no Chromium browser and chromedriver on PATH (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver = _chromium()
     path = tmp_path / "mix_to_forget.wav"
     sf.write(path, mixture("dog", "rain", seconds=2.0).numpy(), 16000)
     sessions = server["cache"] / "astsep-sessions"
@@ -261,6 +253,72 @@ def test_closing_the_page_removes_the_sessions_uploads_and_outputs(server, tmp_p
         time.sleep(1)
     assert not [p for p in server["cache"].rglob("mix_to_forget*")]
     assert not [p for p in sessions.iterdir() if any(p.rglob("*mix_to_forget*"))]
+
+
+def _chromium(**kw):
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("no Chromium browser and chromedriver on PATH (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(a)
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+
+
+def _long_file(path: Path, seconds: int) -> Path:
+    x = mixture("dog", "rain", seconds=5.0).numpy()
+    sf.write(path, np.tile(x, seconds // 5), 16000)
+    return path
+
+
+@pytest.mark.slow
+def test_a_long_file_shows_window_progress_and_another_users_page_works_meanwhile(server, browser, tmp_path, shared):
+    import re
+
+    a = browser
+    a.get(server["url"])
+    _find(a, a, "#debug input[type=checkbox]").click()  # no figures: 2 per window would be most of the time
+    _upload_and_separate(a, _long_file(tmp_path / "long_a.wav", 120))
+    # Gradio's progress on the page: "k/N windows" with the step's name
+    _wait(a, lambda d: re.search(r"\d+/\d+ windows", d.find_element("id", "status").text), RUN_TIMEOUT,
+          "no window progress while a long file is separated")
+    assert "separating long_a.wav" in a.find_element("id", "status").text
+    b = _chromium()
+    try:
+        b.get(server["url"])
+        _upload_and_separate(b, next(ESC.glob("dog__*.flac")))
+        assert not _status(a), "A finished before B's page was used: nothing shows that it did not block B"
+        _wait_done(b)  # B's job waited in the queue and ran after A's
+        assert _status(a).startswith("long_a.wav: "), _status(a)
+        assert "source(s)" in _status(b), _status(b)
+    finally:
+        b.quit()
+
+
+@pytest.mark.slow
+def test_closing_the_page_stops_its_separation(server, tmp_path, shared):
+    import re
+
+    driver = _chromium()
+    try:
+        driver.get(server["url"])
+        _find(driver, driver, "#debug input[type=checkbox]").click()
+        _upload_and_separate(driver, _long_file(tmp_path / "long_closed.wav", 120))
+        _wait(driver, lambda d: re.search(r"\d+/\d+ windows", d.find_element("id", "status").text), RUN_TIMEOUT,
+              "no window progress")
+    finally:
+        driver.quit()
+    pattern = re.compile(r"page closed: stopped separating long_closed\.wav after (\d+) of (\d+) windows")
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline and not pattern.search(server["log"].read_text()):
+        time.sleep(1)
+    found = pattern.search(server["log"].read_text())
+    assert found, "the separation of a closed page was not stopped"
+    assert int(found[1]) < int(found[2])
+    time.sleep(2)
+    assert not list((server["cache"] / "astsep-sessions").rglob("long_closed*"))
 
 
 def test_app_refuses_a_missing_model_in_one_line_with_the_clis_exit_code(tmp_path):
