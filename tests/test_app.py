@@ -97,6 +97,22 @@ def _find(driver, root, css: str, timeout: float = 30):
     return _wait(driver, lambda d: root.find_element(By.CSS_SELECTOR, css), timeout, f"nothing matches {css!r}")
 
 
+def _click(driver, root, css: str, timeout: float = 30) -> None:
+    """Click ``css`` under ``root`` once it is drawn and nothing covers it (the page lays out in steps)."""
+    from selenium.common.exceptions import (ElementClickInterceptedException, ElementNotInteractableException,
+                                            NoSuchElementException)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def click(d):
+        root.find_element(By.CSS_SELECTOR, css).click()
+        return True
+
+    WebDriverWait(driver, timeout, poll_frequency=0.5,
+                  ignored_exceptions=(ElementClickInterceptedException, ElementNotInteractableException,
+                                      NoSuchElementException)).until(click, message=f"cannot click {css!r}")
+
+
 def _upload_and_separate(driver, path: Path) -> None:
     from selenium.webdriver.common.by import By
 
@@ -106,7 +122,7 @@ def _upload_and_separate(driver, path: Path) -> None:
     # the upload is done when the box shows the file's name (wrapped over lines)
     _wait(driver, lambda d: path.name in "".join(d.find_element(By.ID, "upload").text.split()), 60,
           f"{path.name} was not uploaded")
-    _find(driver, driver, "#separate").click()
+    _click(driver, driver, "#separate")
 
 
 def _status(driver) -> str:
@@ -160,7 +176,7 @@ def test_web_page_separates_an_upload_plays_the_sources_and_serves_wav_and_zip(s
         _wait(driver, lambda d, p=p: p.find_element(By.CSS_SELECTOR, "time#duration").text == _clock(expected), 30,
               "a player did not load its source")
     first = players[0]
-    _find(driver, first, "button[aria-label=Play]").click()
+    _click(driver, first, "button[aria-label=Play]")
     _wait(driver, lambda d: first.find_element(By.CSS_SELECTOR, "time#time").text != "0:00", 30,
           "the first source did not play")
 
@@ -221,11 +237,11 @@ def test_web_page_separates_a_recording_from_the_microphone(server, browser):
     driver = browser
     driver.get(server["url"])
     record = _wait(driver, lambda d: d.find_element(By.ID, "record"), 60, "no record box")
-    _find(driver, record, "button.record-button").click()
+    _click(driver, record, "button.record-button")
     time.sleep(2.5)
-    _find(driver, record, "button.stop-button").click()
+    _click(driver, record, "button.stop-button")
     _wait(driver, lambda d: record.find_elements(By.CSS_SELECTOR, "time#duration"), 30, "the recording did not stop")
-    _find(driver, driver, "#separate").click()
+    _click(driver, driver, "#separate")
     _wait_done(driver)
     assert _status(driver).startswith("recording.wav: "), _status(driver)
     players = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".astsep-source"), 30, "no source players")
@@ -279,8 +295,8 @@ def test_a_long_file_shows_window_progress_and_another_users_page_works_meanwhil
 
     a = browser
     a.get(server["url"])
-    _find(a, a, "#debug input[type=checkbox]").click()  # no figures: 2 per window would be most of the time
-    _upload_and_separate(a, _long_file(tmp_path / "long_a.wav", 120))
+    _click(a, a, "#debug input[type=checkbox]")  # no figures: 2 per window would be most of the time
+    _upload_and_separate(a, _long_file(tmp_path / "long_a.wav", 240))
     # Gradio's progress on the page: "k/N windows" with the step's name
     _wait(a, lambda d: re.search(r"\d+/\d+ windows", d.find_element("id", "status").text), RUN_TIMEOUT,
           "no window progress while a long file is separated")
@@ -304,8 +320,8 @@ def test_closing_the_page_stops_its_separation(server, tmp_path, shared):
     driver = _chromium()
     try:
         driver.get(server["url"])
-        _find(driver, driver, "#debug input[type=checkbox]").click()
-        _upload_and_separate(driver, _long_file(tmp_path / "long_closed.wav", 120))
+        _click(driver, driver, "#debug input[type=checkbox]")
+        _upload_and_separate(driver, _long_file(tmp_path / "long_closed.wav", 240))
         _wait(driver, lambda d: re.search(r"\d+/\d+ windows", d.find_element("id", "status").text), RUN_TIMEOUT,
               "no window progress")
     finally:
