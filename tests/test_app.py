@@ -151,7 +151,7 @@ def _fetch(url: str) -> bytes:
 
 
 @pytest.mark.slow
-def test_web_page_separates_an_upload_plays_the_sources_and_serves_wav_and_zip(server, browser, tmp_path, shared):
+def test_web_page_separates_an_upload_plays_the_sources_and_serves_wav_and_zip(browser, server, tmp_path, shared):
     from selenium.webdriver.common.by import By
 
     driver = browser
@@ -216,7 +216,7 @@ def test_web_page_separates_an_upload_plays_the_sources_and_serves_wav_and_zip(s
 
 
 @pytest.mark.slow
-def test_web_page_shows_the_clis_one_line_error_for_a_bad_upload(server, browser, tmp_path):
+def test_web_page_shows_the_clis_one_line_error_for_a_bad_upload(browser, server, tmp_path):
     driver = browser
     bad = tmp_path / "not_audio.wav"
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEthis is not audio at all" * 10)
@@ -231,7 +231,7 @@ def test_web_page_shows_the_clis_one_line_error_for_a_bad_upload(server, browser
 
 
 @pytest.mark.slow
-def test_web_page_separates_a_recording_from_the_microphone(server, browser):
+def test_web_page_separates_a_recording_from_the_microphone(browser, server):
     from selenium.webdriver.common.by import By
 
     driver = browser
@@ -290,7 +290,7 @@ def _long_file(path: Path, seconds: int) -> Path:
 
 
 @pytest.mark.slow
-def test_a_long_file_shows_window_progress_and_another_users_page_works_meanwhile(server, browser, tmp_path, shared):
+def test_a_long_file_shows_window_progress_and_another_users_page_works_meanwhile(browser, server, tmp_path, shared):
     import re
 
     a = browser
