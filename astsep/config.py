@@ -103,9 +103,13 @@ class SeparatorConfig:
     grid_quantile: float = 0.99
     # An attention map whose coefficient of variation over the patches is below grid_contrast_low
     # says nothing about where the sound is (an untrained AST's is ~0.02); it is replaced by the
-    # patches' amplitude (the loudest sound), fading back to the map up to grid_contrast_high.
+    # dominant sound by the mixture's own structure (the NMF components whose activations move with
+    # the most energetic one), fading back to the map up to grid_contrast_high.
     grid_contrast_low: float = 0.05
     grid_contrast_high: float = 0.15
+    # How alike two components' log activations must be to count as one sound in that split:
+    # affinity exp((correlation - 1) / flat_affinity_tau).
+    flat_affinity_tau: float = 0.5
     nmf_components: int = 32  # spectral templates of the current signal (all sounds together)
     nmf_iterations: int = 30  # KL multiplicative updates in the first pass
     nmf_warm_iterations: int = 10  # later passes start from the previous pass's factorisation
@@ -149,6 +153,7 @@ class SeparatorConfig:
         _float(sec, "grid_quantile", self.grid_quantile, lo=0, hi=1, lo_open=True)
         _float(sec, "grid_contrast_low", self.grid_contrast_low, lo=0)
         _float(sec, "grid_contrast_high", self.grid_contrast_high, lo=self.grid_contrast_low, lo_open=True)
+        _float(sec, "flat_affinity_tau", self.flat_affinity_tau, lo=0, lo_open=True)
         _int(sec, "nmf_components", self.nmf_components, lo=1)
         _int(sec, "nmf_iterations", self.nmf_iterations, lo=1)
         _int(sec, "nmf_warm_iterations", self.nmf_warm_iterations, lo=0)

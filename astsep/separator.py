@@ -7,7 +7,8 @@ the guide's answer for them, and returns one mask per window (``F`` STFT bins, `
 1. :func:`guidance_prior` — the guide's 2-D grid ``(b, Fp, tp)`` says how much of every AST patch
    belongs to the sound it names. A calibrated grid (an oracle's energy shares) is used as it is;
    an attention map is scaled so its ``grid_quantile`` maps to 1, and a nearly flat one (it says
-   nothing about where) gives way to the patches' loudness. Linear interpolation between patch
+   nothing about where) gives way to the dominant sound by the mixture's own structure (the NMF
+   components that move with the loudest one, :func:`dominant_group`). Linear interpolation between patch
    centres spreads it over bins and frames: the prior ``(b, F, T)``.
 2. :func:`nmf` — the current power spectrogram is factorised into ``nmf_components`` spectral
    templates × activations (KL multiplicative updates). This is the mixture's own structure at
@@ -46,17 +47,17 @@ from .guide import ASTGuide, GuideOutput
 
 
 # --- pure steps ---------------------------------------------------------------------------------
-def guidance_prior(grid: torch.Tensor, calibrated: bool, E: torch.Tensor, up_f: torch.Tensor, up_t: torch.Tensor,
-                   sc: SeparatorConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def guidance_prior(grid: torch.Tensor, calibrated: bool, fallback: torch.Tensor | None, up_f: torch.Tensor,
+                   up_t: torch.Tensor, sc: SeparatorConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Patch shares ``g (b, Fp, tp)`` in [0, 1], the prior ``(b, F, T)`` spread over bins and frames,
     and each window's map contrast ``(b,)``.
 
-    ``grid``: the guide's map over the ``tp`` patches that hold audio; ``E (b, Fp, tp)``: the patch
-    energies of the current signal. A ``calibrated`` grid already is a share of the energy and is kept
-    as it is. An attention map is divided by its ``grid_quantile``. An attention map that is nearly
-    flat (coefficient of variation below ``grid_contrast_low``) says nothing about where the sound
-    is; it is replaced by the patches' amplitude (square root of their energy over its
-    ``grid_quantile``: the loudest sound), fading between the two up to ``grid_contrast_high``.
+    ``grid``: the guide's map over the ``tp`` patches that hold audio. A ``calibrated`` grid already
+    is a share of the energy and is kept as it is. An attention map is divided by its
+    ``grid_quantile``. An attention map that is nearly flat (coefficient of variation below
+    ``grid_contrast_low``) says nothing about where the sound is; it is replaced by the ``fallback``
+    shares ``(b, Fp, tp)`` (:func:`structure_shares`: the dominant sound by the mixture's own
+    structure), fading between the two up to ``grid_contrast_high``.
     """
     g = grid.float().clamp_min(0)
     contrast = torch.ones(g.shape[0], device=g.device)
@@ -64,14 +65,41 @@ def guidance_prior(grid: torch.Tensor, calibrated: bool, E: torch.Tensor, up_f: 
         flat = g.flatten(1)
         contrast = flat.std(dim=1) / flat.mean(dim=1).clamp_min(1e-12)
         ref = torch.quantile(flat, sc.grid_quantile, dim=1).clamp_min(1e-12)
-        g = g / ref.view(-1, 1, 1)
-        loud = E.flatten(1)
-        loud = (E / torch.quantile(loud, sc.grid_quantile, dim=1).clamp_min(1e-30).view(-1, 1, 1)).clamp(0, 1).sqrt()
-        span = max(sc.grid_contrast_high - sc.grid_contrast_low, 1e-6)
-        w = ((contrast - sc.grid_contrast_low) / span).clamp(0, 1).view(-1, 1, 1)
-        g = w * g.clamp(0, 1) + (1 - w) * loud
+        g = (g / ref.view(-1, 1, 1)).clamp(0, 1)
+        if fallback is not None:
+            span = max(sc.grid_contrast_high - sc.grid_contrast_low, 1e-6)
+            w = ((contrast - sc.grid_contrast_low) / span).clamp(0, 1).view(-1, 1, 1)
+            g = w * g + (1 - w) * fallback
     g = g.clamp(0, 1)
     return g, (up_f @ g @ up_t.T).clamp(0, 1), contrast
+
+
+def dominant_group(W: torch.Tensor, H: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
+    """The NMF components ``(b, K)`` (0/1) that move with the most energetic one: a blind split.
+
+    Components of one sound start, stop and swell together. Their similarity is the correlation of
+    their log activations over time, ``R``, turned into an affinity ``exp((R − 1) / tau)``; the graph's
+    Fiedler vector (second eigenvector of its Laplacian) cuts the components in two, and the side of
+    the most energetic component is returned.
+    """
+    energy = W.sum(dim=1) * H.sum(dim=-1)  # (b, K)
+    L = torch.log(H + 1e-6 * H.mean(dim=(1, 2), keepdim=True) + eps)
+    L = L - L.mean(dim=-1, keepdim=True)
+    L = L / L.norm(dim=-1, keepdim=True).clamp_min(eps)
+    A = torch.exp((L @ L.transpose(1, 2) - 1) / max(tau, 1e-6))  # (b, K, K)
+    lap = torch.diag_embed(A.sum(dim=-1)) - A
+    fiedler = torch.linalg.eigh(lap.double())[1][..., 1].float()  # (b, K)
+    top = energy.argmax(dim=1, keepdim=True)
+    return ((fiedler * fiedler.gather(1, top).sign()) > 0).float().scatter(1, top, 1.0)
+
+
+def structure_shares(W: torch.Tensor, H: torch.Tensor, pool_f: torch.Tensor, pool_t: torch.Tensor,
+                     sc: SeparatorConfig) -> torch.Tensor:
+    """Patch shares ``(b, Fp, tp)`` of the dominant component group (:func:`dominant_group`): what a
+    flat attention map is replaced by."""
+    a = dominant_group(W, H, sc.flat_affinity_tau, sc.eps)
+    part = patch_energy((W * a.unsqueeze(1)) @ H, pool_f, pool_t)
+    return (part / patch_energy(W @ H, pool_f, pool_t).clamp_min(1e-30)).clamp(0, 1)
 
 
 def nmf(V: torch.Tensor, W: torch.Tensor, H: torch.Tensor, iterations: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,8 +439,6 @@ class Separator:
 
         tp = int(g_out.tp_valid)
         pool_f, pool_t, up_f, up_t = patch_operators(Fb, T, tp, st, self.guide.layout, dev)
-        E = patch_energy(P, pool_f, pool_t)
-        g, prior, contrast = guidance_prior(g_out.grid[:, :, :tp].to(dev), g_out.calibrated, E, up_f, up_t, sc)
 
         V = P.pow(sc.nmf_power / 2)  # |X|^p
         if warm is None:
@@ -422,6 +448,8 @@ class Separator:
             W, H = warm
             iters = sc.nmf_warm_iterations
         W, H = nmf(V, W, H, iters, sc.eps)
+        fallback = None if g_out.calibrated else structure_shares(W, H, pool_f, pool_t, sc)
+        g, prior, contrast = guidance_prior(g_out.grid[:, :, :tp].to(dev), g_out.calibrated, fallback, up_f, up_t, sc)
         est = guided_mask(P, g, prior, W, H, pool_f, pool_t, sc)
         return PassResult(est.mask, P, prior, g, est.component_share, est.trust, contrast, g_out, cid, conf, top5i,
                           top5p, W, H)

@@ -202,8 +202,9 @@ class _Flat:
 
 
 def test_a_flat_attention_map_does_not_take_everything(shared):
-    """A map that says nothing about where is replaced by the patches' loudness: the pass takes the
-    loud part of the mixture, not (as a map read as 'target everywhere' would) nearly all of it."""
+    """A map that says nothing about where is replaced by the dominant sound by the mixture's own
+    structure: the pass takes part of the mixture, not (as a map read as 'target everywhere' would)
+    nearly all of it."""
     x, s, guide = oracle_for("siren", "dog")
     out = Separator(AstsepConfig(), _Flat(guide)).separate_batch(x.unsqueeze(0), keep_traces=True)
     tr = out.traces[0]
@@ -219,16 +220,40 @@ def test_guidance_prior_keeps_a_contrasted_map_and_replaces_a_flat_one():
     E = torch.rand(1, 12, 50, generator=gen) ** 4 + 1e-6
     up_f, up_t = torch.eye(12), torch.eye(50)
     peaky = torch.rand(1, 12, 50, generator=gen) ** 3
-    g, _, c = guidance_prior(peaky, False, E, up_f, up_t, sc)
+    fallback = (E / E.max()).sqrt()
+    g, _, c = guidance_prior(peaky, False, fallback, up_f, up_t, sc)
     assert float(c) > sc.grid_contrast_high
     torch.testing.assert_close(g, (peaky / torch.quantile(peaky.flatten(), sc.grid_quantile)).clamp(0, 1))
     flat = 1 + 0.01 * torch.rand(1, 12, 50, generator=gen)
-    g, _, c = guidance_prior(flat, False, E, up_f, up_t, sc)
+    g, _, c = guidance_prior(flat, False, fallback, up_f, up_t, sc)
     assert float(c) < sc.grid_contrast_low
-    loud = (E / torch.quantile(E.flatten(), sc.grid_quantile)).clamp(0, 1).sqrt()
-    torch.testing.assert_close(g, loud)
-    g, _, c = guidance_prior(peaky, True, E, up_f, up_t, sc)  # a calibrated grid is kept as it is
+    torch.testing.assert_close(g, fallback)
+    g, _, c = guidance_prior(peaky, True, fallback, up_f, up_t, sc)  # a calibrated grid is kept as it is
     torch.testing.assert_close(g, peaky)
+
+
+def test_the_blind_split_groups_components_that_move_together():
+    """``dominant_group``: components whose activations rise and fall together are one sound; the
+    group of the most energetic component is returned, whatever the components' order."""
+    from astsep.separator import dominant_group
+
+    gen = torch.Generator().manual_seed(3)
+    T = 200
+    on_a = (torch.arange(T) // 25 % 2 == 0).float()  # sound A: on/off every 0.25 s
+    on_b = (torch.sin(torch.arange(T) / 7.0) > 0.3).float()  # sound B: its own rhythm
+    rows = []
+    for k in range(8):
+        pattern = on_a if k % 2 == 0 else on_b
+        level = 3.0 if k == 4 else 1.0  # component 4 (sound A) is the loudest
+        rows.append(level * (pattern + 0.05) * (0.8 + 0.4 * torch.rand(T, generator=gen)))
+    H = torch.stack(rows).unsqueeze(0)  # (1, 8, T)
+    W = torch.rand(1, 64, 8, generator=gen)
+    W = W / W.sum(dim=1, keepdim=True)
+    a = dominant_group(W, H, tau=0.5, eps=1e-10)
+    assert a[0].tolist() == [1, 0, 1, 0, 1, 0, 1, 0]
+    perm = torch.randperm(8, generator=gen)
+    a = dominant_group(W[:, :, perm], H[:, perm], tau=0.5, eps=1e-10)
+    assert a[0].tolist() == [1 - (int(p) % 2) for p in perm]
 
 
 def test_per_source_nmf_refines_only_trusted_windows_and_helps_an_exact_grid(shared):

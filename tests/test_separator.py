@@ -111,5 +111,11 @@ def test_later_passes_warm_start_and_every_pass_has_a_prior_from_its_own_grid(re
     for tr in ran:
         rows = tr.ran
         assert bool((tr.prior[rows] >= 0).all()) and bool((tr.prior[rows] <= 1).all())
-        # an attention grid is scaled so its 99th percentile reads as "all target"
-        assert float(tr.shares[rows].amax()) == pytest.approx(1.0)
+        # a contrasted attention grid is scaled so its 99th percentile reads as "all target"; a flat
+        # one gives way to the dominant component group's shares, which lie in [0, 1]
+        for i in rows.nonzero().squeeze(1).tolist():
+            top = float(tr.shares[i].amax())
+            if float(tr.contrast[i]) >= AstsepConfig().separator.grid_contrast_high:
+                assert top == pytest.approx(1.0)
+            else:
+                assert 0 < top <= 1
