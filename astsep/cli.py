@@ -95,13 +95,11 @@ def _setup_logging(args) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not args.verbose:
         warnings.filterwarnings("ignore")
-        try:
-            import transformers
-
-            transformers.logging.set_verbosity_error()
-            transformers.utils.logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover
-            pass
+        # without importing transformers (seconds): it reads this when the model loads, and
+        # Pipeline hides its progress bars while it does
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "transformers" in sys.modules:  # already imported (astsep used from Python): set it directly
+            sys.modules["transformers"].logging.set_verbosity_error()
 
 
 def _config(args):
@@ -187,9 +185,7 @@ def _recording_start(args, path: Path, info) -> tuple[datetime | None, str]:
 
 
 def run(args) -> int:
-    from .audio import find_inputs, load_audio
-    from .events import stamp_occurred_at
-    from .pipeline import Pipeline, check_output_folder, window_starts
+    from .inputs import find_inputs
 
     cfg = _config(args)
     if (args.query or args.query_audio or args.negative or args.negative_audio) and not args.refiner:
@@ -214,6 +210,14 @@ def run(args) -> int:
     out_root = Path(args.output)
     if out_root.exists() and not out_root.is_dir():
         raise OutputError(f"--output {out_root} exists and is not a folder")
+    if not inputs:  # every input was bad (each said why): done before torch is even imported
+        return failures[0] if len(set(failures)) == 1 else 1
+
+    # torch, transformers: only now that there is work to do
+    from .audio import load_audio
+    from .events import stamp_occurred_at
+    from .pipeline import Pipeline, check_output_folder, window_starts
+
     names = output_names(inputs)
     out_dirs = [out_root / name for name in names] if multi else [out_root] * len(inputs)
     for d in dict.fromkeys(out_dirs):
