@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="write debug_pass_K.png figures per pass")
     r = p.add_argument_group("trained refiner")
     r.add_argument("--refiner", default=None, metavar="CKPT",
-                   help="refine every baseline source with a refiner checkpoint written by train.py")
+                   help="refine every baseline source with a refiner checkpoint written by train.py; "
+                        "without --model, the AST it was trained on is used")
     r.add_argument("--query", default=None, metavar="TEXT",
                    help="with --refiner: extract only this sound (e.g. 'a dog barking'), plus the rest")
     r.add_argument("--query-audio", default=None, metavar="FILE",
@@ -265,7 +266,7 @@ def run(args) -> int:
                 t_dec = time.perf_counter() - t0
                 if pipe is None:  # after the first good decode: a bad file fails in milliseconds
                     t0 = time.perf_counter()
-                    pipe = Pipeline(cfg, refiner=refiner)
+                    pipe = Pipeline(cfg, _refiner_guide(args, cfg, refiner), refiner=refiner)
                     query = _query(args, pipe) if refiner is not None else None
                     t_model = time.perf_counter() - t0
                     log.info("model %s loaded on %s in %.2f s", cfg.guide.model, pipe.guide.device, t_model)
@@ -313,6 +314,22 @@ def run(args) -> int:
     if not summaries and len(set(failures)) == 1:
         return failures[0]  # nothing succeeded, for one reason: its code (2 input, 4 output folder)
     return 1  # some inputs failed (each said why above), the others were written
+
+
+def _refiner_guide(args, cfg, refiner):
+    """With ``--refiner`` and no ``--model``: the AST the refiner was trained on (its baseline masks and
+    query embeddings came from it), built here; otherwise None (the pipeline loads ``cfg.guide.model``)."""
+    if refiner is None or args.model is not None or not refiner.guide_model:
+        return None
+    from .guide import build_guide
+    from .pipeline import quiet_model_loading
+
+    if refiner.guide_model == "tiny":
+        log.warning("refiner %s was trained on a random tiny AST (a smoke-test config): separating with that "
+                    "same random guide, whose labels mean nothing", refiner.name)
+    cfg.guide.model = refiner.guide_model
+    with quiet_model_loading():
+        return build_guide(refiner.guide_model, cfg.guide, refiner.guide_seed, option="the refiner's guide_model")
 
 
 def _deliver(result, client, outbox, args, manifest: Path) -> None:

@@ -38,9 +38,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
-from .config import GuideConfig, baseline_settings, config_from_settings, load_config
+from .config import baseline_settings, config_from_settings, load_config
 from .errors import ConfigError, MissingExtraError
 from .features import istft, stft
+from .guide import build_guide  # noqa: F401 - also lit.build_guide, where evaluate and embed look
 from .metrics import sdr_sisdr_loss, separation_metrics, si_sdr
 from .refiner import MaskRefiner, RefinerConfig
 
@@ -49,19 +50,6 @@ log = logging.getLogger(__name__)
 __all__ = ["RefinerModule", "AutoWandbLogger", "check_logger_packages", "ValidateOnLastStep", "build_guide", "baseline_estimate"]
 
 METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")
-
-
-def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0, option: str = "--model"):
-    """``ASTGuide`` from a Hub id / local folder, or ``"tiny"`` (random tiny AST, smoke tests);
-    ``option`` names the command-line option that took ``model`` in error messages."""
-    from .guide import ASTGuide
-
-    if model == "tiny":
-        from .testing import tiny_ast
-
-        return ASTGuide.from_model(tiny_ast(seed=seed), guide_cfg, name=f"tiny-ast-{seed}")
-    guide_cfg = dataclasses.replace(guide_cfg, model=model)
-    return ASTGuide.from_pretrained(guide_cfg, option=option)
 
 
 def baseline_estimate(sources: torch.Tensor, kept: torch.Tensor, mixture: torch.Tensor,

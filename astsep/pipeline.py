@@ -198,6 +198,7 @@ class Pipeline:
             raise ConfigError(f"the refiner takes {self.refiner.n_masks} baseline masks but --max-passes is "
                               f"{self.cfg.separator.max_passes}; use --max-passes {self.refiner.n_masks}")
         if self.refiner is not None:
+            self.refiner.check_guide(self.guide)  # its queries are this AST's embeddings: same size
             self.refiner.check_baseline(self.cfg)  # warns, naming the keys, if trained on another baseline
 
     @property
