@@ -329,7 +329,7 @@ def _refiner_guide(args, cfg, refiner):
                     "same random guide, whose labels mean nothing", refiner.name)
     cfg.guide.model = refiner.guide_model
     with quiet_model_loading():
-        return build_guide(refiner.guide_model, cfg.guide, refiner.guide_seed, option="the refiner's guide_model")
+        return build_guide(refiner.guide_model, cfg.guide, refiner.guide_seed)
 
 
 def _deliver(result, client, outbox, args, manifest: Path) -> None:

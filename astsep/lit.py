@@ -72,7 +72,7 @@ def _require_wandb() -> None:
         import wandb  # noqa: F401
     except ModuleNotFoundError as exc:
         raise MissingExtraError("W&B logging (the config's trainer.logger)", "wandb", exc.name,
-                                ", or train without it: --trainer.logger=false") from exc
+                                ", or log to CSV files instead: --trainer.logger=CSVLogger --trainer.logger.save_dir=DIR") from exc
 
 
 def check_logger_packages(logger: Any) -> None:

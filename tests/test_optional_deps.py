@@ -76,5 +76,5 @@ def test_training_with_the_wandb_logger_without_wandb_names_the_extra_and_the_wa
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr and "pip install 'astsep[wandb]'" in lines[-1], proc.stderr[-1500:]
-    assert "--trainer.logger=false" in lines[-1]
+    assert "--trainer.logger=CSVLogger" in lines[-1]  # the way around it (checked by hand: trains without wandb)
     assert not list(tmp_path.rglob("*.ckpt"))

@@ -232,7 +232,7 @@ def test_the_readme_flow_train_tiny_then_infer_with_its_checkpoint_runs_as_writt
                        "--data.val_mixtures=2", "--model.example_every_n_val=0", "--trainer.enable_progress_bar=false",
                        f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"])
     assert code == 0
-    ckpt = next(tmp_path.rglob("best-step*.ckpt"))
+    ckpt = next(tmp_path.glob("astsep-refiner/*/checkpoints/best-step*.ckpt"))  # where the README looks
     path = tmp_path / "mix.wav"
     sf.write(path, mixture("dog", "rain", seconds=3.0).numpy(), 16000, subtype="FLOAT")
     proc = infer("-i", str(path), "-o", str(tmp_path / "out"), "--refiner", str(ckpt), "-q")
