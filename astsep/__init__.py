@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 __all__ = ["separate", "SeparationResult", "__version__"]
 
 
-def __getattr__(name):  # lazy: `python -m astsep.backend` must not pay for importing torch
+def __getattr__(name):  # lazy: `python -m astsep.delivery` must not pay for importing torch
     if name in ("separate", "SeparationResult"):
         from . import pipeline
 

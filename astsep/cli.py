@@ -22,12 +22,17 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "separator.ya
 
 def default_outbox() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "astsep" / "outbox.jsonl"
+    return Path(base) / "astsep" / "outbox.sqlite3"
+
+
+def _legacy_default_outbox() -> Path:
+    """Where versions with the JSON-lines outbox kept it; migrated into :func:`default_outbox`."""
+    return default_outbox().with_name("outbox.jsonl")
 
 
 def _iso_time(text: str) -> datetime:
     """``--recorded-at``: an ISO-8601 time; ``Z`` or an offset, else UTC."""
-    from .backend import parse_iso_time
+    from .delivery import parse_iso_time
 
     try:
         return parse_iso_time(text)
@@ -94,6 +99,8 @@ def _setup_logging(args) -> None:
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
                                               logging.INFO if args.verbose == 1 else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if level > logging.INFO:  # urllib3 warns on every delivery retry; astsep says once when it gives up
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
     if not args.verbose:
         warnings.filterwarnings("ignore")
         # without importing transformers (seconds): it reads this when the model loads, and
@@ -232,10 +239,10 @@ def run(args) -> int:
         _check_queries(args, refiner)
     client = outbox = None
     if args.backend_url:
-        from .backend import BackendClient, Outbox
+        from .delivery import BackendClient, Outbox
 
         client = BackendClient(args.backend_url, timeout=args.backend_timeout)
-        outbox = Outbox(Path(args.outbox) if args.outbox else default_outbox())
+        outbox = Outbox(args.outbox) if args.outbox else Outbox(default_outbox(), migrate_from=_legacy_default_outbox())
 
     durations = [_duration(p) for p in inputs]
     bar = None
@@ -335,7 +342,7 @@ def _refiner_guide(args, cfg, refiner):
 def _deliver(result, client, outbox, args, manifest: Path) -> None:
     """Deliver after the files are written: delivery never blocks or loses separation output."""
     from .audio import write_bytes_atomic
-    from .backend import deliver, flush
+    from .delivery import deliver, flush
 
     t0 = time.perf_counter()
     earlier = flush(outbox, client)

@@ -169,7 +169,7 @@ class _Recorder(BaseHTTPRequestHandler):
 def test_backend_gets_danger_events_and_an_unreachable_backend_fills_the_outbox(tmp_path, siren_model_dir, shared):
     path = tmp_path / "mix.wav"
     sf.write(path, mixture("siren", "dog").numpy(), 16000)
-    outbox = tmp_path / "outbox.jsonl"
+    outbox = tmp_path / "outbox.sqlite3"
     # 1. backend down: outputs are still written, events wait in the outbox
     import socket
 

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from astsep.backend import (
+from astsep.delivery import (
     BackendClient,
     DeliveryReport,
     Outbox,
@@ -188,6 +189,12 @@ def make_client(url: str, **kw: Any) -> BackendClient:
     return BackendClient(url, **opts)
 
 
+def rows(path: Path) -> list[tuple[Any, ...]]:
+    """The outbox table as any SQLite client sees it: (key, state, http_status, attempts, reason), queue order."""
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT key, state, http_status, attempts, reason FROM outbox ORDER BY rowid").fetchall()
+
+
 def make_event(i: int, category: str = "danger", **extra: Any) -> dict[str, Any]:
     ev = {
         "event_id": f"ev-{i:04d}-{category}",
@@ -216,7 +223,7 @@ def make_event(i: int, category: str = "danger", **extra: Any) -> dict[str, Any]
 
 def test_success_payload_headers_and_other_skipped(server: FakeBackend, tmp_path: Path) -> None:
     events = [make_event(0, "danger"), make_event(1, "other"), make_event(2, "help"), make_event(3, "warning")]
-    outbox = Outbox(tmp_path / "outbox.jsonl")
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
     report = deliver(events, make_client(server.url), outbox, user_id=6, angle=370.4,
                      occurred_at="2024-05-01T12:34:56.789+02:00")
 
@@ -240,13 +247,11 @@ def test_success_payload_headers_and_other_skipped(server: FakeBackend, tmp_path
     }
     assert [r.body["sound_type"] for r in server.requests] == ["danger", "help", "warning"]
     assert outbox.pending() == [] and outbox.rejected() == []
-    # Compacted once everything was done: only payload-free "done" tombstones remain.
-    records = [json.loads(line) for line in (tmp_path / "outbox.jsonl").read_text().splitlines()]
-    assert [(r["op"], r["key"]) for r in records] == [("done", k) for k in server.keys()]
-    assert all("payload" not in r for r in records)
+    # Any SQLite client sees one delivered row per sent key, in queue order, with its HTTP status.
+    assert rows(tmp_path / "outbox.sqlite3") == [(k, "delivered", 200, 1, None) for k in server.keys()]
 
     # The same events again: nothing is sent twice.
-    again = deliver(events, make_client(server.url), Outbox(tmp_path / "outbox.jsonl"), user_id=6, angle=0)
+    again = deliver(events, make_client(server.url), Outbox(tmp_path / "outbox.sqlite3"), user_id=6, angle=0)
     assert (again.sent, again.duplicates, again.skipped_other) == (0, 3, 1)
     assert server.count() == 3
 
@@ -270,7 +275,7 @@ def test_build_payload_fields_and_non_finite_decibel() -> None:
 
 def test_500_then_success_is_delivered_once(server: FakeBackend, tmp_path: Path) -> None:
     server.queue(Action(status=500))
-    outbox = Outbox(tmp_path / "ob.jsonl")
+    outbox = Outbox(tmp_path / "ob.sqlite3")
     report = deliver([make_event(0)], make_client(server.url), outbox, user_id=6, angle=0)
 
     assert server.count() == 2
@@ -290,7 +295,7 @@ def test_connection_refused_queues_everything_then_flush_delivers_once(
 ) -> None:
     events = [make_event(i) for i in range(5)] + [make_event(9, "other")]
     ids = {e["event_id"] for e in events if e["category"] != "other"}
-    outbox = Outbox(tmp_path / "ob.jsonl")
+    outbox = Outbox(tmp_path / "ob.sqlite3")
     dead = make_client(f"http://127.0.0.1:{free_port()}/sound-events/", retries=1)
 
     t0 = time.monotonic()
@@ -298,17 +303,18 @@ def test_connection_refused_queues_everything_then_flush_delivers_once(
     assert time.monotonic() - t0 < 5
     assert report.delivered == 0 and report.pending == 5 and report.outbox_pending == 5
     assert report.skipped_other == 1
+    assert report.requests == 2  # the first event: one try and one retry; the rest wait for a flush
     assert report.last_error and "connection" in report.last_error.lower()
-    assert {e["key"] for e in Outbox(tmp_path / "ob.jsonl").pending()} == ids  # durable, visible on reopen
+    assert {e["key"] for e in Outbox(tmp_path / "ob.sqlite3").pending()} == ids  # durable, visible on reopen
 
     server = start_server()
-    report2 = flush(Outbox(tmp_path / "ob.jsonl"), make_client(server.url))
+    report2 = flush(Outbox(tmp_path / "ob.sqlite3"), make_client(server.url))
     assert (report2.sent, report2.delivered, report2.pending, report2.outbox_pending) == (5, 5, 0, 0)
     assert server.count() == 5 and set(server.keys()) == ids
     assert all(n == 1 for n in server.processed.values())
-    assert Outbox(tmp_path / "ob.jsonl").pending() == []
+    assert Outbox(tmp_path / "ob.sqlite3").pending() == []
 
-    report3 = flush(Outbox(tmp_path / "ob.jsonl"), make_client(server.url))
+    report3 = flush(Outbox(tmp_path / "ob.sqlite3"), make_client(server.url))
     assert report3.sent == 0 and server.count() == 5
 
 
@@ -319,7 +325,7 @@ def test_connection_refused_queues_everything_then_flush_delivers_once(
 
 def test_slow_server_is_retryable_then_flush_delivers_once(server: FakeBackend, tmp_path: Path) -> None:
     server.default = Action(delay=0.8)
-    outbox = Outbox(tmp_path / "ob.jsonl")
+    outbox = Outbox(tmp_path / "ob.sqlite3")
     client = make_client(server.url, timeout=0.3, retries=1)
     report = deliver([make_event(0), make_event(1)], client, outbox, user_id=6, angle=0)
 
@@ -345,7 +351,7 @@ def test_slow_server_is_retryable_then_flush_delivers_once(server: FakeBackend, 
 def test_503_retry_after_is_honoured(server: FakeBackend, tmp_path: Path) -> None:
     server.queue(Action(status=503, retry_after="1"))
     report = deliver([make_event(0)], make_client(server.url, backoff=0.01, max_backoff=5.0),
-                     Outbox(tmp_path / "ob.jsonl"), user_id=6, angle=0)
+                     Outbox(tmp_path / "ob.sqlite3"), user_id=6, angle=0)
     assert report.delivered == 1
     assert server.count() == 2
     gap = server.requests[1].t - server.requests[0].t
@@ -357,7 +363,7 @@ def test_retry_after_is_capped_by_max_backoff(server: FakeBackend, tmp_path: Pat
     server.queue(Action(status=429, retry_after="30"))
     t0 = time.monotonic()
     report = deliver([make_event(0)], make_client(server.url, max_backoff=0.2),
-                     Outbox(tmp_path / "ob.jsonl"), user_id=6, angle=0)
+                     Outbox(tmp_path / "ob.sqlite3"), user_id=6, angle=0)
     assert report.delivered == 1 and server.count() == 2
     assert time.monotonic() - t0 < 3.0
 
@@ -369,17 +375,20 @@ def test_retry_after_is_capped_by_max_backoff(server: FakeBackend, tmp_path: Pat
 
 def test_400_is_rejected_not_retried_and_kept(server: FakeBackend, tmp_path: Path) -> None:
     server.queue(Action(status=400, body='{"detail":"sound_type must be one of danger/help/warning"}'))
-    outbox = Outbox(tmp_path / "ob.jsonl")
+    outbox = Outbox(tmp_path / "ob.sqlite3")
     report = deliver([make_event(0), make_event(1)], make_client(server.url), outbox, user_id=6, angle=0)
 
     assert server.keys() == ["ev-0000-danger", "ev-0001-danger"]  # exactly 1 request for the rejected one
     assert (report.delivered, report.rejected, report.pending) == (1, 1, 0)
-    rejected = Outbox(tmp_path / "ob.jsonl").rejected()
+    rejected = Outbox(tmp_path / "ob.sqlite3").rejected()
     assert len(rejected) == 1
     assert rejected[0]["key"] == "ev-0000-danger"
     assert rejected[0]["status"] == 400
     assert "sound_type must be one of" in rejected[0]["error"]
     assert rejected[0]["payload"]["sound_detail"] == "Siren"
+    table = rows(tmp_path / "ob.sqlite3")
+    assert [r[:4] for r in table] == [("ev-0000-danger", "rejected", 400, 1), ("ev-0001-danger", "delivered", 200, 1)]
+    assert "sound_type must be one of" in table[0][4]
 
     # A rejected entry is never resent, neither by flush nor by delivering the same event again.
     assert flush(outbox, make_client(server.url)).sent == 0
@@ -395,7 +404,7 @@ def test_400_is_rejected_not_retried_and_kept(server: FakeBackend, tmp_path: Pat
 _CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from astsep.backend import BackendClient, Outbox, deliver
+from astsep.delivery import BackendClient, Outbox, deliver
 events = json.load(open(sys.argv[3]))
 deliver(events, BackendClient(sys.argv[2], timeout=10, retries=0), Outbox(sys.argv[4]), user_id=6, angle=90)
 """
@@ -406,7 +415,7 @@ def test_client_killed_mid_delivery_loses_nothing(server: FakeBackend, tmp_path:
     events = [make_event(i) for i in range(n)]
     ids = {e["event_id"] for e in events}
     (tmp_path / "events.json").write_text(json.dumps(events))
-    box = tmp_path / "ob.jsonl"
+    box = tmp_path / "ob.sqlite3"
     server.default = Action(delay=0.1)
 
     proc = subprocess.Popen(
@@ -448,47 +457,113 @@ def test_client_killed_mid_delivery_loses_nothing(server: FakeBackend, tmp_path:
 
 
 # --------------------------------------------------------------------------------------------------
-# 8. torn journal line
+# 8. migration of the JSON-lines journal of earlier versions
 # --------------------------------------------------------------------------------------------------
 
 
-def test_torn_outbox_line_is_tolerated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "ob.jsonl"
-    outbox = Outbox(path)
-    for i in range(3):
-        outbox.add(f"k{i}", {"i": i})
-    outbox.mark_done("k1", 201)
-    good = path.read_bytes()
-    torn_record = json.dumps({"op": "add", "key": "k3", "payload": {"i": 3, "pad": "x" * 40}}).encode()
+def write_legacy_journal(path: Path) -> None:
+    """A journal as the JSON-lines outbox wrote it: adds, a done, a rejected, a compaction tombstone
+    (a done without its add) and, last, the torn half of an add cut by a killed writer."""
+    def payload(i: int) -> dict[str, Any]:
+        return build_payload(make_event(i), user_id=6, angle=0, occurred_at="2026-01-31T08:15:00Z")
 
-    # Every possible cut through the last record: the earlier entries survive untouched.
-    for cut in range(1, len(torn_record)):
-        path.write_bytes(good + torn_record[:cut])
-        keys = [e["key"] for e in Outbox(path).pending()]
-        assert keys[:2] == ["k0", "k2"], cut
-        assert len(keys) == 2, cut
+    records = [
+        {"op": "done", "key": "old-tombstone", "status": 201, "at": "2026-01-30T10:00:00Z"},
+        {"op": "add", "key": "k0", "payload": payload(0), "at": "2026-01-31T08:15:01Z"},
+        {"op": "add", "key": "k1", "payload": payload(1), "at": "2026-01-31T08:15:02Z"},
+        {"op": "add", "key": "k2", "payload": payload(2), "at": "2026-01-31T08:15:03Z"},
+        {"op": "add", "key": "k3", "payload": payload(3), "at": "2026-01-31T08:15:04Z"},
+        {"op": "done", "key": "k1", "status": 201, "at": "2026-01-31T08:15:05Z"},
+        {"op": "rejected", "key": "k2", "status": 400, "error": "HTTP 400 Bad Request: nope",
+         "at": "2026-01-31T08:15:06Z"},
+    ]
+    text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    torn = json.dumps({"op": "add", "key": "k4", "payload": payload(4), "at": "2026-01-31T08:15:07Z"})
+    path.write_text(text + torn[: len(torn) // 2])
 
-    with caplog.at_level(logging.WARNING, logger="astsep.backend"):
-        path.write_bytes(good + torn_record[:25])
-        reopened = Outbox(path)
-    assert [e["key"] for e in reopened.pending()] == ["k0", "k2"]
-    assert "torn" in caplog.text
 
-    # Appending after a torn line must not glue the new record onto it.
-    reopened.add("k4", {"i": 4})
-    reopened.mark_done("k0")
-    assert [e["key"] for e in Outbox(path).pending()] == ["k2", "k4"]
-    # compact() drops the garbage and the delivered payloads (keeping "done" tombstones), atomically.
-    assert reopened.compact()
-    records = [json.loads(line) for line in path.read_bytes().splitlines()]
-    assert [(r["op"], r["key"]) for r in records] == [("done", "k0"), ("done", "k1"), ("add", "k2"), ("add", "k4")]
-    assert not reopened.compact()  # nothing left to drop
-    assert [e["key"] for e in Outbox(path).pending()] == ["k2", "k4"]
-    assert not Outbox(path).add("k0", {"i": 0})  # a delivered key is not queued again
+def test_a_json_lines_outbox_migrates_in_place_on_first_open(
+    server: FakeBackend, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "outbox.jsonl"
+    write_legacy_journal(path)
+    original = path.read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger="astsep.delivery"):
+        outbox = Outbox(path)
+    assert "torn last line" in caplog.text
+    assert path.read_bytes().startswith(b"SQLite format 3\x00")
+    assert (tmp_path / "outbox.jsonl.migrated").read_bytes() == original  # the journal is kept as it was
+    assert rows(path) == [
+        ("old-tombstone", "delivered", 201, 0, None),
+        ("k0", "pending", None, 0, None),
+        ("k1", "delivered", 201, 0, None),
+        ("k2", "rejected", 400, 0, "HTTP 400 Bad Request: nope"),
+        ("k3", "pending", None, 0, None),
+    ]  # the torn k4 was never acknowledged by its writer and is not invented
+    assert [e["key"] for e in outbox.pending()] == ["k0", "k3"]
+    assert outbox.pending()[0]["payload"]["occurred_at"] == "2026-01-31T08:15:00Z"
+    assert outbox.rejected()[0]["payload"]["sound_detail"] == "Siren"
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    # Delivered and rejected keys stay known, and what was pending is delivered once.
+    assert not outbox.add("k1", {"i": 1}) and not outbox.add("old-tombstone", {}) and not outbox.add("k2", {})
+    report = flush(Outbox(path), make_client(server.url))
+    assert (report.delivered, report.outbox_pending) == (2, 0)
+    assert server.keys() == ["k0", "k3"]
+    assert Outbox(path).state("k0") == "delivered"
+    assert not (tmp_path / "outbox.jsonl.migrated.2").exists()  # reopening does not migrate again
+
+
+def test_the_previous_default_journal_migrates_into_a_new_database(tmp_path: Path) -> None:
+    old = tmp_path / "outbox.jsonl"
+    write_legacy_journal(old)
+    new = tmp_path / "outbox.sqlite3"
+    outbox = Outbox(new, migrate_from=old)
+    assert [e["key"] for e in outbox.pending()] == ["k0", "k3"]
+    assert not old.exists() and (tmp_path / "outbox.jsonl.migrated").is_file()
+    write_legacy_journal(old)  # a journal appearing later is not imported over an existing database
+    assert [e["key"] for e in Outbox(new, migrate_from=old).pending()] == ["k0", "k3"] and old.exists()
+
+
+def test_a_file_that_is_no_outbox_is_refused_in_one_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("shopping list\n")
+    with pytest.raises(BackendError, match="neither an SQLite database nor a JSON-lines") as exc:
+        Outbox(garbage)
+    assert "\n" not in str(exc.value) and garbage.read_text() == "shopping list\n"
+    other_db = tmp_path / "other.db"
+    with sqlite3.connect(other_db) as db:
+        db.execute("CREATE TABLE t (x)")
+    with pytest.raises(BackendError, match="not an astsep outbox"):
+        Outbox(other_db)
+
+
+def test_cli_flush_migrates_a_json_lines_outbox_and_delivers_it(server: FakeBackend, tmp_path: Path) -> None:
+    box = tmp_path / "ob.jsonl"
+    write_legacy_journal(box)
+    res = _cli("flush", "--outbox", str(box), "--backend-url", server.url, "--timeout", "2")
+    assert res.returncode == 0, res.stderr  # nothing left pending (k2 was rejected before, not by this flush)
+    assert "delivered 2/2" in res.stdout and "Traceback" not in res.stderr
+    assert server.keys() == ["k0", "k3"]
+    assert [r[1] for r in rows(box)] == ["delivered", "delivered", "delivered", "rejected", "delivered"]
+
+
+def test_only_the_most_recent_delivered_rows_are_kept(server: FakeBackend, tmp_path: Path) -> None:
+    path = tmp_path / "ob.sqlite3"
+    server.queue(Action(status=400))
+    report = deliver([make_event(i) for i in range(5)], make_client(server.url), Outbox(path, keep_delivered=2),
+                     user_id=6, angle=0)
+    assert (report.delivered, report.rejected) == (4, 1)
+    assert [(k, state) for k, state, *_ in rows(path)] == [
+        ("ev-0000-danger", "rejected"), ("ev-0003-danger", "delivered"), ("ev-0004-danger", "delivered")]
+    again = deliver([make_event(4)], make_client(server.url), Outbox(path), user_id=6, angle=0)
+    assert again.sent == 0 and again.duplicates == 1 and server.count() == 5
 
 
 def test_outbox_send_lock_excludes_a_second_sender(server: FakeBackend, tmp_path: Path) -> None:
-    path = tmp_path / "ob.jsonl"
+    path = tmp_path / "ob.sqlite3"
     Outbox(path).add("ev-x", build_payload(make_event(0), user_id=6, angle=0))
     holder = Outbox(path)
     with holder.sending():
@@ -510,7 +585,7 @@ def test_token_sent_as_bearer_but_never_leaked(
     monkeypatch.setenv("ASTSEP_BACKEND_TOKEN", secret)
     caplog.set_level(logging.DEBUG)
     server.queue(Action(), Action(status=400, echo_auth=True), Action(status=500, echo_auth=True))
-    path = tmp_path / "ob.jsonl"
+    path = tmp_path / "ob.sqlite3"
     outbox = Outbox(path)
     client = make_client(server.url, retries=0)
     report = deliver([make_event(i) for i in range(3)], client, outbox, user_id=6, angle=0)
@@ -521,10 +596,11 @@ def test_token_sent_as_bearer_but_never_leaked(
     assert "***" in outbox.rejected()[0]["error"]
     # also a network error with the token set
     deliver([make_event(7)], make_client(f"http://127.0.0.1:{free_port()}/", retries=0),
-            Outbox(tmp_path / "other.jsonl"), user_id=6, angle=0)
+            Outbox(tmp_path / "other.sqlite3"), user_id=6, angle=0)
 
+    stored = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("ob.sqlite3"))  # db + WAL
     texts = {
-        "outbox file": path.read_text(),
+        "outbox database": stored.decode("latin-1"),
         "captured logs": caplog.text + "".join(str(r.args) for r in caplog.records),
         "repr(client)": repr(client) + str(vars(client)),
         "report": json.dumps(report.to_dict()),
@@ -561,17 +637,17 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     for var in ("HTTP_PROXY", "http_proxy", "ASTSEP_BACKEND_TOKEN"):
         full_env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "astsep.backend", *args], cwd=REPO, env=full_env,
+    return subprocess.run([sys.executable, "-m", "astsep.delivery", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=60)
 
 
 def test_cli_bad_url_and_missing_outbox_exit_2_with_one_line(tmp_path: Path) -> None:
-    box = tmp_path / "ob.jsonl"
+    box = tmp_path / "ob.sqlite3"
     box.write_text("")
     for args, needle in (
         (["flush", "--outbox", str(box), "--backend-url", "ftp://example.com/"], "invalid backend URL"),
         (["flush", "--outbox", str(box), "--backend-url", "localhost:8000"], "invalid backend URL"),
-        (["flush", "--outbox", str(tmp_path / "nope.jsonl"), "--backend-url", "http://127.0.0.1:9/"], "outbox not found"),
+        (["flush", "--outbox", str(tmp_path / "nope.sqlite3"), "--backend-url", "http://127.0.0.1:9/"], "outbox not found"),
     ):
         res = _cli(*args)
         assert res.returncode == 2, res
@@ -581,7 +657,7 @@ def test_cli_bad_url_and_missing_outbox_exit_2_with_one_line(tmp_path: Path) -> 
 
 
 def test_cli_flush_delivers_and_prints_one_line(server: FakeBackend, tmp_path: Path) -> None:
-    box = tmp_path / "ob.jsonl"
+    box = tmp_path / "ob.sqlite3"
     outbox = Outbox(box)
     for i in range(3):
         outbox.add(f"ev-{i}", build_payload(make_event(i), user_id=6, angle=0))
@@ -593,7 +669,7 @@ def test_cli_flush_delivers_and_prints_one_line(server: FakeBackend, tmp_path: P
 
 
 def test_deliver_send_false_only_queues(server: FakeBackend, tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "ob.jsonl")
+    outbox = Outbox(tmp_path / "ob.sqlite3")
     report = deliver([make_event(0), make_event(1)], make_client(server.url), outbox, user_id=6, angle=0, send=False)
     assert (report.sent, report.pending, report.outbox_pending) == (0, 2, 2) and server.count() == 0
     assert flush(outbox, make_client(server.url)).delivered == 2 and server.count() == 2
@@ -620,7 +696,7 @@ def test_user_id_goes_out_as_an_int_and_a_non_integer_is_refused() -> None:
 def test_each_event_is_sent_with_the_time_its_sound_happened(server: FakeBackend, tmp_path: Path) -> None:
     events = [make_event(0, occurred_at="2026-01-31T08:15:02.500Z"), make_event(1, occurred_at="2026-01-31T08:15:09Z")]
     with make_client(server.url) as client:
-        report = deliver(events, client, Outbox(tmp_path / "outbox.jsonl"), user_id=7, angle=0)
+        report = deliver(events, client, Outbox(tmp_path / "outbox.sqlite3"), user_id=7, angle=0)
     assert report.delivered == 2
     sent = {r.key: r.body["occurred_at"] for r in server.requests}
     assert sent == {events[0]["event_id"]: "2026-01-31T08:15:02Z", events[1]["event_id"]: "2026-01-31T08:15:09Z"}
@@ -629,11 +705,13 @@ def test_each_event_is_sent_with_the_time_its_sound_happened(server: FakeBackend
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 def test_a_redirect_keeps_the_event_pending_with_the_reason(server: FakeBackend, tmp_path: Path, status: int) -> None:
     server.queue(Action(status=status))
-    outbox = Outbox(tmp_path / "outbox.jsonl")
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
     with make_client(server.url, retries=2) as client:
         report = deliver([make_event(0)], client, outbox, user_id=1, angle=0)
     assert report.delivered == 0 and report.rejected == 0 and report.pending == 1
     assert outbox.state(make_event(0)["event_id"]) == "pending" and not outbox.rejected()
+    (key, state, http_status, attempts, reason), = rows(tmp_path / "outbox.sqlite3")
+    assert (state, http_status, attempts) == ("pending", status, 1) and "not followed" in reason
     assert f"HTTP {status}" in report.last_error and "not followed" in report.last_error
     assert server.count() == 1  # a redirect is not retried at once: the URL is wrong, not the backend busy
     with make_client(server.url) as client:  # the next flush (to the right URL) sends it
