@@ -281,3 +281,20 @@ def test_output_into_the_working_directory_keeps_that_folder_in_place(tmp_path, 
     assert json.loads((out / MANIFEST).read_text())["files"] == ["00_Cat.wav", "01_residual.wav"]
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".wav") == ["00_Cat.wav", "01_residual.wav"]
     assert (out / "sub").is_dir() and leftovers(out) == []
+
+
+def test_infer_with_output_dot_leaves_the_shell_in_the_same_live_folder(tmp_path, tiny_model_dir, shared):
+    out = tmp_path / "here"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)  # the user's shell, sitting in the folder
+    try:
+        ino = os.fstat(fd).st_ino
+        for _ in range(2):  # a first run into the empty folder, and a second that replaces its outputs
+            proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), "-i", str(SEED_RECORDING), "-o", ".",
+                                   "-m", str(tiny_model_dir), "-q"], capture_output=True, text=True, cwd=out,
+                                  timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            assert proc.returncode == 0, proc.stderr[-1500:]
+            assert os.fstat(fd).st_nlink > 0 and os.stat(out).st_ino == ino
+    finally:
+        os.close(fd)
+    assert (out / MANIFEST).is_file() and leftovers(out) == []
