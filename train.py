@@ -1,4 +1,4 @@
-"""``python train.py fit|validate|test|predict --config configs/refiner_tiny.yaml``: fine-tune the refiner.
+"""``python train.py fit|validate|test --config configs/refiner_tiny.yaml``: fine-tune the refiner.
 
 A thin LightningCLI over :class:`astsep.lit.RefinerModule` and
 :class:`astsep.data.AudioCapsDataModule`; every hyper-parameter lives in the YAML config
@@ -13,16 +13,37 @@ from lightning.pytorch.cli import LightningCLI
 
 from astsep.data import AudioCapsDataModule
 from astsep.errors import AstsepError
-from astsep.lit import RefinerModule
+from astsep.lit import RefinerModule, check_logger_packages
+
+DESCRIPTION = ("astsep: train the FiLM mask refiner that sits on the AST-guided sound separator "
+               "(fit, then validate/test; every hyper-parameter in a YAML config, e.g. configs/refiner_tiny.yaml). "
+               "Separate files with a trained refiner: python infer.py --refiner CKPT.")
+# `predict` would only hand estimates back to Python and write nothing: refused with what to use instead
+NO_PREDICT = ("train.py has no predict: to hear a refiner, run python infer.py -i MIX.wav -o OUT/ --refiner CKPT; "
+              "to score it, python train.py test --config CONFIG --ckpt_path CKPT or python -m astsep.evaluate")
+
+
+class RefinerCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        check_logger_packages(cfg.get("trainer", {}).get("logger"))  # before any model or data is built
 
 
 def cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and with ``run``, execute) the CLI; ``args`` replaces ``sys.argv[1:]``."""
-    return LightningCLI(RefinerModule, AudioCapsDataModule, args=args, run=run, seed_everything_default=1234,
-                        save_config_kwargs={"overwrite": True})
+    return RefinerCLI(RefinerModule, AudioCapsDataModule, args=args, run=run, seed_everything_default=1234,
+                      save_config_kwargs={"overwrite": True}, parser_kwargs={"description": DESCRIPTION})
 
 
 def main(args: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["predict"]:
+        print(f"error: {NO_PREDICT}", file=sys.stderr)
+        return 2
     try:
         cli(args)
     except AstsepError as exc:

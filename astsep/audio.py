@@ -19,8 +19,7 @@ import torchaudio.functional as AF
 
 from .config import SAMPLE_RATE
 from .errors import AudioError, OutputError
-
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf", ".opus"}
+from .inputs import AUDIO_SUFFIXES, find_inputs  # noqa: F401 - their home is the torch-free inputs.py
 
 
 @dataclass
@@ -276,23 +275,6 @@ def load_audio(path: str | os.PathLike) -> tuple[torch.Tensor, AudioInfo]:
         raise AudioError(f"input holds no samples: {p}")
     validate(x, str(p))
     return x, info
-
-
-def find_inputs(paths: list[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (audio files directly inside, sorted) into a list of files."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in AUDIO_SUFFIXES)
-            if not found:
-                raise AudioError(f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in folder {p}")
-            out.extend(found)
-        elif not p.exists():
-            raise AudioError(f"input not found: {p}")
-        else:
-            out.append(p)
-    return out
 
 
 def _umask() -> int:

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="write debug_pass_K.png figures per pass")
     r = p.add_argument_group("trained refiner")
     r.add_argument("--refiner", default=None, metavar="CKPT",
-                   help="refine every baseline source with a refiner checkpoint written by train.py")
+                   help="refine every baseline source with a refiner checkpoint written by train.py; "
+                        "without --model, the AST it was trained on is used")
     r.add_argument("--query", default=None, metavar="TEXT",
                    help="with --refiner: extract only this sound (e.g. 'a dog barking'), plus the rest")
     r.add_argument("--query-audio", default=None, metavar="FILE",
@@ -102,13 +103,11 @@ def _setup_logging(args) -> None:
         logging.getLogger("urllib3").setLevel(logging.ERROR)
     if not args.verbose:
         warnings.filterwarnings("ignore")
-        try:
-            import transformers
-
-            transformers.logging.set_verbosity_error()
-            transformers.utils.logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover
-            pass
+        # without importing transformers (seconds): it reads this when the model loads, and
+        # Pipeline hides its progress bars while it does
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "transformers" in sys.modules:  # already imported (astsep used from Python): set it directly
+            sys.modules["transformers"].logging.set_verbosity_error()
 
 
 def _config(args):
@@ -194,9 +193,7 @@ def _recording_start(args, path: Path, info) -> tuple[datetime | None, str]:
 
 
 def run(args) -> int:
-    from .audio import find_inputs, load_audio
-    from .events import stamp_occurred_at
-    from .pipeline import Pipeline, check_output_folder, window_starts
+    from .inputs import find_inputs
 
     cfg = _config(args)
     if (args.query or args.query_audio or args.negative or args.negative_audio) and not args.refiner:
@@ -221,6 +218,14 @@ def run(args) -> int:
     out_root = Path(args.output)
     if out_root.exists() and not out_root.is_dir():
         raise OutputError(f"--output {out_root} exists and is not a folder")
+    if not inputs:  # every input was bad (each said why): done before torch is even imported
+        return failures[0] if len(set(failures)) == 1 else 1
+
+    # torch, transformers: only now that there is work to do
+    from .audio import load_audio
+    from .events import stamp_occurred_at
+    from .pipeline import Pipeline, check_output_folder, window_starts
+
     names = output_names(inputs)
     out_dirs = [out_root / name for name in names] if multi else [out_root] * len(inputs)
     for d in dict.fromkeys(out_dirs):
@@ -268,7 +273,7 @@ def run(args) -> int:
                 t_dec = time.perf_counter() - t0
                 if pipe is None:  # after the first good decode: a bad file fails in milliseconds
                     t0 = time.perf_counter()
-                    pipe = Pipeline(cfg, refiner=refiner)
+                    pipe = Pipeline(cfg, _refiner_guide(args, cfg, refiner), refiner=refiner)
                     query = _query(args, pipe) if refiner is not None else None
                     t_model = time.perf_counter() - t0
                     log.info("model %s loaded on %s in %.2f s", cfg.guide.model, pipe.guide.device, t_model)
@@ -316,6 +321,22 @@ def run(args) -> int:
     if not summaries and len(set(failures)) == 1:
         return failures[0]  # nothing succeeded, for one reason: its code (2 input, 4 output folder)
     return 1  # some inputs failed (each said why above), the others were written
+
+
+def _refiner_guide(args, cfg, refiner):
+    """With ``--refiner`` and no ``--model``: the AST the refiner was trained on (its baseline masks and
+    query embeddings came from it), built here; otherwise None (the pipeline loads ``cfg.guide.model``)."""
+    if refiner is None or args.model is not None or not refiner.guide_model:
+        return None
+    from .guide import build_guide
+    from .pipeline import quiet_model_loading
+
+    if refiner.guide_model == "tiny":
+        log.warning("refiner %s was trained on a random tiny AST (a smoke-test config): separating with that "
+                    "same random guide, whose labels mean nothing", refiner.name)
+    cfg.guide.model = refiner.guide_model
+    with quiet_model_loading():
+        return build_guide(refiner.guide_model, cfg.guide, refiner.guide_seed)
 
 
 def _deliver(result, client, outbox, args, manifest: Path) -> None:

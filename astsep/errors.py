@@ -29,3 +29,12 @@ class OutputError(AstsepError):
 
 class BackendError(AstsepError):
     """The event backend is misconfigured (bad URL, …)."""
+
+
+class MissingExtraError(AstsepError):
+    """A feature needs an optional dependency (``pip install 'astsep[EXTRA]'``) that is not installed."""
+
+    def __init__(self, feature: str, extra: str, missing: str | None = None, hint: str = ""):
+        what = f" ({missing} is not installed)" if missing else ""
+        super().__init__(f"{feature} needs the optional dependencies of astsep[{extra}]{what}: "
+                         f"pip install 'astsep[{extra}]'{hint}")

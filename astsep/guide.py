@@ -478,3 +478,13 @@ class ASTGuide:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled AST embedding ``(B, H)`` of ``(B, N)`` windows (cached like every forward)."""
         return self(x).embedding
+
+
+def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0, option: str = "--model") -> ASTGuide:
+    """``ASTGuide`` from a Hub id / local folder, or ``"tiny"`` (random tiny AST, smoke tests);
+    ``option`` names the command-line option that took ``model`` in error messages."""
+    if model == "tiny":
+        from .testing import tiny_ast
+
+        return ASTGuide.from_model(tiny_ast(seed=seed), guide_cfg, name=f"tiny-ast-{seed}")
+    return ASTGuide.from_pretrained(dataclasses.replace(guide_cfg, model=model), option=option)

@@ -38,30 +38,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
-from .config import GuideConfig, baseline_settings, config_from_settings, load_config
-from .errors import ConfigError
+from .config import baseline_settings, config_from_settings, load_config
+from .errors import ConfigError, MissingExtraError
 from .features import istft, stft
+from .guide import build_guide  # noqa: F401 - also lit.build_guide, where evaluate and embed look
 from .metrics import sdr_sisdr_loss, separation_metrics, si_sdr
 from .refiner import MaskRefiner, RefinerConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefinerModule", "AutoWandbLogger", "ValidateOnLastStep", "build_guide", "baseline_estimate"]
+__all__ = ["RefinerModule", "AutoWandbLogger", "check_logger_packages", "ValidateOnLastStep", "build_guide", "baseline_estimate"]
 
 METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")
-
-
-def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0, option: str = "--model"):
-    """``ASTGuide`` from a Hub id / local folder, or ``"tiny"`` (random tiny AST, smoke tests);
-    ``option`` names the command-line option that took ``model`` in error messages."""
-    from .guide import ASTGuide
-
-    if model == "tiny":
-        from .testing import tiny_ast
-
-        return ASTGuide.from_model(tiny_ast(seed=seed), guide_cfg, name=f"tiny-ast-{seed}")
-    guide_cfg = dataclasses.replace(guide_cfg, model=model)
-    return ASTGuide.from_pretrained(guide_cfg, option=option)
 
 
 def baseline_estimate(sources: torch.Tensor, kept: torch.Tensor, mixture: torch.Tensor,
@@ -79,11 +67,29 @@ def baseline_estimate(sources: torch.Tensor, kept: torch.Tensor, mixture: torch.
     return est, torch.where(any_kept, best, torch.full_like(best, -1))
 
 
+def _require_wandb() -> None:
+    try:
+        import wandb  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise MissingExtraError("W&B logging (the config's trainer.logger)", "wandb", exc.name,
+                                ", or log to CSV files instead: --trainer.logger=CSVLogger --trainer.logger.save_dir=DIR") from exc
+
+
+def check_logger_packages(logger: Any) -> None:
+    """Refuse a W&B ``trainer.logger`` (a config's ``class_path`` entry, or a list of them) when wandb
+    is not installed, with the extra to install: one line, before anything is built."""
+    for item in logger if isinstance(logger, (list, tuple)) else [logger]:
+        path = item.get("class_path") if hasattr(item, "get") else None
+        if isinstance(path, str) and "wandb" in path.lower():
+            _require_wandb()
+
+
 class AutoWandbLogger(WandbLogger):
     """``WandbLogger`` that runs offline (a real run folder on disk, synced later with
     ``wandb sync``) unless ``WANDB_API_KEY`` is set or ``offline`` is given explicitly."""
 
     def __init__(self, offline: bool | None = None, **kwargs: Any):
+        _require_wandb()
         if offline is None:
             offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE", "") != "online"
         kwargs.setdefault("project", "astsep-refiner")

@@ -198,6 +198,7 @@ class Pipeline:
             raise ConfigError(f"the refiner takes {self.refiner.n_masks} baseline masks but --max-passes is "
                               f"{self.cfg.separator.max_passes}; use --max-passes {self.refiner.n_masks}")
         if self.refiner is not None:
+            self.refiner.check_guide(self.guide)  # its queries are this AST's embeddings: same size
             self.refiner.check_baseline(self.cfg)  # warns, naming the keys, if trained on another baseline
 
     @property
@@ -586,7 +587,8 @@ def write_outputs(result: SeparationResult, out_dir: Path, debug: bool = False,
     then swapped with ``out_dir`` in one atomic rename; the old folder is then removed. Files in
     ``out_dir`` that the previous run's ``events.json`` does not list (the user's) are carried into
     the new folder as hard links; a non-empty folder without an astsep ``events.json`` is refused.
-    Where no sibling can be made or renamed (read-only parent, mount point), files are renamed into
+    Where no sibling can be made or renamed (read-only parent, mount point), or ``out_dir`` is or
+    holds the working directory (``-o .``: the user's shell is in it), files are renamed into
     ``out_dir`` one by one instead, ``events.json`` last. Returns the path of ``events.json``.
     """
     out_dir = Path(os.path.abspath(out_dir))
@@ -595,6 +597,9 @@ def write_outputs(result: SeparationResult, out_dir: Path, debug: bool = False,
     with output_lock(out_dir):
         keep = _foreign_entries(out_dir)
         t0 = time.perf_counter()
+        if _holds_cwd(out_dir):  # `-o .`: a swap would leave the user's shell in a deleted folder
+            log.info("%s is (or holds) the working directory: writing in place", out_dir)
+            return _write_in_place(result, out_dir, debug, config, t0)
         try:
             stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{STAGE_TAG}", dir=str(out_dir.parent)))
         except OSError as exc:
@@ -629,6 +634,16 @@ def write_outputs(result: SeparationResult, out_dir: Path, debug: bool = False,
             shutil.rmtree(_sibling(out_dir, BACKUP_TAG), ignore_errors=True)
         _checkpoint("done")
     return out_dir / MANIFEST
+
+
+def _holds_cwd(out_dir: Path) -> bool:
+    """True when the working directory is ``out_dir`` or inside it (``-o .``, ``-o ..``): the shell
+    that started the run is there too, and must not be left in a folder the swap deleted."""
+    try:
+        cwd = Path(os.getcwd()).resolve()
+    except OSError:  # the working directory is already gone
+        return False
+    return cwd == out_dir or out_dir in cwd.parents
 
 
 def _write_folder(result: SeparationResult, folder: Path, debug: bool, config: AstsepConfig | None,

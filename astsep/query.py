@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 
 from .config import SAMPLE_RATE
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, MissingExtraError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,18 @@ class ClapQueryEncoder(QueryEncoder):
         if not path.is_file():
             raise ModelError(f"CLAP checkpoint not found: {path} (download e.g. 630k-audioset-best.pt from "
                              "huggingface.co/lukewys/laion_clap on a connected machine and pass its path)")
+        try:  # before the Hub check: a missing package is the first thing to fix
+            from laion_clap import CLAP_Module
+        except ModuleNotFoundError as exc:  # laion-clap or one of its own imports (torchvision, …)
+            raise MissingExtraError("CLAP text and audio queries", "clap", exc.name) from exc
+        except Exception as exc:  # ImportError, or a tokenizer that failed to load at import time
+            raise ModelError(f"cannot import laion-clap ({type(exc).__name__}: {str(exc)[:160]})") from exc
         if not download:
             missing = [m for m in _CLAP_TEXT_MODELS if not _cached(m)]
             if missing:
                 raise ModelError(f"laion-clap needs the Hub models {', '.join(missing)} in the local Hugging Face "
                                  "cache, and they are not there (offline?); run once on a connected machine, "
                                  "or pass download=True / --clap-download where the Hub can be reached")
-        try:
-            from laion_clap import CLAP_Module
-        except Exception as exc:  # ImportError, or a tokenizer that failed to load at import time
-            raise ModelError(f"cannot import laion-clap ({type(exc).__name__}: {str(exc)[:160]})") from exc
         try:
             module = CLAP_Module(enable_fusion=enable_fusion, amodel=amodel, device=device)
         except Exception as exc:

@@ -47,7 +47,7 @@ class Refiner:
     """A trained refiner ready for inference, plus what it needs to embed queries."""
 
     def __init__(self, net: MaskRefiner, query_source: str, name: str, table=None, text_encoder=None,
-                 baseline: dict | None = None):
+                 baseline: dict | None = None, guide_model: str | None = None, guide_seed: int = 0):
         self.net = net.eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -56,6 +56,9 @@ class Refiner:
         self.table = table
         self.text_encoder = text_encoder
         self.baseline = baseline  # the settings it was trained with (astsep.config.baseline_settings), or None
+        # the AST it was trained on (Hub id, folder, or "tiny": a random test AST built from guide_seed)
+        self.guide_model = guide_model
+        self.guide_seed = guide_seed
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
@@ -91,8 +94,21 @@ class Refiner:
 
             enc = ClapQueryEncoder(clap_ckpt)
         baseline = hp.get("baseline")
+        guide_model = hp.get("guide_model")
         return cls(net, str(hp.get("query_source", "table")), p.name, tbl, enc,
-                   baseline if isinstance(baseline, dict) else None)
+                   baseline if isinstance(baseline, dict) else None,
+                   guide_model if isinstance(guide_model, str) else None, int(hp.get("guide_seed") or 0))
+
+    def check_guide(self, guide, option: str = "--model") -> None:
+        """Refuse, before any audio is separated, an AST whose embeddings this refiner cannot take:
+        a refiner trained on audio (AST embedding) queries takes embeddings of its guide's hidden size."""
+        if self.query_source != "target_audio" or guide.hidden_size == self.query_dim:
+            return
+        trained = f"the guide {self.guide_model!r}" if self.guide_model else "its guide"
+        raise ConfigError(f"refiner {self.name} takes {self.query_dim}-dim AST embeddings (trained with {trained}, "
+                          f"hidden size {self.query_dim}) but {option} {guide.name} has hidden size {guide.hidden_size}: "
+                          f"leave {option} out to use the refiner's own guide, or train a refiner on this AST "
+                          "(model.guide_model in the training config)")
 
     def check_baseline(self, cfg: AstsepConfig) -> list[str]:
         """Warn when ``cfg`` makes other baseline masks than the refiner was trained on; returns the

@@ -260,3 +260,41 @@ def test_a_failing_write_leaves_the_previous_folder(tmp_path, monkeypatch):
         write_outputs(_result(label="Cat"), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("where", ["out", "out/sub"], ids=["cwd_is_out", "cwd_inside_out"])
+def test_output_into_the_working_directory_keeps_that_folder_in_place(tmp_path, monkeypatch, where):
+    """`infer.py -o .`: the shell that started the run stays in a live folder, the same one."""
+    out = tmp_path / "out"
+    write_outputs(_result(label="Dog"), out)
+    (out / "sub").mkdir()  # the user's own folder inside, carried over by a swap as a *new* folder
+    cwd = tmp_path / where
+    monkeypatch.chdir(cwd)
+    fd = os.open(cwd, os.O_RDONLY)  # what a shell sitting in the folder holds
+    try:
+        ino = os.fstat(fd).st_ino
+        write_outputs(_result(label="Cat"), Path("." if where == "out" else ".."))
+        assert os.fstat(fd).st_nlink > 0, "the working directory was deleted"
+        assert os.stat(cwd).st_ino == ino and os.stat(".").st_ino == ino
+    finally:
+        os.close(fd)
+    assert json.loads((out / MANIFEST).read_text())["files"] == ["00_Cat.wav", "01_residual.wav"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".wav") == ["00_Cat.wav", "01_residual.wav"]
+    assert (out / "sub").is_dir() and leftovers(out) == []
+
+
+def test_infer_with_output_dot_leaves_the_shell_in_the_same_live_folder(tmp_path, tiny_model_dir, shared):
+    out = tmp_path / "here"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)  # the user's shell, sitting in the folder
+    try:
+        ino = os.fstat(fd).st_ino
+        for _ in range(2):  # a first run into the empty folder, and a second that replaces its outputs
+            proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), "-i", str(SEED_RECORDING), "-o", ".",
+                                   "-m", str(tiny_model_dir), "-q"], capture_output=True, text=True, cwd=out,
+                                  timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            assert proc.returncode == 0, proc.stderr[-1500:]
+            assert os.fstat(fd).st_nlink > 0 and os.stat(out).st_ino == ino
+    finally:
+        os.close(fd)
+    assert (out / MANIFEST).is_file() and leftovers(out) == []

@@ -219,3 +219,39 @@ def test_a_checkpoint_records_the_baseline_by_value_and_inference_warns_naming_w
     with caplog.at_level("WARNING", logger="astsep.refine"):
         Pipeline(same, guide, refiner=ref)
     assert "other settings" not in caplog.text
+
+
+def test_the_readme_flow_train_tiny_then_infer_with_its_checkpoint_runs_as_written(tmp_path, shared):
+    """README: `train.py fit --config configs/refiner_tiny.yaml`, then `infer.py --refiner <its best-step
+    checkpoint>` with no --model: the refiner brings the (tiny, random) AST it was trained on."""
+    import train
+    from conftest import ESC, ROOT
+
+    code = train.main(["fit", "--config", str(ROOT / "configs" / "refiner_tiny.yaml"),
+                       f"--data.train_csv={ESC / 'manifest.csv'}", "--trainer.max_steps=2", "--data.epoch_size=8",
+                       "--data.val_mixtures=2", "--model.example_every_n_val=0", "--trainer.enable_progress_bar=false",
+                       f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"])
+    assert code == 0
+    ckpt = next(tmp_path.glob("astsep-refiner/*/checkpoints/best-step*.ckpt"))  # where the README looks
+    path = tmp_path / "mix.wav"
+    sf.write(path, mixture("dog", "rain", seconds=3.0).numpy(), 16000, subtype="FLOAT")
+    proc = infer("-i", str(path), "-o", str(tmp_path / "out"), "--refiner", str(ckpt), "-q")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "out" / "events.json").read_text())
+    assert m["stats"]["model"] == "tiny-ast-0"  # the config's guide_model: tiny, guide_seed: 0
+    assert m["stats"]["refiner"] == ckpt.name
+
+
+def test_a_refiner_given_an_ast_of_another_size_is_refused_in_one_line_saying_what_fits(tmp_path, audio_ckpt, shared):
+    from astsep.testing import tiny_ast
+
+    other = tmp_path / "ast16"
+    tiny_ast(seed=0, hidden=16).save_pretrained(other)
+    path = tmp_path / "mix.wav"
+    sf.write(path, mixture("dog", "rain", seconds=2.0).numpy(), 16000, subtype="FLOAT")
+    proc = infer("-i", str(path), "-o", str(tmp_path / "out"), "-m", str(other), "--refiner", str(audio_ckpt))
+    line = one_error_line(proc)
+    assert proc.returncode == 2
+    assert "takes 32-dim AST embeddings" in line and "'tiny'" in line and "hidden size 16" in line
+    assert "leave --model out" in line
+    assert not (tmp_path / "out" / "events.json").exists()

@@ -113,3 +113,16 @@ def test_a_latin1_training_csv_is_one_error_line_naming_file_and_line(tmp_path, 
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, errors
     assert str(csv_path) in errors[0] and "line 3" in errors[0] and "UTF-8" in errors[0]
+
+
+def test_help_says_what_the_command_and_the_project_are():
+    proc = subprocess.run([sys.executable, "train.py", "-h"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "astsep: train the FiLM mask refiner" in proc.stdout and "AST-guided sound" in proc.stdout
+    assert "{fit,validate,test}" in proc.stdout  # no predict: it would write nothing
+
+
+def test_predict_is_refused_in_one_line_naming_what_to_use_instead(capsys):
+    assert train.main(["predict", "--config", TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "infer.py" in err[0] and "--refiner CKPT" in err[0] and "astsep.evaluate" in err[0]

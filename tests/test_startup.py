@@ -1,0 +1,63 @@
+"""Start-up: ``infer.py`` answers ``-h``, a bad option and a missing input without importing torch
+or transformers (seconds of imports, more on a loaded machine), and its logging set-up imports
+neither."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+# Runs infer.py as `python infer.py ARGS` does, then reports its exit code and the heavy modules it imported.
+RUN_INFER = """
+import json, runpy, sys
+sys.argv = ["infer.py"] + json.loads(sys.argv[1])
+code = 0
+try:
+    runpy.run_path("infer.py", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "heavy": sorted(m for m in ("torch", "transformers", "numpy") if m in sys.modules)}))
+"""
+
+
+def run_infer(*args: str) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, "-c", RUN_INFER, json.dumps(list(args))], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+@pytest.mark.parametrize("case", ["help", "bad_option", "missing_input", "missing_inputs_with_logging"])
+def test_help_bad_options_and_missing_inputs_answer_without_torch_or_transformers(tmp_path, case):
+    out = str(tmp_path / "out")
+    args = {"help": ["-h"],
+            "bad_option": ["-i", "x.wav", "-o", out, "--no-such-option"],
+            "missing_input": ["-i", str(tmp_path / "nope.wav"), "-o", out],
+            "missing_inputs_with_logging": ["-i", str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "-o", out, "-v"],
+            }[case]
+    res, err = run_infer(*args)
+    assert res["heavy"] == [], (res, err)
+    if case == "help":
+        assert res["code"] == 0
+    elif case == "bad_option":
+        assert res["code"] == 2 and "unrecognized arguments: --no-such-option" in err
+    else:
+        assert res["code"] == 2 and "astsep: error: input not found" in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_quiet_logging_set_up_leaves_transformers_unimported_but_quiet():
+    code = ("import argparse, os, sys\n"
+            "from astsep.cli import _setup_logging\n"
+            "_setup_logging(argparse.Namespace(quiet=False, verbose=0))\n"
+            "assert 'transformers' not in sys.modules\n"
+            "import transformers\n"
+            "print(transformers.logging.get_verbosity() == transformers.logging.ERROR)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-1500:]
