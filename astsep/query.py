@@ -79,6 +79,29 @@ def _cached(repo: str) -> bool:
         return False
 
 
+def _import_clap_module():
+    """``laion_clap.CLAP_Module``, imported so that its quirks cannot end the caller.
+
+    laion-clap parses ``sys.argv`` with its own training parser at import time
+    (``laion_clap/training/params.py``): under any host program with options of its own
+    (``pytest -q``, ``infer.py --clap-ckpt``) that parser calls ``sys.exit(2)``. The import
+    therefore sees only the program name, and a failure becomes one clear error.
+    """
+    import sys
+
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:  # before the Hub check: a missing package is the first thing to fix
+        from laion_clap import CLAP_Module
+    except ModuleNotFoundError as exc:  # laion-clap or one of its own imports (torchvision, …)
+        raise MissingExtraError("CLAP text and audio queries", "clap", exc.name) from exc
+    except (Exception, SystemExit) as exc:  # ImportError, a tokenizer that failed to load at import time
+        raise ModelError(f"cannot import laion-clap ({type(exc).__name__}: {str(exc)[:160]})") from exc
+    finally:
+        sys.argv = argv
+    return CLAP_Module
+
+
 class ClapQueryEncoder(QueryEncoder):
     """LAION-CLAP (``laion_clap.CLAP_Module``) text and audio embeddings, ``D = 512``.
 
@@ -98,12 +121,7 @@ class ClapQueryEncoder(QueryEncoder):
         if not path.is_file():
             raise ModelError(f"CLAP checkpoint not found: {path} (download e.g. 630k-audioset-best.pt from "
                              "huggingface.co/lukewys/laion_clap on a connected machine and pass its path)")
-        try:  # before the Hub check: a missing package is the first thing to fix
-            from laion_clap import CLAP_Module
-        except ModuleNotFoundError as exc:  # laion-clap or one of its own imports (torchvision, …)
-            raise MissingExtraError("CLAP text and audio queries", "clap", exc.name) from exc
-        except Exception as exc:  # ImportError, or a tokenizer that failed to load at import time
-            raise ModelError(f"cannot import laion-clap ({type(exc).__name__}: {str(exc)[:160]})") from exc
+        CLAP_Module = _import_clap_module()
         if not download:
             missing = [m for m in _CLAP_TEXT_MODELS if not _cached(m)]
             if missing:

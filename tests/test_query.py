@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -92,6 +95,23 @@ def test_clap_encoder_without_a_checkpoint_or_offline_models_raises_model_error(
     bogus.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError):  # offline: roberta-base is not cached (or the file is not a checkpoint)
         ClapQueryEncoder(bogus)
+
+
+def test_laion_clap_import_survives_a_host_program_with_its_own_options(tmp_path):
+    """laion-clap parses sys.argv at import time; `infer.py --clap-ckpt …` must not die of it."""
+    pytest.importorskip("laion_clap", reason="the clap extra is not installed")
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    code = ("import sys; from astsep.errors import ModelError; from astsep.query import ClapQueryEncoder\n"
+            "sys.argv = ['infer.py', '-q', '--clap-ckpt', sys.argv[1]]\n"
+            "try:\n    ClapQueryEncoder(sys.argv[3])\nexcept ModelError as e:\n    print('MODEL-ERROR', e)\n"
+            "print('ARGV', sys.argv[1:])\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code, str(bogus)], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "MODEL-ERROR" in r.stdout and "unrecognized arguments" not in r.stderr
+    assert f"ARGV ['-q', '--clap-ckpt', '{bogus}']" in r.stdout  # the host's argv is given back
 
 
 def test_embed_cli_writes_ast_audio_prototypes_per_caption(tmp_path, shared):
