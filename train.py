@@ -44,12 +44,28 @@ def main(args: list[str] | None = None) -> int:
     if argv[:1] == ["predict"]:
         print(f"error: {NO_PREDICT}", file=sys.stderr)
         return 2
+    ok = False
     try:
         cli(args)
+        ok = True
     except AstsepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        _finish_wandb(ok)
     return 0
+
+
+def _finish_wandb(ok: bool) -> None:
+    """Close the W&B run this call opened (Lightning's ``WandbLogger`` leaves it open).
+
+    An open run is reused by the next ``wandb.init`` of the process: a second ``main()`` (a
+    sweep, a notebook, the test suite) would log into the first run's folder, and an offline
+    run is only complete on disk once it is finished.
+    """
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ def test_offline_wandb_run_writes_its_run_dir_checkpoint_and_examples(tmp_path, 
                        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
                        "--model.example_every_n_val=1"])
     assert code == 0
+    wandb = pytest.importorskip("wandb")
+    assert wandb.run is None  # finished: a later train.main() in this process gets its own run and folder
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list(tmp_path.rglob("*"))[:20]
     assert list(runs[0].glob("run-*.wandb"))
