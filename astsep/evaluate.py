@@ -337,10 +337,11 @@ def main_musdb(args: argparse.Namespace) -> int:
         cfg = load_config(args.separator_config or default_config)
         cfg.guide.device = args.device
         from .lit import build_guide
-        from .pipeline import Pipeline
+        from .pipeline import Pipeline, quiet_model_loading
 
         guide_model = args.guide_model or DEFAULT_MODEL
-        pipe = Pipeline(cfg, build_guide(guide_model, cfg.guide, option="--guide-model"))
+        with quiet_model_loading():
+            pipe = Pipeline(cfg, build_guide(guide_model, cfg.guide, option="--guide-model"))
         subsets = ("train", "test") if args.subset == "both" else (args.subset,)
         results = evaluate_musdb(args.musdb, pipe, stem_map, subsets, args.tracks, args.max_seconds, args.out,
                                  progress=sys.stderr.isatty())

@@ -134,7 +134,8 @@ def _list_csv(path: Path) -> list[Entry]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not {"path", "label"} <= fields:
-        raise ConfigError(f"{path} needs columns 'path,label[,split][,group]'; it has {', '.join(sorted(fields)) or 'none'}")
+        raise ConfigError(f"{path} needs columns 'path,label[,split][,group]'; "
+                          f"it has {', '.join(sorted(fields)) or 'none'}")
     entries = []
     for i, row in enumerate(rows, start=2):
         raw, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
@@ -380,16 +381,19 @@ def run_probes(examples: list[Example], features: dict[str, np.ndarray], split: 
 # --- command line -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m astsep.probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="class-per-folder tree, flat folder (with --pattern) or CSV path,label[,split][,group]")
+    p.add_argument("--data", required=True,
+                   help="class-per-folder tree, flat folder (with --pattern) or CSV path,label[,split][,group]")
     p.add_argument("--pattern", default=None, metavar="REGEX",
                    help=r"flat folder: regex on file names with (?P<label>…) and optionally (?P<group>…), "
                         r"e.g. '^(?P<label>\d)_(?P<group>[a-z]+)_'")
-    p.add_argument("--features", nargs="+", default=["pooled"], metavar="KIND", help="pooled, layer:N, refiner (several allowed)")
+    p.add_argument("--features", nargs="+", default=["pooled"], metavar="KIND",
+                   help="pooled, layer:N, refiner (several allowed)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="AST: Hub id, local folder, or 'tiny' (random tiny AST)")
     p.add_argument("--refiner", default=None, metavar="CKPT", help="refiner checkpoint for --features refiner")
     p.add_argument("--segment", type=float, default=None, metavar="S", help="cut files into S-second examples")
     p.add_argument("--max-seconds", type=float, default=10.24, help="without --segment: use this much of each file")
-    p.add_argument("--test-groups", default=None, metavar="A,B", help="group-disjoint split: these groups are the test set")
+    p.add_argument("--test-groups", default=None, metavar="A,B",
+                   help="group-disjoint split: these groups are the test set")
     p.add_argument("--test-size", type=float, default=0.2, help="stratified split: share of the test set (default 0.2)")
     p.add_argument("--probes", nargs="+", default=list(PROBES), choices=PROBES)
     p.add_argument("--hidden", type=int, default=256, help="hidden units of the 3-layer MLP probe")
@@ -420,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         if any(k != "refiner" for k in kinds):
             from .lit import build_guide
 
-            guide = build_guide(args.model, GuideConfig(device=args.device), option="--model")
+            from .pipeline import quiet_model_loading
+
+            with quiet_model_loading():
+                guide = build_guide(args.model, GuideConfig(device=args.device), option="--model")
         if "refiner" in kinds:
             from .evaluate import load_refiner
 

@@ -289,10 +289,12 @@ def markdown_musdb(results: dict, title: str = "MUSDB18-style stem evaluation") 
              "| stem | SDR | SIR | ISR | SAR | tracks scored |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for s, v in results["summary"].items():
         lines.append(f"| {s} | " + " | ".join(_fmt(v[m]) for m in METRICS) + f" | {v['scored_tracks']} |")
-    lines += ["", "| track | stem | SDR | SIR | ISR | SAR | sources |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines += ["", "| track | stem | SDR | SIR | ISR | SAR | sources |",
+              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in results["tracks"]:
         for s, v in r["stems"].items():
-            names = ", ".join(a["label"] + (" (residual)" if a["residual"] else "") for a in r["sources"] if a["stem"] == s)
+            names = ", ".join(a["label"] + (" (residual)" if a["residual"] else "")
+                              for a in r["sources"] if a["stem"] == s)
             lines.append(f"| {r['subset']}/{r['track']} | {s} | " + " | ".join(_fmt(v[m]) for m in METRICS)
                          + f" | {names or '–'} |")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ with ``mixture.wav`` and the four stems from real and rendered audio:
   hi-hat pattern (GM percussion channel), both written as MIDI with ``mido`` and rendered by
   FluidSynth with the FluidR3 General MIDI SoundFont (Debian: ``fluidsynth fluid-soundfont-gm``);
 - ``vocals``: a LibriSpeech utterance from ``../shared/data/librosa`` (read speech, not singing);
-- ``other``: a music recording from the same folder (string orchestra, solo trumpet, piano).
+- ``other``: a music recording from the same folder (string orchestra, ragtime piano, orchestral).
 
 Stems are set to fixed RMS levels, written as 16-bit PCM (as MUSDB18-HQ), and the mixture is their
 sum. The tempo and key change per track; everything is deterministic.
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 SOUNDFONTS = (Path("/usr/share/sounds/sf2/FluidR3_GM.sf2"), Path("/usr/share/sounds/sf2/default-GM.sf2"))
 VOCALS = ("198-209-0000.ogg", "3436-172162-0000.ogg", "5703-47212-0000.ogg")
 OTHER = ("Hungarian_Dance_number_5_-_Allegro_in_F_sharp_minor_(string_orchestra).ogg",
-         "sorohanro_-_solo-trumpet-06.ogg", "Kevin_MacLeod_-_P_I_Tchaikovsky_Dance_of_the_Sugar_Plum_Fairy.ogg")
+         "442789__lena-orsa__happy-music-pistachio-ice-cream-ragtime.ogg",
+         "Kevin_MacLeod_-_P_I_Tchaikovsky_Dance_of_the_Sugar_Plum_Fairy.ogg")
 LEVELS_DBFS = {"vocals": -20.0, "drums": -22.0, "bass": -22.0, "other": -24.0}  # RMS of each stem
 BASS_PROGRAM = 33  # GM "Electric Bass (finger)" (0-based program number)
 KICK, SNARE, HIHAT = 36, 38, 42  # GM percussion keys
@@ -102,8 +103,8 @@ def render(midi: Path, rate: int, seconds: float) -> np.ndarray:
         raise ConfigError("FluidSynth and a General MIDI SoundFont are needed (Debian: apt-get install fluidsynth "
                           "fluid-soundfont-gm)")
     wav = midi.with_suffix(".wav")
-    proc = subprocess.run(["fluidsynth", "-ni", "-q", "-g", "0.6", "-r", str(rate), "-F", str(wav), str(sf2), str(midi)],
-                          capture_output=True, text=True, timeout=120)
+    cmd = ["fluidsynth", "-ni", "-q", "-g", "0.6", "-r", str(rate), "-F", str(wav), str(sf2), str(midi)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 or not wav.is_file():
         raise ConfigError(f"FluidSynth failed on {midi.name}: {(proc.stderr or proc.stdout).strip()[:200]}")
     x, r = sf.read(str(wav), dtype="float64", always_2d=True)
@@ -123,6 +124,8 @@ def read_clip(path: Path, rate: int, seconds: float, offset: float = 0.0) -> np.
 
     x, r = sf.read(str(path), dtype="float32", always_2d=True)
     x = x.mean(axis=1)[int(offset * r):]
+    if x.shape[0] < seconds * r:
+        raise ConfigError(f"{path.name} holds less than {offset + seconds:g} s; use shorter tracks (--seconds)")
     y = AF.resample(torch.from_numpy(np.ascontiguousarray(x)), r, rate).double().numpy()
     return np.repeat(_fit(y[:, None], int(seconds * rate)), 2, axis=1)
 
@@ -163,7 +166,8 @@ def make_stemset(out_dir: str | Path, n_tracks: int = 2, seconds: float = 6.0, r
             folder = Path(out_dir) / subset / f"{i:02d} - astsep synthetic {bpm} bpm"
             folder.mkdir(parents=True, exist_ok=True)
             for name, x in q.items():
-                sf.write(str(folder / f"{name}.wav"), np.clip(x, -32768, 32767).astype(np.int16), rate, subtype="PCM_16")
+                pcm = np.clip(x, -32768, 32767).astype(np.int16)
+                sf.write(str(folder / f"{name}.wav"), pcm, rate, subtype="PCM_16")
             folders.append(folder)
     return folders
 
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m astsep.stemset", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="output folder (MUSDB18-HQ layout)")
     p.add_argument("--tracks", type=int, default=3, help="number of tracks (1-3)")
-    p.add_argument("--seconds", type=float, default=10.0, help="length of each track")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each track (at most 13.5)")
     p.add_argument("--rate", type=int, default=44100)
     args = p.parse_args(argv)
     try:
