@@ -27,6 +27,11 @@ separator makes of a perfect, or deliberately spoiled, guide. Optional ``target_
 
 and writes ``report.md`` and ``report.json`` (mean and median per metric, plus every row) to
 ``--out``.
+
+``--musdb DIR`` instead scores music stems on a MUSDB18(-HQ) folder: astsep's sources are mapped
+to vocals / drums / bass / other by their AudioSet classes (``--stem-map``, default
+``configs/musdb.yaml``) and scored with museval (see :mod:`astsep.stems`); it writes ``musdb.md``,
+``musdb.json`` and museval's per-track JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -226,9 +231,15 @@ def load_refiner(path: str | Path, device: str = "cpu"):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m astsep.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--mixtures", required=True, metavar="CSV",
-                   help="'mixture,target[,caption]' or 'target,interferer[,snr_db][,caption]' CSV")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and report.json")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--mixtures", metavar="CSV",
+                      help="'mixture,target[,caption]' or 'target,interferer[,snr_db][,caption]' CSV")
+    what.add_argument("--musdb", metavar="DIR", help="MUSDB18(-HQ) folder: score vocals/drums/bass/other stems")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the reports")
+    p.add_argument("--subset", choices=["test", "train", "both"], default="test", help="--musdb: which tracks")
+    p.add_argument("--tracks", nargs="+", default=None, metavar="NAME", help="--musdb: only these track folders")
+    p.add_argument("--stem-map", default=None, metavar="YAML",
+                   help="--musdb: AudioSet classes per stem (default configs/musdb.yaml)")
     p.add_argument("--refiner", default=None, metavar="CKPT", help="trained refiner checkpoint (adds 'refined')")
     p.add_argument("--embedding-table", default=None, metavar="PT", help="caption embeddings for table-trained refiners")
     p.add_argument("--guide-model", default=None,
@@ -240,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guide of the baseline: 'ast' (the AST, default) or 'oracle[:blur=1,noise_db=10,gamma=2,"
                         "gain=2,floor=0.2,random,seed=0]' (built from each row's known target)")
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline (no AST needed)")
-    p.add_argument("--max-seconds", type=float, default=10.24, help="evaluate at most this much of each row")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="evaluate at most this much of each row (default 10.24) or track (default: all of it)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
@@ -249,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
+    if args.musdb:
+        return main_musdb(args)
+    if args.max_seconds is None:
+        args.max_seconds = 10.24
     try:
         from .oracle import parse_guide_spec
 
@@ -295,6 +311,43 @@ def main(argv: list[str] | None = None) -> int:
         results.update(info)
         title = "Separation quality" + (f" (guide: {args.guide})" if oracle is not None else "")
         md, _ = write_report(results, args.out, title)
+    except AstsepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    sys.stdout.write(md.read_text())
+    return 0
+
+
+def main_musdb(args: argparse.Namespace) -> int:
+    """``--musdb DIR``: separate every track, map sources to stems, score them with museval."""
+    try:
+        if args.refiner or args.no_baseline or args.guide != "ast" or args.embedding_table:
+            raise ConfigError("--musdb scores the AST-guided separator's stems; --refiner, --embedding-table, "
+                              "--guide and --no-baseline do not apply")
+        if args.max_seconds is not None and args.max_seconds <= 0:
+            raise ConfigError(f"--max-seconds must be > 0, not {args.max_seconds}")
+        from .stems import evaluate_musdb, load_stem_map, write_musdb_report
+
+        try:
+            import museval  # noqa: F401 - fail here, in one line, not after the first separation
+        except (ImportError, RuntimeError) as exc:  # museval imports musdb → stempeg, which needs ffmpeg
+            raise ConfigError(f"--musdb needs museval: {str(exc).splitlines()[0]}") from None
+        stem_map = load_stem_map(args.stem_map)
+        default_config = DEFAULT_SEPARATOR_CONFIG if DEFAULT_SEPARATOR_CONFIG.is_file() else None
+        cfg = load_config(args.separator_config or default_config)
+        cfg.guide.device = args.device
+        from .lit import build_guide
+        from .pipeline import Pipeline, quiet_model_loading
+
+        guide_model = args.guide_model or DEFAULT_MODEL
+        with quiet_model_loading():
+            pipe = Pipeline(cfg, build_guide(guide_model, cfg.guide, option="--guide-model"))
+        subsets = ("train", "test") if args.subset == "both" else (args.subset,)
+        results = evaluate_musdb(args.musdb, pipe, stem_map, subsets, args.tracks, args.max_seconds, args.out,
+                                 progress=sys.stderr.isatty())
+        results.update(guide_model=guide_model, separator_config=str(args.separator_config or default_config),
+                       stem_map=str(args.stem_map or "configs/musdb.yaml"))
+        md = write_musdb_report(results, args.out)
     except AstsepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
