@@ -8,7 +8,7 @@ saying whether each query is present, so "no negative" is distinguishable from a
 Every convolution block is followed by FiLM (per-channel ``γ``, ``β`` from the condition;
 ``γ`` starts at 1 and ``β`` at 0, so an untrained network ignores the query).
 
-Shapes: ``F`` STFT bins (201 for n_fft 400), ``T`` frames (any number ≥ 1; the network pads to a
+Shapes: ``F`` STFT bins (513 for n_fft 1024), ``T`` frames (any number ≥ 1; the network pads to a
 multiple of ``2**depth`` internally and crops back), ``K`` baseline masks, ``D`` query dim.
 
 Plain ``nn.Module``; runs without Lightning.
