@@ -34,7 +34,7 @@ def test_the_shipped_separator_config_and_the_defaults_pass_the_checks():
     ("separator:\n  residual_confidence: .nan\n", "separator.residual_confidence", "finite"),
     ("separator:\n  suppression_db: 10\n", "separator.suppression_db", "<= 0"),
     ("stft:\n  hop: 0\n", "stft.hop", ">= 1"),
-    ("stft:\n  win_length: 800\n", "stft.win_length", "in [1, 400]"),
+    ("stft:\n  win_length: 2048\n", "stft.win_length", "in [1, 1024]"),
     ("guide:\n  trim_padding: 'yes'\n", "guide.trim_padding", "true or false"),
     ("guide:\n  dtype: fp8\n", "guide.dtype", "float32, bfloat16, int8"),
     ("guide:\n  fbank_std: 0\n", "guide.fbank_std", "> 0"),
