@@ -224,7 +224,8 @@ def run(args) -> int:
     # torch, transformers: only now that there is work to do
     from .audio import load_audio
     from .events import stamp_occurred_at
-    from .pipeline import Pipeline, check_output_folder, window_starts
+    from .outputs import check_output_folder
+    from .pipeline import Pipeline, window_starts
 
     names = output_names(inputs)
     out_dirs = [out_root / name for name in names] if multi else [out_root] * len(inputs)
@@ -355,7 +356,7 @@ def _deliver(result, client, outbox, args, manifest: Path) -> None:
     # add the report to this run's events.json, under the folder's lock, and only if no later run
     # has replaced the folder since
     from .errors import OutputError
-    from .pipeline import output_lock
+    from .outputs import output_lock
 
     try:
         with output_lock(manifest.parent):

@@ -3,7 +3,7 @@ output folder or the new complete one, never a mix and never a truncated file; t
 same folder never corrupt each other; the user's own files survive.
 
 The kill tests run a small writer in a subprocess (no model: a hand-made SeparationResult) that
-kills itself at a named point of the write sequence (``pipeline._checkpoint``), and a writer that
+kills itself at a named point of the write sequence (``outputs._checkpoint``), and a writer that
 is killed from outside at random moments while it rewrites the folder again and again.
 """
 
@@ -24,9 +24,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from astsep import pipeline
+from astsep import outputs
 from astsep.errors import OutputError
-from astsep.pipeline import LOCK, MANIFEST, SeparationResult, Track, output_lock, write_outputs
+from astsep.outputs import MANIFEST, OLD_INNER_LOCK, output_lock, write_outputs
+from astsep.pipeline import SeparationResult, Track
 
 from conftest import ROOT, SEED_RECORDING
 from test_cli import infer
@@ -35,17 +36,18 @@ WRITER = textwrap.dedent("""
     import os, signal, sys
     import torch
     from pathlib import Path
-    from astsep import pipeline
-    from astsep.pipeline import SeparationResult, Track, write_outputs
+    from astsep import outputs
+    from astsep.outputs import write_outputs
+    from astsep.pipeline import SeparationResult, Track
 
     out, kill_at, exchange, gens = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
     if not exchange:
-        pipeline._exchange = lambda a, b: False
+        outputs._exchange = lambda a, b: False
     if kill_at != "-":
         def checkpoint(name):
             if name == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        pipeline._checkpoint = checkpoint
+        outputs._checkpoint = checkpoint
 
     def result(gen):
         # generation g: g+1 sources of length 8000*(g+1) samples plus the residual
@@ -149,8 +151,8 @@ def test_the_cli_killed_before_the_swap_keeps_the_previous_outputs(tmp_path, tin
     sf.write(short, x[:16000], 16000, subtype="FLOAT")
     assert infer("-i", str(short), "-o", str(out), "-m", str(tiny_model_dir), "-q").returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    code = ("import os, signal, sys; from astsep import pipeline\n"
-            "pipeline._checkpoint = lambda n: n == 'staged' and os.kill(os.getpid(), signal.SIGKILL)\n"
+    code = ("import os, signal, sys; from astsep import outputs\n"
+            "outputs._checkpoint = lambda n: n == 'staged' and os.kill(os.getpid(), signal.SIGKILL)\n"
             "from astsep.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "-i", str(SEED_RECORDING), "-o", str(out), "-m",
                            str(tiny_model_dir), "-q"], cwd=str(ROOT), capture_output=True,
@@ -179,16 +181,15 @@ def test_a_second_run_while_the_folder_is_locked_is_refused_and_changes_nothing(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_the_lock_file_is_the_same_inode_after_the_swap(tmp_path):
+def test_the_lock_lives_beside_the_folder_and_an_old_inner_lock_file_is_not_carried_over(tmp_path):
+    """The lock guards the folder's name, so a swap never moves it; it is gone once the run ends."""
     out = tmp_path / "out"
     write_outputs(_result(), out)
-    fd = os.open(out / LOCK, os.O_RDONLY)
-    try:
-        ino = os.fstat(fd).st_ino
-        write_outputs(_result(label="Cat"), out)
-        assert os.stat(out / LOCK).st_ino == ino  # a run that opened the lock before the swap still contends
-    finally:
-        os.close(fd)
+    (out / OLD_INNER_LOCK).write_text("")  # what earlier versions left inside out/
+    with output_lock(out):
+        assert leftovers(out) == [f".out{outputs.LOCK_TAG}"]
+    write_outputs(_result(label="Cat"), out)
+    assert sorted(p.name for p in out.iterdir()) == ["00_Cat.wav", "01_residual.wav", MANIFEST]
     assert leftovers(out) == []
 
 
@@ -239,7 +240,7 @@ def test_a_symlinked_output_folder_stays_a_symlink(tmp_path):
 
 
 def test_without_rename_exchange_two_renames_give_the_same_result(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
     out = tmp_path / "out"
     write_outputs(_result(label="Dog"), out)
     write_outputs(_result(label="Cat"), out)
@@ -255,7 +256,7 @@ def test_a_failing_write_leaves_the_previous_folder(tmp_path, monkeypatch):
     def disk_full(path, x, sample_rate=16000):
         raise OutputError(f"cannot write {path}: No space left on device")
 
-    monkeypatch.setattr(pipeline, "write_wav_atomic", disk_full)
+    monkeypatch.setattr(outputs, "write_wav_atomic", disk_full)
     with pytest.raises(OutputError, match="No space"):
         write_outputs(_result(label="Cat"), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -298,3 +299,26 @@ def test_infer_with_output_dot_leaves_the_shell_in_the_same_live_folder(tmp_path
     finally:
         os.close(fd)
     assert (out / MANIFEST).is_file() and leftovers(out) == []
+
+
+class _Killed(Exception):
+    """Stands for SIGKILL at a checkpoint: what is on disk at that moment stays as it is."""
+
+
+def test_per_file_replace_alone_mixes_two_runs_when_killed_between_files(tmp_path, monkeypatch):
+    """Why the folder is swapped as a whole: renaming the files into it one by one, ``events.json``
+    last (all that is possible for ``-o .``), leaves the old ``events.json`` beside a new file of the
+    same name when the run dies between two files. The swap has no such moment (the kill tests above)."""
+    out = tmp_path / "out"
+    write_outputs(_result(n=1600), out)
+    monkeypatch.chdir(out)  # the working directory: written in place
+
+    def killed_after_first_file(name: str) -> None:
+        if name == "replaced:00_Dog.wav":
+            raise _Killed
+
+    monkeypatch.setattr(outputs, "_checkpoint", killed_after_first_file)
+    with pytest.raises(_Killed):
+        write_outputs(_result(n=3200), out)
+    listed = json.loads((out / MANIFEST).read_text())["files"]
+    assert {name: sf.info(str(out / name)).frames for name in listed} == {"00_Dog.wav": 3200, "01_residual.wav": 1600}
