@@ -1,0 +1,85 @@
+"""Regression vectors of the separator: what it makes of the seed recording with ``tiny_ast(seed=0)``.
+
+    python tests/make_regression.py          # rewrites tests/data/separator_regression.json
+
+``tests/test_regression.py`` recomputes the same vectors and compares them, so a change to the
+algorithm (or to the default config) shows up as a deliberate update of that JSON file in the same
+commit. The vectors hold:
+
+- ``classes``: per event, its kind, pass, window, label, class id, top-5 class ids and confidence;
+- ``anchors``: per event, where the source sits and how much it holds: ``start_sec``, ``end_sec``,
+  ``energy_share``, ``level_dbfs``;
+- ``masks``: per window and pass, whether it ran and was kept, its class id, and checksums of its
+  mask ``(F, T)`` (sum, mean, quantiles) plus its trust and energy ratio.
+
+Floats are stored to 6 significant digits; the test compares them with a relative tolerance (see
+``RTOL`` there), so float noise across machines and thread counts does not break it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # `python tests/make_regression.py` from a checkout, not installed
+
+from astsep.testing import SHARED_DATA  # noqa: E402
+
+SEED_RECORDING = SHARED_DATA / "examples" / "seed_recording_16k.wav"
+VECTORS = HERE / "data" / "separator_regression.json"
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+
+
+def _num(x: float) -> float | None:
+    """``x`` to 6 significant digits (None for NaN/inf, which JSON cannot hold)."""
+    x = float(x)
+    return float(f"{x:.6g}") if math.isfinite(x) else None
+
+
+def regression_vectors() -> dict[str, Any]:
+    """Separate the seed recording on CPU with the default config and a random tiny AST (seed 0),
+    and summarise it as plain JSON data (see the module docstring)."""
+    import astsep
+    from astsep.config import load_config
+    from astsep.guide import ASTGuide
+    from astsep.testing import tiny_ast
+
+    cfg = load_config(None)
+    cfg.guide.device = "cpu"
+    res = astsep.separate(str(SEED_RECORDING), guide=ASTGuide(tiny_ast(seed=0), cfg.guide), config=cfg,
+                          keep_traces=True)
+    classes = [{"kind": e["kind"], "pass": e.get("pass"), "window": e.get("window"), "label": e["label"],
+                "class_id": e["class_id"], "top5": [t["class_id"] for t in e.get("top5") or []],
+                "confidence": _num(e["confidence"]) if e.get("confidence") is not None else None}
+               for e in res.events]
+    anchors = [{"file": e["file"], "start_sec": _num(e["start_sec"]), "end_sec": _num(e["end_sec"]),
+                "energy_share": _num(e["energy_share"]), "level_dbfs": e["level_dbfs"]} for e in res.events]
+    masks = []
+    for window, start, item in res.traces:
+        for tr in item["traces"]:
+            mask = tr["mask"].double().flatten()
+            masks.append({
+                "window": window, "start": start, "pass": tr["index"], "ran": bool(tr["ran"]),
+                "kept": bool(tr["kept"]), "class_id": int(tr["class_id"]), "shape": list(tr["mask"].shape),
+                "sum": _num(mask.sum()), "mean": _num(mask.mean()),
+                "quantiles": [_num(q) for q in torch.quantile(mask, torch.tensor(QUANTILES, dtype=mask.dtype))],
+                "trust": _num(tr["trust"]), "eratio": _num(tr["eratio"]),
+            })
+    return {"input": SEED_RECORDING.name, "model": "tiny_ast(seed=0)", "num_samples": res.num_samples,
+            "files": [tr.filename for tr in res.tracks], "classes": classes, "anchors": anchors, "masks": masks}
+
+
+def main() -> None:
+    VECTORS.parent.mkdir(parents=True, exist_ok=True)
+    VECTORS.write_text(json.dumps(regression_vectors(), indent=1) + "\n")
+    print(f"wrote {VECTORS}")
+
+
+if __name__ == "__main__":
+    main()
