@@ -39,6 +39,18 @@ def clip(name: str, seconds: float | None = None) -> torch.Tensor:
     return x[: int(seconds * 16000)] if seconds else x
 
 
+def written_sum(result, out: Path) -> torch.Tensor:
+    """Write ``result`` into ``out`` and add up, in float64, the WAV files its ``events.json`` lists:
+    what a user gets back from the files, not the tensors they were made from. Shape ``(N,)``."""
+    import json
+
+    import soundfile as sf
+
+    result.write(out)
+    names = json.loads((out / "events.json").read_text())["files"]
+    return torch.from_numpy(sum(sf.read(out / n, dtype="float64", always_2d=False)[0] for n in names))
+
+
 def mixture(*names: str, seconds: float = 5.0) -> torch.Tensor:
     """Sum of shared clips, each cut to ``seconds``."""
     parts = [clip(n, seconds) for n in names]

@@ -201,16 +201,15 @@ def test_backend_gets_danger_events_and_an_unreachable_backend_fills_the_outbox(
     assert set(body) == {"user_id", "sound_type", "sound_detail", "angle", "occurred_at", "sound_icon",
                          "location_image_url", "decibel"}
     assert body["sound_type"] == "danger" and body["sound_detail"] == "Siren" and body["angle"] == 90
-    assert str(body["user_id"]) == "6"
+    assert body["user_id"] == 6 and isinstance(body["user_id"], int)  # --user-id 6 goes out as a JSON integer
 
 
 def test_a_second_run_into_a_locked_output_folder_is_refused(tmp_path, tiny_model_dir, shared):
-    import fcntl
+    from astsep.outputs import output_lock
 
     out = tmp_path / "out"
     out.mkdir()
-    with open(out / ".astsep.lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    with output_lock(out):  # another run, writing
         proc = infer("-i", str(SEED_RECORDING), "-o", str(out), "-m", str(tiny_model_dir))
     assert proc.returncode == 4 and "another astsep run" in one_error_line(proc)
     assert not (out / "events.json").exists()
