@@ -83,6 +83,7 @@ def _alarm(signum, frame):
 @pytest.mark.parametrize("kind", sorted(FORMATS))
 def test_mutated_files_decode_to_finite_audio_or_raise_audio_error(tmp_path, kind):
     path = tmp_path / f"fuzz.{kind[:4] if kind != 'wav24' else 'wav'}"
+    outcomes = {"decoded": 0, "refused": 0}
 
     @settings(max_examples=50, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
@@ -95,6 +96,7 @@ def test_mutated_files_decode_to_finite_audio_or_raise_audio_error(tmp_path, kin
             x, info = load_audio(path)
         except AudioError as exc:
             assert str(exc) and "\n" not in str(exc)
+            outcomes["refused"] += 1
             return
         except _Hang:
             pytest.fail(f"decoding hung on {ops}")
@@ -104,7 +106,11 @@ def test_mutated_files_decode_to_finite_audio_or_raise_audio_error(tmp_path, kin
         assert x.dtype == torch.float32 and x.dim() == 1 and x.numel() > 0
         assert bool(torch.isfinite(x).all())
         assert info.frames > 0 and info.sample_rate > 0
+        outcomes["decoded"] += 1
 
+    # check's source seeds the derandomized examples, so it stays as it is (counters included); the sum
+    # of the counters is no test (it is positive whenever hypothesis ran), and asking for both
+    # outcomes fails for Ogg, where all 50 mutations are refused
     check()
 
 
