@@ -1,4 +1,5 @@
-"""From a recording to sources, events and files: windows, batched separation, cross-fade, output.
+"""From a recording to sources and events: windows, batched separation, cross-fade, event records.
+Writing them to a folder is :mod:`astsep.outputs`'s (``result.write(dir)``).
 
 ``separate()`` is the functional API under ``infer.py``::
 
