@@ -72,8 +72,8 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     """Hold the lock on ``out_dir`` for one run (a second run at the same time gets
     :class:`OutputError`), after cleaning up what a killed run left (:func:`recover_output`).
 
-    The lock file is removed again, still held, when the run ends; ``filelock`` re-checks that a
-    lock it takes is still linked, so a run that opened the old file meanwhile retries on the new one.
+    The lock file is removed again, still held, when the run ends; ``filelock`` (≥ 3.20.4) re-checks
+    that a lock it takes is still linked, so a run that opened the old file meanwhile retries on a new one.
     """
     path = _sibling(out_dir, LOCK_TAG)
     lock = FileLock(str(path), timeout=0)
