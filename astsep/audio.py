@@ -48,6 +48,12 @@ _LOWPASS_WIDTH = 6
 # 16,000-fold upsampling (memory and hours of compute) of what is really noise.
 MIN_RATE, MAX_RATE = 1000, 768000
 _ROLLOFF = 0.99
+# torchaudio's exact rational resampler builds a kernel of orig/gcd phases: 44101 -> 16000 Hz takes
+# ~50 s per second of audio. A rate whose reduced ratio is larger than this is resampled as if it
+# were the nearest rate with a small one, at most _MAX_RATE_ERROR away (0.02 %: far below a sound
+# card's clock tolerance, inaudible, 0.2 ms per second of timing).
+_MAX_REDUCED_RATE = 1000
+_MAX_RATE_ERROR = 2e-4
 
 
 def _decode_error(path: Path, exc: BaseException) -> AudioError:
@@ -75,6 +81,20 @@ def _check_finite(block: np.ndarray, offset: int, name: str) -> None:
                          f"frame {offset}, first at sample {offset + int(np.argmax(bad))}: {name}")
 
 
+def effective_rate(orig: int, new: int = SAMPLE_RATE) -> int:
+    """The rate ``orig`` is resampled from: itself when ``orig/gcd(orig, new)`` is at most
+    ``_MAX_REDUCED_RATE``, else the nearest rate within ``_MAX_RATE_ERROR`` whose reduced ratio is
+    (``orig`` itself if there is none)."""
+    orig, new = int(orig), int(new)
+    if orig // math.gcd(orig, new) <= _MAX_REDUCED_RATE:
+        return orig
+    for d in range(1, int(orig * _MAX_RATE_ERROR) + 1):
+        for r in (orig - d, orig + d):
+            if r > 0 and r // math.gcd(r, new) <= _MAX_REDUCED_RATE:
+                return r
+    return orig
+
+
 class _StreamResampler:
     """``torchaudio.functional.resample`` applied block by block, with the same output.
 
@@ -85,6 +105,7 @@ class _StreamResampler:
     """
 
     def __init__(self, orig: int, new: int = SAMPLE_RATE):
+        orig = effective_rate(orig, new)
         g = math.gcd(int(orig), int(new))
         self.orig, self.new = int(orig), int(new)
         self.O, self.N = self.orig // g, self.new // g
@@ -126,6 +147,8 @@ def resample_blocks(blocks, sample_rate: int) -> torch.Tensor:
     if sample_rate <= 0:
         raise AudioError(f"invalid sample rate {sample_rate}")
     parts: list[torch.Tensor] = []
+    if effective_rate(sample_rate) == SAMPLE_RATE:  # 16001 Hz is 16 kHz within _MAX_RATE_ERROR
+        sample_rate = SAMPLE_RATE
     rs = _StreamResampler(sample_rate) if sample_rate != SAMPLE_RATE else None
     for b in blocks:
         t = torch.as_tensor(b, dtype=torch.float32)

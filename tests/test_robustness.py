@@ -222,3 +222,22 @@ def test_cli_processes_odd_files_in_one_run(tmp_path, tiny_model_dir):
         m = json.loads((out / sub / "events.json").read_text())
         total = sum(sf.read(out / sub / f, dtype="float64")[0] for f in m["files"] if f.endswith(".wav"))
         assert np.all(np.isfinite(total)) and total.shape[0] >= 1
+
+
+def test_an_odd_sample_rate_is_resampled_as_the_nearest_rate_with_a_small_ratio():
+    """44101 Hz would need a 44,101-phase kernel (~50 s per second of audio); it is read as 44100 Hz
+    instead (23 ppm), so a tone keeps its pitch within 0.02 % and the length follows the rate."""
+    from astsep.audio import effective_rate
+
+    assert effective_rate(44100) == 44100 and effective_rate(22050) == 22050 and effective_rate(8000) == 8000
+    assert effective_rate(44101) == 44100
+    assert effective_rate(16001) == 16000
+    sr, f0 = 44101, 1000.0
+    t = torch.arange(sr * 2) / sr
+    y = resample_blocks([torch.sin(2 * torch.pi * f0 * t).float()], sr)
+    assert abs(y.numel() - 32000) <= 2
+    spec = torch.fft.rfft(y * torch.hann_window(y.numel()))
+    peak_hz = float(spec.abs().argmax()) * 16000 / y.numel()
+    assert abs(peak_hz - f0) <= 0.5 + f0 * 2e-4
+    y16 = resample_blocks([torch.ones(16001)], 16001)  # within 0.02 % of 16 kHz: taken as it is
+    assert y16.numel() == 16001
