@@ -211,7 +211,7 @@ class Pipeline:
         """Separate ``audio`` ``(N,)`` (16 kHz mono float32, validated).
 
         With a refiner, every baseline source is refined; with a ``query``
-        (:class:`astsep.refine.Query`) only the queried source is extracted, plus the rest.
+        (:class:`astsep.refiner.Query`) only the queried source is extracted, plus the rest.
         """
         if query is not None and self.refiner is None:
             raise ConfigError("a text or audio query needs a trained refiner (--refiner CKPT)")
@@ -841,8 +841,8 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
         guide: an already built :class:`ASTGuide` (tests, notebooks); overrides ``model``.
         max_passes, min_eratio, device, cache_dir: override the config.
         keep_traces: keep per-pass internals (needed for debug figures).
-        refiner: an :class:`astsep.refine.Refiner` (``Refiner.load(ckpt)``): refine every source.
-        query: an :class:`astsep.refine.Query`: with a refiner, extract only that sound (plus the rest).
+        refiner: an :class:`astsep.refiner.Refiner` (``Refiner.load(ckpt)``): refine every source.
+        query: an :class:`astsep.refiner.Query`: with a refiner, extract only that sound (plus the rest).
         fast: what ``infer.py --fast`` does: int8 AST on CPU (bfloat16 on GPU) and merged padding
             for inputs shorter than a window (changes against the default in benchmarks/README.md).
 

@@ -1,4 +1,4 @@
-"""Refined inference: a trained :class:`~astsep.refiner.MaskRefiner` on top of the baseline.
+"""Refined inference: a trained :class:`~astsep.refiner.network.MaskRefiner` on top of the baseline.
 
 Two uses, both behind ``infer.py --refiner CKPT``:
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .config import AstsepConfig, STFTConfig, settings_differences
-from .errors import ConfigError, ModelError
-from .features import istft, stft
-from .refiner import MaskRefiner, RefinerConfig
+from ..config import AstsepConfig, STFTConfig, settings_differences
+from ..errors import ConfigError, ModelError
+from ..features import istft, stft
+from .network import MaskRefiner, RefinerConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,11 @@ class Refiner:
                              f"unexpected {len(unexpected)} tensors)")
         tbl = enc = None
         if table:
-            from .query import EmbeddingTable
+            from ..query import EmbeddingTable
 
             tbl = EmbeddingTable.load(table)
         if clap_ckpt:
-            from .query import ClapQueryEncoder
+            from ..query import ClapQueryEncoder
 
             enc = ClapQueryEncoder(clap_ckpt)
         baseline = hp.get("baseline")
@@ -159,7 +159,7 @@ class Refiner:
         audio queries, else the text "The sound of <label>"."""
         if self.query_source == "target_audio":
             return self._check_dim(ast_embeddings, "AST embedding")
-        from .query import label_prompt
+        from ..query import label_prompt
 
         return self.embed_text([label_prompt(lab) for lab in labels])
 

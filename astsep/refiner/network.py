@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import STFTConfig
-from .features import istft, stft
+from ..config import STFTConfig
+from ..features import istft, stft
 
 __all__ = ["RefinerConfig", "MaskRefiner", "apply_mask", "count_parameters"]
 
