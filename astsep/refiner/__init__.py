@@ -12,6 +12,6 @@ older code name.
 from __future__ import annotations
 
 from .inference import Query, Refiner
-from .network import MaskRefiner, RefinerConfig, apply_mask, count_parameters
+from .network import MaskRefiner, RefinerConfig, count_parameters
 
-__all__ = ["MaskRefiner", "RefinerConfig", "apply_mask", "count_parameters", "Refiner", "Query"]
+__all__ = ["MaskRefiner", "RefinerConfig", "count_parameters", "Refiner", "Query"]
