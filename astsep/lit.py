@@ -184,8 +184,9 @@ class RefinerModule(pl.LightningModule):
     def __init__(self, refiner: RefinerConfig | dict | None = None, guide_model: str = "tiny", guide_seed: int = 0,
                  separator_config: str | None = None, guide_dtype: str | None = None,
                  trim_padding: bool | None = None, pad_merge: int | None = None, query_source: str = "table",
-                 loss: nn.Module | None = None, sdr_weight: float | None = None, lr: float = 1e-3, weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
-                 schedule: str = "cosine", min_lr_ratio: float = 0.05, example_every_n_val: int = 5,
+                 loss: nn.Module | None = None, sdr_weight: float | None = None,
+                 lr: float = 1e-3, weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
+                 warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.05, example_every_n_val: int = 5,
                  n_examples: int = 2, cache_val_baseline: bool = True, baseline: dict | None = None):
         super().__init__()
         if isinstance(refiner, dict):
