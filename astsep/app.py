@@ -127,7 +127,7 @@ class Demo:
         self.cfg = _config(args)
         self.refiner = None
         if args.refiner:
-            from .refine import Refiner
+            from .refiner import Refiner
 
             self.refiner = Refiner.load(args.refiner, table=args.query_table, clap_ckpt=args.clap_ckpt)
         self.pipe = Pipeline(self.cfg, refiner=self.refiner)

@@ -368,9 +368,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def rms_db(x: torch.Tensor, floor: float = 1e-30) -> torch.Tensor:
+    """RMS level in dB re full scale (1.0) of each signal: ``(..., N)`` samples → ``(...)`` dB.
+
+    ``10·log10(mean(x²))``, the mean square floored at ``floor`` (1e-30: −300 dB; 0 gives −inf for
+    silence), in ``x``'s dtype.
+    """
+    return 10 * torch.log10(x.pow(2).mean(dim=-1).clamp_min(floor))
+
+
 def dbfs(x: torch.Tensor) -> float:
-    """RMS level in dB relative to full scale (1.0); -inf for silence."""
+    """RMS level of all of ``x`` in dB re full scale (1.0), in float64; -inf for silence."""
     if x.numel() == 0:
         return float("-inf")
-    rms = float(torch.sqrt(torch.mean(x.double() ** 2)))
-    return 20.0 * float(np.log10(rms)) if rms > 0 else float("-inf")
+    return float(rms_db(x.double().reshape(-1), floor=0.0))

@@ -234,7 +234,7 @@ def run(args) -> int:
 
     refiner = None
     if args.refiner:
-        from .refine import Refiner
+        from .refiner import Refiner
 
         refiner = Refiner.load(args.refiner, table=args.query_table, clap_ckpt=args.clap_ckpt)
         _check_queries(args, refiner)
@@ -372,7 +372,7 @@ def _deliver(result, client, outbox, args, manifest: Path) -> None:
 def _query(args, pipe):
     """The --query / --query-audio embedding (with its negative), or None."""
     from .audio import load_audio
-    from .refine import Query
+    from .refiner import Query
 
     ref = pipe.refiner
     if not (args.query or args.query_audio):

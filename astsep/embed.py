@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             table = text_table(enc, args.csv)
         else:
             from .config import GuideConfig
-            from .lit import build_guide
+            from .guide import build_guide
             from .query import ASTQueryEncoder
 
             enc = ASTQueryEncoder(build_guide(args.ast_model, GuideConfig(device=args.device, trim_padding=True)))

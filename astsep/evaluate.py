@@ -10,7 +10,7 @@ For every row it scores four estimates of the target:
 
 - ``mixture``: the unprocessed mixture (SDRi = 0 by definition);
 - ``baseline``: the deterministic separator's source with the best SI-SDR against the target
-  (oracle selection among its up to K sources; see ``astsep.lit``). It is always made with the
+  (oracle selection among its up to K sources: :func:`astsep.metrics.best_source`). It is always made with the
   evaluation's own settings (``--separator-config``, default ``configs/separator.yaml``, the ones
   ``infer.py`` uses) and ``--guide-model``, with or without ``--refiner``, and the report says which;
   a refiner is still fed the baseline it was trained on (its checkpoint's settings), and the report
@@ -51,15 +51,14 @@ from .audio import load_audio, write_bytes_atomic
 from .config import DEFAULT_MODEL, SAMPLE_RATE, STFTConfig, baseline_settings, load_config, settings_differences
 from .data.audiocaps import mix_at_snr, read_csv_rows
 from .errors import AstsepError, ConfigError
-from .features import istft, stft
-from .metrics import separation_metrics
+from .features import apply_mask, stft
+from .metrics import METRICS, best_source, separation_metrics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SEPARATOR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "separator.yaml"  # as infer.py
 
 METHODS = ("mixture", "baseline", "refined", "oracle_irm")
-METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")
 
 
 @dataclass
@@ -119,7 +118,7 @@ def oracle_irm(mixture: torch.Tensor, target: torch.Tensor, stft_cfg: STFTConfig
     X, S, Nz = stft(mixture, stft_cfg), stft(target, stft_cfg), stft(mixture - target, stft_cfg)
     ps, pn = S.abs().pow(2), Nz.abs().pow(2)
     mask = torch.sqrt(ps / (ps + pn).clamp_min(1e-20))
-    return istft(X * mask, stft_cfg, length=mixture.shape[-1])
+    return apply_mask(X, mask, stft_cfg, mixture.shape[-1])
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -147,8 +146,6 @@ def evaluate(items: list[EvalItem], module=None, separator=None, table=None, stf
     """
     from tqdm.auto import tqdm
 
-    from .lit import baseline_estimate
-
     stft_cfg = stft_cfg or STFTConfig()
     rows = []
     for item in tqdm(items, desc="evaluating", unit="mix", disable=not progress):
@@ -167,10 +164,10 @@ def evaluate(items: list[EvalItem], module=None, separator=None, table=None, stf
             out = module.separate(xd, query)
             ests["refined"] = out["estimate"].float().cpu()
             if separator is None:
-                ests["baseline"] = baseline_estimate(out["sources"].cpu(), out["kept"].cpu(), x, s)[0]
+                ests["baseline"] = best_source(out["sources"].cpu(), out["kept"].cpu(), x, s)[0]
         if separator is not None:
             res = separator.separate_batch(x)
-            ests["baseline"] = baseline_estimate(res.sources.cpu(), res.kept.cpu(), x, s)[0]
+            ests["baseline"] = best_source(res.sources.cpu(), res.kept.cpu(), x, s)[0]
         elif oracle is not None and module is None:
             from .oracle import OracleGuide
             from .separator import Separator
@@ -179,7 +176,7 @@ def evaluate(items: list[EvalItem], module=None, separator=None, table=None, stf
             guide = OracleGuide(x, torch.stack([s, x - s], dim=1), [[0, labels.index(item.interferer_label)]],
                                 labels, oracle, stft_cfg)
             res = Separator(config or load_config(None), guide).separate_batch(x)
-            ests["baseline"] = baseline_estimate(res.sources.cpu(), res.kept.cpu(), x, s)[0]
+            ests["baseline"] = best_source(res.sources.cpu(), res.kept.cpu(), x, s)[0]
         row = {"name": item.name, "caption": item.caption, "seconds": x.shape[-1] / SAMPLE_RATE}
         for method, est in ests.items():
             m = separation_metrics(est, x, s)
@@ -289,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             same_as_refiner = (module is not None and guide_model == module.hparams.guide_model
                                and module.hparams.baseline == baseline_settings(cfg))
             if not same_as_refiner:  # else the refiner's own baseline run is this very baseline
-                from .lit import build_guide
+                from .guide import build_guide
                 from .separator import Separator
 
                 separator = Separator(cfg, build_guide(guide_model, cfg.guide, option="--guide-model"))
@@ -336,7 +333,7 @@ def main_musdb(args: argparse.Namespace) -> int:
         default_config = DEFAULT_SEPARATOR_CONFIG if DEFAULT_SEPARATOR_CONFIG.is_file() else None
         cfg = load_config(args.separator_config or default_config)
         cfg.guide.device = args.device
-        from .lit import build_guide
+        from .guide import build_guide
         from .pipeline import Pipeline, quiet_model_loading
 
         guide_model = args.guide_model or DEFAULT_MODEL

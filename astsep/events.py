@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import torch
 
+from .audio import rms_db
 from .config import SAMPLE_RATE
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -35,15 +36,22 @@ def active_span(x: torch.Tensor, threshold_db: float, floor_dbfs: float, hop: in
     if n == 0:
         return None
     pad = (-n) % hop
-    frames = torch.nn.functional.pad(x.float(), (0, pad)).view(-1, hop).pow(2).mean(dim=1)
-    if float(frames.max()) <= 0:
+    db = rms_db(torch.nn.functional.pad(x.float(), (0, pad)).view(-1, hop), floor=0.0)  # -inf: a silent frame
+    if not bool(torch.isfinite(db.max())):
         return None
-    db = 10 * torch.log10(frames.clamp_min(1e-30))
     on = (db >= db.max() + threshold_db) & (db >= floor_dbfs)
     if not bool(on.any()):
         return None
     idx = on.nonzero().squeeze(1)
     return float(idx[0]) * hop / SAMPLE_RATE, min(n, float(idx[-1] + 1) * hop) / SAMPLE_RATE
+
+
+def class_records(ids: torch.Tensor | list[int], probs: torch.Tensor | list[float], labels: list[str]) -> list[dict]:
+    """An event's ``top5`` list, ``[{"label", "class_id", "prob"}]``, from class ids ``(k,)`` and
+    their probabilities ``(k,)`` (:func:`astsep.guide.top_classes`); padding ids (−1) are left out."""
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+    probs = probs.tolist() if isinstance(probs, torch.Tensor) else probs
+    return [{"label": labels[int(a)], "class_id": int(a), "prob": round(float(b), 6)} for a, b in zip(ids, probs) if a >= 0]
 
 
 def event_id(input_key: str, window: int, pass_index: int | str) -> str:

@@ -42,6 +42,19 @@ def istft(spec: torch.Tensor, cfg: STFTConfig, length: int) -> torch.Tensor:
     )
 
 
+def apply_mask(spec: torch.Tensor, mask: torch.Tensor, cfg: STFTConfig, length: int) -> torch.Tensor:
+    """Masked STFT back to samples, with the STFT's own (the mixture's) phase.
+
+    ``spec (B, F, T)`` complex, ``mask (B, F, T)`` → ``(B, length)``; or ``K`` masks per item,
+    ``mask (B, K, F, T)`` → ``(B, K, length)``. In float32: iSTFT has no half-precision kernel.
+    """
+    if mask.dim() == spec.dim() + 1:
+        spec = spec.unsqueeze(1)
+    masked = spec * mask.float()
+    lead = masked.shape[:-2]
+    return istft(masked.reshape(-1, *masked.shape[-2:]), cfg, length).view(*lead, length)
+
+
 @functools.lru_cache(maxsize=8)
 def _mel_fb(n_freqs: int, n_mels: int, device: str) -> torch.Tensor:
     # (F, M) triangular filters on the slaney mel scale with slaney area normalisation (librosa's

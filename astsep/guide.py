@@ -66,6 +66,24 @@ class GuideOutput:
         return torch.softmax(self.logits, dim=-1)
 
 
+TOP_K = 5  # classes listed per source and residual (the events' "top5")
+
+
+def top_classes(probs: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The most probable class and the ``k`` most probable ones of class probabilities ``(..., C)``.
+
+    Returns ``(confidence (...), class_id (...), top_probs (..., k), top_ids (..., k))``, best
+    first; with fewer than ``k`` classes (an oracle's own label list) the tail is padded with
+    probability 0 and id −1.
+    """
+    confidence, class_id = probs.max(dim=-1)
+    top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    if top_i.shape[-1] < k:
+        top_p = torch.nn.functional.pad(top_p, (0, k - top_p.shape[-1]))
+        top_i = torch.nn.functional.pad(top_i, (0, k - top_i.shape[-1]), value=-1)
+    return confidence, class_id, top_p, top_i
+
+
 def check_precision(dtype: str, device: torch.device) -> None:
     if dtype not in PRECISIONS:
         raise ModelError(f"unknown guide dtype {dtype!r} ({', '.join(PRECISIONS)})")

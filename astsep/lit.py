@@ -1,12 +1,15 @@
 """Lightning wiring for the refiner: baseline → refiner → loss, metrics, logging. Thin on purpose.
 
 The plain parts live elsewhere and run without Lightning: the frozen AST guide (``guide.py``),
-the deterministic separator (``separator.py``), the network (``refiner.py``), the metrics and the
-loss (``metrics.py``). :class:`RefinerModule` joins them:
+the deterministic separator (``separator.py``), the network (``refiner/network.py``), the metrics,
+the loss and the baseline's oracle selection (``metrics.py``), the LR schedule
+(``refiner/schedule.py``). :class:`RefinerModule` joins them, as asteroid's ``System`` does: one
+:meth:`~RefinerModule.common_step` shared by training, validation and test, an injectable
+``loss``, the schedule's settings in the config:
 
 ``mixture (B,N)`` → separator (no gradients, float32, batched) → ``K`` baseline masks ``(B,K,F,T)``
 → :class:`MaskRefiner` with the query → mask ``(B,F,T)`` → mask · mixture STFT (mixture phase) →
-iSTFT → ``-λ·SDR - (1-λ)·SI-SDR`` against the target.
+iSTFT → ``loss(estimate, target)`` (default ``-λ·SDR - (1-λ)·SI-SDR``).
 
 **Baseline in the validation metrics.** The separator returns up to K sources without knowing the
 query. The reported baseline is, per mixture, the separated source with the highest SI-SDR
@@ -27,9 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
+import inspect
 import logging
-import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -37,34 +42,65 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from torch import nn
 
 from .config import baseline_settings, config_from_settings, load_config
 from .errors import ConfigError, MissingExtraError
-from .features import istft, stft
-from .guide import build_guide  # noqa: F401 - also lit.build_guide, where evaluate and embed look
-from .metrics import sdr_sisdr_loss, separation_metrics, si_sdr
-from .refiner import MaskRefiner, RefinerConfig
+from .features import apply_mask, stft
+from .guide import build_guide
+from .metrics import METRICS, SdrSiSdrLoss, best_source, separation_metrics
+from .refiner.network import MaskRefiner, RefinerConfig
+from .refiner.schedule import SCHEDULES, lr_factor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefinerModule", "AutoWandbLogger", "check_logger_packages", "ValidateOnLastStep", "build_guide", "baseline_estimate"]
+__all__ = ["RefinerModule", "StepOutput", "AutoWandbLogger", "check_logger_packages", "ValidateOnLastStep"]
 
-METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")
+_PLAIN = (bool, int, float, str, type(None))
 
 
-def baseline_estimate(sources: torch.Tensor, kept: torch.Tensor, mixture: torch.Tensor,
-                      target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Oracle-selected baseline source ``(B,N)`` and its index ``(B,)`` (−1: no source, mixture used).
+def _loss_spec(loss: nn.Module) -> dict:
+    """``{"class_path", "init_args"}`` of a loss module, in plain types (checkpoints load with
+    ``weights_only``): the constructor arguments the module keeps as attributes of the same name."""
+    cls = type(loss)
+    args = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or not hasattr(loss, name):
+            continue
+        value = getattr(loss, name)
+        if isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value)):
+            args[name] = list(value) if isinstance(value, tuple) else value
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
 
-    ``sources (B,K,N)``, ``kept (B,K)``, ``mixture``/``target`` ``(B,N)``.
+
+def _build_loss(spec: dict) -> nn.Module:
+    """The loss module a :func:`_loss_spec` describes (a checkpoint's ``hyper_parameters["loss"]``).
+
+    Only a class of an already imported module is built, so a checkpoint cannot make this import
+    code (the rule Lightning applies to the module's own class path).
     """
-    scores = si_sdr(sources.float(), target.float().unsqueeze(1).expand_as(sources))
-    scores = scores.masked_fill(~kept, float("-inf"))
-    best = scores.argmax(dim=1)
-    any_kept = kept.any(dim=1)
-    est = sources.gather(1, best.view(-1, 1, 1).expand(-1, 1, sources.shape[-1])).squeeze(1)
-    est = torch.where(any_kept.unsqueeze(1), est, mixture)
-    return est, torch.where(any_kept, best, torch.full_like(best, -1))
+    path = spec.get("class_path") if isinstance(spec, dict) else None
+    if not isinstance(path, str) or "." not in path:
+        raise ConfigError(f"loss must be a module or {{class_path, init_args}}, got {spec!r}")
+    module_name, name = path.rsplit(".", 1)
+    module = sys.modules.get(module_name)
+    cls = getattr(module, name, None) if module is not None else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"loss class {path} is not an nn.Module of an imported module; import it before "
+                          "loading the checkpoint")
+    return cls(**(spec.get("init_args") or {}))
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What :meth:`RefinerModule.common_step` computed for a batch of ``B`` mixtures of ``N`` samples."""
+
+    loss: torch.Tensor  # () the loss of the refined estimate against the target
+    estimate: torch.Tensor  # (B, N) the refined estimate
+    mask: torch.Tensor  # (B, F, T) the refiner's mask
+    baseline_masks: torch.Tensor  # (B, K, F, T) the separator's masks, the refiner's input
+    sources: torch.Tensor  # (B, K, N) the separator's sources
+    kept: torch.Tensor  # (B, K) bool: which passes kept a source
 
 
 def _require_wandb() -> None:
@@ -127,10 +163,14 @@ class RefinerModule(pl.LightningModule):
         pad_merge: with ``trim_padding``, padded patches per merged token (0: the padding is dropped);
             None: the separator config's (8).
         query_source: ``"table"`` (batch ``query``) or ``"target_audio"`` (AST embedding of the target).
-        sdr_weight: λ of the loss ``-λ·SDR - (1-λ)·SI-SDR``.
+        loss: a module of ``(estimate (B,N), target (B,N)) -> ()`` to minimise (YAML: ``class_path``
+            and ``init_args``); None: :class:`~astsep.metrics.SdrSiSdrLoss` ``-λ·SDR - (1-λ)·SI-SDR``
+            with λ 0.5. Checkpoints record it as ``{class_path, init_args}`` (:func:`_loss_spec`).
+        sdr_weight: leave it null. λ of the default loss in checkpoints written before ``loss``
+            existed, which still load; new configs set ``loss.init_args.sdr_weight``.
         lr, weight_decay, betas: AdamW.
-        warmup_steps: linear warm-up; then ``schedule`` ``"cosine"`` (to ``min_lr_ratio·lr`` at the
-            last step) or ``"constant"``.
+        warmup_steps, schedule, min_lr_ratio: the LR schedule (:func:`astsep.refiner.schedule.lr_factor`):
+            linear warm-up; then ``"cosine"`` (to ``min_lr_ratio·lr`` at the last step) or ``"constant"``.
         example_every_n_val: log audio examples and mask images every N validations (0: never).
         n_examples: examples per logging.
         cache_val_baseline: keep the baseline's results of the fixed validation batches in memory.
@@ -144,8 +184,9 @@ class RefinerModule(pl.LightningModule):
     def __init__(self, refiner: RefinerConfig | dict | None = None, guide_model: str = "tiny", guide_seed: int = 0,
                  separator_config: str | None = None, guide_dtype: str | None = None,
                  trim_padding: bool | None = None, pad_merge: int | None = None, query_source: str = "table",
-                 sdr_weight: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
-                 schedule: str = "cosine", min_lr_ratio: float = 0.05, example_every_n_val: int = 5,
+                 loss: nn.Module | None = None, sdr_weight: float | None = None,
+                 lr: float = 1e-3, weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
+                 warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.05, example_every_n_val: int = 5,
                  n_examples: int = 2, cache_val_baseline: bool = True, baseline: dict | None = None):
         super().__init__()
         if isinstance(refiner, dict):
@@ -153,10 +194,12 @@ class RefinerModule(pl.LightningModule):
         refiner = refiner or RefinerConfig()
         if query_source not in ("table", "target_audio"):
             raise ConfigError(f"query_source must be 'table' or 'target_audio', got {query_source!r}")
-        if schedule not in ("cosine", "constant"):
-            raise ConfigError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-        self.save_hyperparameters()
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        self.loss_func = self._make_loss(loss, sdr_weight)
+        self.save_hyperparameters(ignore=["loss"])
         self.hparams["refiner"] = dataclasses.asdict(refiner)  # plain types: checkpoints load with weights_only
+        self.hparams["loss"] = _loss_spec(self.loss_func)
         if baseline is not None:  # a checkpoint: the settings it was trained with, not a path
             cfg = config_from_settings(baseline, where="the checkpoint's baseline settings")
         else:
@@ -179,6 +222,18 @@ class RefinerModule(pl.LightningModule):
         self.n_validations = 0
         self.skipped_steps = 0
         self.baseline_seconds = 0.0  # wall time spent in the baseline (benchmarks read it)
+
+    @staticmethod
+    def _make_loss(loss: nn.Module | dict | None, sdr_weight: float | None) -> nn.Module:
+        """The loss module: given, rebuilt from a checkpoint's spec, or the default (λ ``sdr_weight``)."""
+        if isinstance(loss, dict):
+            loss = _build_loss(loss)
+        if loss is None:
+            return SdrSiSdrLoss(0.5 if sdr_weight is None else sdr_weight)
+        if sdr_weight is not None and getattr(loss, "sdr_weight", None) != sdr_weight:
+            raise ConfigError(f"sdr_weight={sdr_weight} (a checkpoint written before model.loss existed) disagrees "
+                              f"with model.loss {_loss_spec(loss)}; set model.loss.init_args.sdr_weight instead")
+        return loss
 
     # --- baseline ---------------------------------------------------------------------------------
     def baseline(self, device: torch.device):
@@ -239,7 +294,7 @@ class RefinerModule(pl.LightningModule):
             spec = stft(mixture.float(), self.cfg.stft)
         mask = self.refiner(spec.abs(), masks, query, negative, has_query, has_negative)
         with torch.autocast(mixture.device.type, enabled=False):
-            est = istft(spec * mask.float(), self.cfg.stft, length=mixture.shape[-1])
+            est = apply_mask(spec, mask, self.cfg.stft, mixture.shape[-1])
         return est, mask
 
     @torch.no_grad()
@@ -250,47 +305,58 @@ class RefinerModule(pl.LightningModule):
         return {"estimate": est, "mask": mask.float(), "baseline_masks": masks, "sources": sources, "kept": kept}
 
     # --- steps ------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int):
-        mixture, target = batch["mixture"], batch["target"]
-        masks, _, _ = self.run_baseline(mixture)
+    def _refine_batch(self, batch: dict, cache_baseline: bool = False) -> tuple[torch.Tensor, ...]:
+        """Baseline, query and refiner on a batch: ``(estimate (B,N), mask (B,F,T), baseline masks
+        (B,K,F,T), sources (B,K,N), kept (B,K))``."""
+        mixture = batch["mixture"]
+        masks, sources, kept = self.run_baseline(mixture, cache=cache_baseline)
         q, has_q, neg, has_neg = self._query(batch)
-        est, _ = self(mixture, masks, q, neg, has_q, has_neg)
-        loss = sdr_sisdr_loss(est, target, self.hparams.sdr_weight)
+        est, mask = self(mixture, masks, q, neg, has_q, has_neg)
+        return est, mask, masks, sources, kept
+
+    def common_step(self, batch: dict, batch_idx: int, cache_baseline: bool = False) -> StepOutput:
+        """The step training, validation and test share: refine the batch's mixtures and score the
+        estimates with the loss. ``batch``: ``mixture``, ``target`` ``(B,N)``, and the queries."""
+        est, mask, masks, sources, kept = self._refine_batch(batch, cache_baseline)
+        return StepOutput(self.loss_func(est, batch["target"]), est, mask, masks, sources, kept)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss = self.common_step(batch, batch_idx).loss
+        n = batch["mixture"].shape[0]
         if not torch.isfinite(loss):
             self.skipped_steps += 1
             log.warning("skipping step %d: loss is %s (%d skipped so far)", self.global_step, loss.item(), self.skipped_steps)
             if self._trainer is not None:
-                self.log("train/skipped_steps", float(self.skipped_steps), batch_size=mixture.shape[0])
+                self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
             if self._trainer is not None and self._trainer.world_size > 1:
                 # every rank must join the all-reduce: a zero loss with zero gradients
                 return sum(p.sum() for p in self.refiner.parameters()) * 0.0
             return None  # Lightning skips backward and the optimizer step
         if self._trainer is not None:
-            self.log("train/loss", loss, prog_bar=True, batch_size=mixture.shape[0])
+            self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> dict:
         mixture, target = batch["mixture"], batch["target"]
-        masks, sources, kept = self.run_baseline(mixture, cache=self.hparams.cache_val_baseline and stage == "val")
-        q, has_q, neg, has_neg = self._query(batch)
-        est, mask = self(mixture, masks, q, neg, has_q, has_neg)
-        base, _ = baseline_estimate(sources, kept, mixture, target)
+        out = self.common_step(batch, batch_idx, cache_baseline=self.hparams.cache_val_baseline and stage == "val")
+        base, _ = best_source(out.sources, out.kept, mixture, target)
         B = mixture.shape[0]
-        out = {}
-        for name, estimate in (("refined", est), ("baseline", base)):
+        scores = {}
+        for name, estimate in (("refined", out.estimate), ("baseline", base)):
             m = separation_metrics(estimate, mixture, target)
             for k in METRICS:
                 self.log(f"{stage}/{name}/{k}", m[k].mean(), batch_size=B, sync_dist=True, prog_bar=(name == "refined" and k == "si_sdri"))
-            out[name] = m
-        self.log(f"{stage}/loss", sdr_sisdr_loss(est, target, self.hparams.sdr_weight), batch_size=B, sync_dist=True)
+            scores[name] = m
+        self.log(f"{stage}/loss", out.loss, batch_size=B, sync_dist=True)
         if stage == "val" and batch_idx == 0 and len(self._examples) == 0:
             n = min(self.hparams.n_examples, B)
             self._examples = [{
-                "mixture": mixture[i].float().cpu(), "target": target[i].float().cpu(), "refined": est[i].float().cpu(),
-                "baseline": base[i].float().cpu(), "mask": mask[i].float().cpu(), "baseline_masks": masks[i].float().cpu(),
+                "mixture": mixture[i].float().cpu(), "target": target[i].float().cpu(), "refined": out.estimate[i].float().cpu(),
+                "baseline": base[i].float().cpu(), "mask": out.mask[i].float().cpu(),
+                "baseline_masks": out.baseline_masks[i].float().cpu(),
                 "caption": (batch.get("caption") or [""] * B)[i],
             } for i in range(n)]
-        return out
+        return scores
 
     def validation_step(self, batch: dict, batch_idx: int):
         return self._eval_step(batch, batch_idx, "val")
@@ -299,10 +365,7 @@ class RefinerModule(pl.LightningModule):
         return self._eval_step(batch, batch_idx, "test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        mixture = batch["mixture"]
-        masks, sources, kept = self.run_baseline(mixture)
-        q, has_q, neg, has_neg = self._query(batch)
-        est, mask = self(mixture, masks, q, neg, has_q, has_neg)
+        est, mask, _, _, _ = self._refine_batch(batch)
         return {"estimate": est.float().cpu(), "mask": mask.float().cpu(), "caption": batch.get("caption")}
 
     def on_validation_epoch_start(self) -> None:
@@ -348,15 +411,9 @@ class RefinerModule(pl.LightningModule):
                 total = int(self.trainer.estimated_stepping_batches)
             except Exception:  # no dataloader yet (e.g. lr-finder): constant after warm-up
                 total = None
-        warm = max(0, int(hp.warmup_steps))
 
         def factor(step: int) -> float:
-            if warm and step < warm:
-                return (step + 1) / warm
-            if hp.schedule == "constant" or not total or not math.isfinite(total) or total <= warm:
-                return 1.0
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            return lr_factor(step, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -10,7 +10,10 @@ loss and the validation metrics are the same functions.
 - ``si_sdr``: scale-invariant SDR (Le Roux et al. 2019): the reference is rescaled to its
   least-squares projection of the estimate first.
 - ``sdri`` / ``si_sdri``: improvement over the unprocessed mixture, ``metric(ŝ, s) - metric(x, s)``.
-- ``sdr_sisdr_loss``: CLAPSep's ``-λ·SDR - (1-λ)·SI-SDR``, averaged over the batch.
+- ``sdr_sisdr_loss``: CLAPSep's ``-λ·SDR - (1-λ)·SI-SDR``, averaged over the batch;
+  :class:`SdrSiSdrLoss` is the same as an ``nn.Module`` (the refiner's default, injectable loss).
+- ``best_source``: the source of a separation that scores best against the target (oracle
+  selection), how the baseline separator is scored.
 
 ``eps`` (default: the dtype's machine epsilon, as torchmetrics does) keeps silence and perfect
 reconstructions finite.
@@ -19,8 +22,12 @@ reconstructions finite.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-__all__ = ["sdr", "si_sdr", "sdri", "si_sdri", "sdr_sisdr_loss", "separation_metrics"]
+__all__ = ["sdr", "si_sdr", "sdri", "si_sdri", "sdr_sisdr_loss", "SdrSiSdrLoss", "separation_metrics",
+           "METRICS", "best_source"]
+
+METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")  # the keys of separation_metrics, in report order
 
 
 def _eps(x: torch.Tensor, eps: float | None) -> float:
@@ -83,9 +90,48 @@ def sdr_sisdr_loss(estimate: torch.Tensor, reference: torch.Tensor, sdr_weight: 
     return value.mean()
 
 
+class SdrSiSdrLoss(nn.Module):
+    """:func:`sdr_sisdr_loss` as a module: ``(estimate (B,N), reference (B,N)) -> ()``.
+
+    The refiner's default training loss (``model.loss`` in the training configs); any module or
+    function of ``(estimate, reference)`` returning a scalar can take its place.
+    """
+
+    def __init__(self, sdr_weight: float = 0.5, eps: float | None = None):
+        super().__init__()
+        if not 0.0 <= sdr_weight <= 1.0:
+            raise ValueError(f"sdr_weight must be in [0, 1], got {sdr_weight}")
+        self.sdr_weight = sdr_weight
+        self.eps = eps
+
+    def forward(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return sdr_sisdr_loss(estimate, reference, self.sdr_weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"sdr_weight={self.sdr_weight}"
+
+
 def separation_metrics(estimate: torch.Tensor, mixture: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
     """All four metrics of an estimate: ``{"sdr", "sdri", "si_sdr", "si_sdri"}``, each ``(...)`` dB."""
     estimate, mixture, reference = estimate.float(), mixture.float(), reference.float()
     s_est, s_mix = sdr(estimate, reference), sdr(mixture, reference)
     si_est, si_mix = si_sdr(estimate, reference), si_sdr(mixture, reference)
     return {"sdr": s_est, "sdri": s_est - s_mix, "si_sdr": si_est, "si_sdri": si_est - si_mix}
+
+
+def best_source(sources: torch.Tensor, kept: torch.Tensor, mixture: torch.Tensor,
+                target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept source with the highest SI-SDR against the target (oracle selection).
+
+    ``sources (B,K,N)``, ``kept (B,K)`` bool, ``mixture``/``target`` ``(B,N)``. Returns the
+    estimate ``(B,N)`` (the mixture where no source was kept) and its index ``(B,)`` (−1 there).
+    An upper bound of what any rule could pick from the sources, which is how the refiner's and
+    the evaluation's baseline is scored.
+    """
+    scores = si_sdr(sources.float(), target.float().unsqueeze(1).expand_as(sources))
+    scores = scores.masked_fill(~kept, float("-inf"))
+    best = scores.argmax(dim=1)
+    any_kept = kept.any(dim=1)
+    est = sources.gather(1, best.view(-1, 1, 1).expand(-1, 1, sources.shape[-1])).squeeze(1)
+    est = torch.where(any_kept.unsqueeze(1), est, mixture)
+    return est, torch.where(any_kept, best, torch.full_like(best, -1))

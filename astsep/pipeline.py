@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .audio import AudioInfo, dbfs, load_audio, samples_to_mono_16k
+from .audio import AudioInfo, dbfs, load_audio, rms_db, samples_to_mono_16k
 from .config import SAMPLE_RATE, AstsepConfig, load_config
 from .errors import AudioError, ConfigError
-from .events import active_span, content_key, event_id, merge_window_events, safe_name
-from .guide import ASTGuide, use_fast_settings
+from .events import active_span, class_records, content_key, event_id, merge_window_events, safe_name
+from .guide import TOP_K, ASTGuide, top_classes, use_fast_settings
 from .outputs import write_outputs
 from .separator import BatchSeparation, Separator
 
@@ -205,7 +205,7 @@ class Pipeline:
         """Separate ``audio`` ``(N,)`` (16 kHz mono float32, validated).
 
         With a refiner, every baseline source is refined; with a ``query``
-        (:class:`astsep.refine.Query`) only the queried source is extracted, plus the rest.
+        (:class:`astsep.refiner.Query`) only the queried source is extracted, plus the rest.
         """
         if query is not None and self.refiner is None:
             raise ConfigError("a text or audio query needs a trained refiner (--refiner CKPT)")
@@ -347,16 +347,13 @@ class Pipeline:
         audible = ~out.silent & (ext.pow(2).sum(dim=1) > 0)
         cid = torch.full((xb.shape[0],), -1, dtype=torch.long)
         conf = torch.zeros(xb.shape[0])
-        t5i = torch.full((xb.shape[0], 5), -1, dtype=torch.long)
-        t5p = torch.zeros(xb.shape[0], 5)
+        t5i = torch.full((xb.shape[0], TOP_K), -1, dtype=torch.long)
+        t5p = torch.zeros(xb.shape[0], TOP_K)
         emb = torch.zeros(xb.shape[0], self.guide.hidden_size)
         idx = audible.nonzero().squeeze(1).cpu()
         if idx.numel():
             g = self.guide(ext[idx.to(ext.device)], rows=idx)
-            probs = g.probs.cpu()
-            conf[idx], cid[idx] = probs.max(dim=-1)
-            tp, ti = probs.topk(min(5, probs.shape[-1]), dim=-1)
-            t5p[idx, : tp.shape[1]], t5i[idx, : ti.shape[1]] = tp, ti
+            conf[idx], cid[idx], t5p[idx], t5i[idx] = top_classes(g.probs.cpu())
             emb[idx] = g.embedding.cpu()
         return BatchSeparation(
             sources=ext.unsqueeze(1), residual=xb - ext, masks=out.masks[:, :1] * 0, kept=audible.cpu().unsqueeze(1),
@@ -369,20 +366,16 @@ class Pipeline:
         sc = self.cfg.separator
         e_res = res.double().pow(2).sum(dim=1)
         e_in = xb.double().pow(2).sum(dim=1).clamp_min(1e-30)
-        rms_db = 10 * torch.log10(res.double().pow(2).mean(dim=1).clamp_min(1e-30))
-        cand = (~silent) & (e_res / e_in >= sc.residual_min_share) & (rms_db >= sc.silence_dbfs)
+        cand = (~silent) & (e_res / e_in >= sc.residual_min_share) & (rms_db(res.double()) >= sc.silence_dbfs)
         out: list[dict | None] = [None] * res.shape[0]
         idx = cand.nonzero().squeeze(1).tolist()
         if not idx:
             return out
         g = self.guide(res[idx].to(self.guide.device), rows=torch.tensor(idx))
-        probs = g.probs.cpu()
+        conf, cid, top_p, top_i = top_classes(g.probs.cpu())
         for r, i in enumerate(idx):
-            p, c = probs[r].max(dim=-1)
-            tp, ti = probs[r].topk(min(5, probs.shape[-1]))
-            out[i] = {"class_id": int(c), "label": self.guide.labels[int(c)], "confidence": float(p),
-                      "top5": [{"label": self.guide.labels[int(a)], "class_id": int(a), "prob": round(float(b), 6)}
-                               for a, b in zip(ti, tp)]}
+            out[i] = {"class_id": int(cid[r]), "label": self.guide.labels[int(cid[r])], "confidence": float(conf[r]),
+                      "top5": class_records(top_i[r], top_p[r], self.guide.labels)}
         return out
 
     def _event(self, tr: Track, seg: torch.Tensor, start: int, w_idx: int, k: int, out: BatchSeparation, j: int,
@@ -391,8 +384,6 @@ class Pipeline:
         cid = int(out.class_ids[j, k])
         span = active_span(seg, sc.active_threshold_db, sc.silence_dbfs)
         s0, s1 = span if span else (0.0, seg.numel() / SAMPLE_RATE)
-        t5 = [{"label": self.guide.labels[int(a)], "class_id": int(a), "prob": round(float(b), 6)}
-              for a, b in zip(out.top5_ids[j, k].tolist(), out.top5_probs[j, k].tolist()) if a >= 0]
         return {
             "event_id": event_id(input_key, w_idx, k),
             "kind": "source",
@@ -405,7 +396,7 @@ class Pipeline:
             "label": self.guide.labels[cid],
             "class_id": cid,
             "confidence": round(float(out.confidences[j, k]), 6),
-            "top5": t5,
+            "top5": class_records(out.top5_ids[j, k], out.top5_probs[j, k], self.guide.labels),
             "category": self.cfg.categories.category(cid),
             "level_dbfs": _round_db(dbfs(seg)),
             "energy_share": round(float(seg.double().pow(2).sum()) / max(total_energy, 1e-30), 6),
@@ -493,8 +484,8 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
         guide: an already built :class:`ASTGuide` (tests, notebooks); overrides ``model``.
         max_passes, min_eratio, device, cache_dir: override the config.
         keep_traces: keep per-pass internals (needed for debug figures).
-        refiner: an :class:`astsep.refine.Refiner` (``Refiner.load(ckpt)``): refine every source.
-        query: an :class:`astsep.refine.Query`: with a refiner, extract only that sound (plus the rest).
+        refiner: an :class:`astsep.refiner.Refiner` (``Refiner.load(ckpt)``): refine every source.
+        query: an :class:`astsep.refiner.Query`: with a refiner, extract only that sound (plus the rest).
         fast: what ``infer.py --fast`` does: int8 AST on CPU (bfloat16 on GPU) and merged padding
             for inputs shorter than a window (changes against the default in benchmarks/README.md).
 

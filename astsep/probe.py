@@ -422,8 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         split = make_split(examples, cfg, groups)
         guide = module = None
         if any(k != "refiner" for k in kinds):
-            from .lit import build_guide
-
+            from .guide import build_guide
             from .pipeline import quiet_model_loading
 
             with quiet_model_loading():

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from astsep.config import AstsepConfig  # noqa: E402
 from astsep.devset import dev_mixtures, label_id  # noqa: E402
 from astsep.evaluate import oracle_irm  # noqa: E402
-from astsep.features import istft, stft  # noqa: E402
+from astsep.features import apply_mask, stft  # noqa: E402
 from astsep.metrics import sdri, si_sdri  # noqa: E402
 from astsep.oracle import Degradation, OracleGuide  # noqa: E402
 from astsep.pipeline import Pipeline  # noqa: E402
@@ -73,7 +73,7 @@ def ceilings(items, cfg) -> dict:
         X, S, N = (stft(v.unsqueeze(0), st)[0] for v in (x, s, n))
         estimates = {"IRM": oracle_irm(x.unsqueeze(0), s.unsqueeze(0), st)[0]}
         for k, m in (("IBM", (S.abs() > N.abs()).float()), ("rank-1", rank1_mask(X, S))):
-            estimates[k] = istft((m * X).unsqueeze(0), st, x.numel())[0]
+            estimates[k] = apply_mask(X.unsqueeze(0), m.unsqueeze(0), st, x.numel())[0]
         for k, est in estimates.items():
             a, b = gains(est, x, s)
             out[k]["si_sdri"].append(a)

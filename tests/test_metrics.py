@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio, signal_noise_ratio
 
-from astsep.metrics import sdr, sdr_sisdr_loss, sdri, separation_metrics, si_sdr, si_sdri
+from astsep.metrics import SdrSiSdrLoss, best_source, sdr, sdr_sisdr_loss, sdri, separation_metrics, si_sdr, si_sdri
 from conftest import clip
 
 
@@ -68,3 +68,22 @@ def test_silence_and_perfect_estimates_stay_finite():
     assert torch.isfinite(sdr(z, z)).all() and torch.isfinite(si_sdr(z, z)).all()
     x = torch.randn(2, 1000)
     assert torch.isfinite(si_sdr(x, x)).all() and bool((si_sdr(x, x) > 60).all())
+
+
+def test_the_loss_module_is_the_loss_function(signals):
+    s, _, est = signals
+    torch.testing.assert_close(SdrSiSdrLoss(0.3)(est, s), sdr_sisdr_loss(est, s, sdr_weight=0.3))
+    with pytest.raises(ValueError, match="sdr_weight"):
+        SdrSiSdrLoss(-0.1)
+
+
+def test_best_source_picks_the_kept_source_closest_to_the_target_else_the_mixture(signals):
+    s, n, _ = signals
+    x = s + n
+    sources = torch.stack([n, 0.5 * s + 0.1 * n, s], dim=1)  # (3, K=3, N); source 2 is the target itself
+    kept = torch.tensor([[True, True, True], [True, True, False], [False, False, False]])
+    est, idx = best_source(sources, kept, x, s)
+    assert idx.tolist() == [2, 1, -1]
+    torch.testing.assert_close(est[0], s[0])
+    torch.testing.assert_close(est[1], sources[1, 1])
+    torch.testing.assert_close(est[2], x[2])  # nothing kept: the unprocessed mixture

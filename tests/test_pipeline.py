@@ -15,7 +15,9 @@ import torch
 import astsep
 from astsep.config import AstsepConfig, load_config
 from astsep.errors import AudioError, ConfigError
-from astsep.guide import ASTGuide
+from astsep.audio import dbfs, rms_db
+from astsep.events import active_span, class_records
+from astsep.guide import ASTGuide, top_classes
 from astsep.pipeline import Pipeline, crossfade_weights, window_starts
 from astsep.testing import force_class, tiny_ast
 
@@ -289,3 +291,28 @@ def test_debug_figures_of_later_windows_label_seconds_of_the_file(tmp_path, monk
     assert later, first_x
     for name in later:
         assert first_x[name] == pytest.approx(starts[name], abs=1e-6)
+
+
+def test_top_classes_are_best_first_and_padded_when_there_are_fewer_classes_than_five():
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    conf, cid, top_p, top_i = top_classes(probs)
+    assert cid.tolist() == [1, 0] and conf.tolist() == pytest.approx([0.6, 0.5])
+    assert top_i.tolist() == [[1, 2, 0, -1, -1], [0, 2, 1, -1, -1]]
+    assert top_p[0].tolist() == pytest.approx([0.6, 0.3, 0.1, 0.0, 0.0])
+    # the events' list leaves the padding out
+    assert class_records(top_i[0], top_p[0], ["a", "b", "c"]) == [
+        {"label": "b", "class_id": 1, "prob": 0.6}, {"label": "c", "class_id": 2, "prob": 0.3},
+        {"label": "a", "class_id": 0, "prob": 0.1}]
+
+
+def test_rms_level_in_db_of_a_full_scale_sine_silence_and_a_batch():
+    t = torch.arange(16000, dtype=torch.float64) / 16000
+    sine = torch.sin(2 * torch.pi * 440 * t)
+    assert dbfs(sine) == pytest.approx(-3.0103, abs=1e-3)  # RMS 1/sqrt(2)
+    assert dbfs(torch.zeros(100)) == float("-inf") and dbfs(torch.zeros(0)) == float("-inf")
+    levels = rms_db(torch.stack([sine, 0.1 * sine, torch.zeros_like(sine)]))
+    assert levels.tolist() == pytest.approx([-3.0103, -23.0103, -300.0], abs=1e-3)  # silence: the -300 dB floor
+    # the active span is where 10 ms frames are within the threshold of the loudest
+    x = torch.cat([torch.zeros(1600), sine[:3200].float(), torch.zeros(1600)])
+    assert active_span(x, -30.0, -80.0) == pytest.approx((0.1, 0.3))
+    assert active_span(torch.zeros(3200), -30.0, -80.0) is None

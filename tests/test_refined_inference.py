@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from astsep.lit import RefinerModule
 from astsep.query import EmbeddingTable, label_prompt
-from astsep.refine import Refiner
+from astsep.refiner import Refiner
 from astsep.testing import audioset_labels
 
 from conftest import clip, mixture
@@ -210,13 +210,13 @@ def test_a_checkpoint_records_the_baseline_by_value_and_inference_warns_naming_w
     from astsep.testing import tiny_ast
 
     guide = ASTGuide.from_model(tiny_ast(seed=0), load_config(None).guide)
-    with caplog.at_level("WARNING", logger="astsep.refine"):
+    with caplog.at_level("WARNING", logger="astsep.refiner.inference"):
         Pipeline(load_config(None), guide, refiner=ref)
     assert "separator.rounds" in caplog.text and "guide.trim_padding" in caplog.text and "guide.pad_merge" in caplog.text
     assert "stft." not in caplog.text and "max_passes" not in caplog.text
     caplog.clear()
     same = load_config(None, {"separator.rounds": 2, "guide.trim_padding": True, "guide.pad_merge": 0})
-    with caplog.at_level("WARNING", logger="astsep.refine"):
+    with caplog.at_level("WARNING", logger="astsep.refiner.inference"):
         Pipeline(same, guide, refiner=ref)
     assert "other settings" not in caplog.text
 

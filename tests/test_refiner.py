@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from astsep.config import STFTConfig
-from astsep.features import stft
-from astsep.refiner import MaskRefiner, RefinerConfig, apply_mask, count_parameters
+from astsep.features import apply_mask, stft
+from astsep.refiner import MaskRefiner, RefinerConfig, count_parameters
 from conftest import clip
 
 SMALL = RefinerConfig(n_masks=3, query_dim=16, channels=8, max_channels=16, depth=3, cond_dim=16)
@@ -69,5 +69,11 @@ def test_unit_mask_gives_back_the_mixture_and_zero_mask_silence(shared):
     x = torch.stack([clip("dog", 1.0), clip("rain", 1.0)])
     spec = stft(x, STFTConfig())
     ones = torch.ones(spec.shape)
-    torch.testing.assert_close(apply_mask(x, ones, STFTConfig()), x, atol=1e-5, rtol=0)
-    assert apply_mask(x, torch.zeros(spec.shape), STFTConfig(), spec=spec).abs().max() == 0
+    torch.testing.assert_close(apply_mask(spec, ones, STFTConfig(), x.shape[-1]), x, atol=1e-5, rtol=0)
+    assert apply_mask(spec, torch.zeros(spec.shape), STFTConfig(), x.shape[-1]).abs().max() == 0
+    # K masks per item: each gives what its own mask would alone
+    halves = torch.stack([ones * 0.5, ones], dim=1)
+    both = apply_mask(spec, halves, STFTConfig(), x.shape[-1])
+    assert both.shape == (2, 2, x.shape[-1])
+    torch.testing.assert_close(both[:, 0], apply_mask(spec, ones * 0.5, STFTConfig(), x.shape[-1]))
+    torch.testing.assert_close(both[:, 1], x, atol=1e-5, rtol=0)

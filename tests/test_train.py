@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import Callback
 import train
 from astsep.errors import ConfigError
 from astsep.lit import RefinerModule
+from astsep.metrics import SdrSiSdrLoss
+from astsep.refiner.schedule import lr_factor
 from conftest import ESC, ROOT, clip
 
 TINY = str(ROOT / "configs" / "refiner_tiny.yaml")
@@ -83,6 +85,46 @@ def test_non_finite_loss_skips_the_step_with_a_warning(caplog, shared):
     assert out is None and module.skipped_steps == 1 and "skipping step" in caplog.text
     good = module.training_step({"mixture": s + s.flip(0), "target": s}, 1)
     assert torch.isfinite(good) and good.requires_grad
+
+
+def test_the_loss_is_injected_used_by_the_shared_step_and_recorded_by_value(shared):
+    small = dict(n_masks=3, query_dim=32, channels=4, max_channels=8, depth=2, cond_dim=8)
+    module = RefinerModule(refiner=small, guide_model="tiny", query_source="target_audio", loss=torch.nn.L1Loss())
+    s = torch.stack([clip("dog", 1.0), clip("rain", 1.0)])
+    out = module.common_step({"mixture": s + s.flip(0), "target": s}, 0)
+    torch.testing.assert_close(out.loss, torch.nn.functional.l1_loss(out.estimate, s))
+    spec = module.hparams["loss"]
+    assert spec == {"class_path": "torch.nn.modules.loss.L1Loss", "init_args": {"reduction": "mean"}}
+    # a checkpoint's spec rebuilds the same loss; without one, the default SDR / SI-SDR loss
+    assert isinstance(RefinerModule(refiner=small, guide_model="tiny", loss=spec).loss_func, torch.nn.L1Loss)
+    default = RefinerModule(refiner=small, guide_model="tiny")
+    assert default.hparams["loss"]["init_args"]["sdr_weight"] == 0.5
+
+
+def test_a_checkpoint_from_before_the_loss_option_keeps_its_sdr_weight():
+    small = dict(n_masks=3, query_dim=32, channels=4, max_channels=8, depth=2, cond_dim=8)
+    module = RefinerModule(refiner=small, guide_model="tiny", sdr_weight=0.3)
+    assert module.loss_func.sdr_weight == 0.3 and module.hparams["loss"]["init_args"]["sdr_weight"] == 0.3
+    with pytest.raises(ConfigError, match="sdr_weight"):
+        RefinerModule(refiner=small, guide_model="tiny", sdr_weight=0.3, loss=SdrSiSdrLoss(0.5))
+
+
+def test_a_loss_class_from_a_module_not_imported_is_refused():
+    with pytest.raises(ConfigError, match="not an nn.Module of an imported module"):
+        RefinerModule(refiner=dict(n_masks=3, query_dim=32), guide_model="tiny",
+                      loss={"class_path": "astsep_nowhere.Loss", "init_args": {}})
+
+
+def test_lr_warms_up_linearly_then_follows_a_half_cosine_to_the_floor():
+    assert lr_factor(0, 100, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 100, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.55)  # half-way: the mean
+    assert lr_factor(100, 100, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 100, warmup_steps=10, schedule="constant") == 1.0
+    assert lr_factor(50, None, warmup_steps=10) == 1.0  # no known end: nothing to decay towards
+    with pytest.raises(ConfigError, match="schedule"):
+        lr_factor(0, 100, schedule="linear")
 
 
 def test_refiner_masks_must_match_the_separator_passes():

@@ -34,7 +34,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..audio import AUDIO_SUFFIXES, to_mono_16k
+from ..audio import AUDIO_SUFFIXES, dbfs, to_mono_16k
 from ..config import SAMPLE_RATE
 from ..errors import ConfigError
 from ..query import EmbeddingTable
@@ -172,8 +172,9 @@ def read_clip_csv(csv_path: str | os.PathLike, audio_dir: str | os.PathLike | No
 
 
 def segment_is_silent(x: torch.Tensor, silence_dbfs: float) -> bool:
-    rms = float(x.double().pow(2).mean().sqrt()) if x.numel() else 0.0
-    return rms <= 0.0 or 20.0 * math.log10(rms) < silence_dbfs
+    """True when ``x`` (samples) is all zeros or its RMS level is below ``silence_dbfs`` (dB re 1.0)."""
+    level = dbfs(x)
+    return level == float("-inf") or level < silence_dbfs
 
 
 def mix_at_snr(target: torch.Tensor, interferer: torch.Tensor, snr_db: float = 0.0, gain_db: float = 0.0,

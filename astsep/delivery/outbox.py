@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from filelock import FileLock, Timeout
 
+from ..durable import fsync_path
 from ..errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -62,20 +63,6 @@ def _head(path: Path) -> bytes | None:
             return fh.read(len(SQLITE_HEADER))
     except FileNotFoundError:
         return None
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or folder so what was written or renamed survives a crash (best effort)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Outbox:
@@ -375,16 +362,16 @@ def _migrate(source: Path, target: Path) -> None:
             db.execute("COMMIT")
         finally:
             db.close()
-        _fsync(tmp)
+        fsync_path(tmp)
         backup = _free_name(source.with_name(source.name + ".migrated"))
         if source == target:
             shutil.copy2(source, backup)
-            _fsync(backup)
+            fsync_path(backup)
             os.replace(tmp, target)
         else:
             os.replace(tmp, target)
             os.replace(source, backup)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

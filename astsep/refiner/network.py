@@ -11,7 +11,8 @@ Every convolution block is followed by FiLM (per-channel ``γ``, ``β`` from the
 Shapes: ``F`` STFT bins (513 for n_fft 1024), ``T`` frames (any number ≥ 1; the network pads to a
 multiple of ``2**depth`` internally and crops back), ``K`` baseline masks, ``D`` query dim.
 
-Plain ``nn.Module``; runs without Lightning.
+Plain ``nn.Module``; runs without Lightning. Its mask goes back to samples with
+:func:`astsep.features.apply_mask`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import STFTConfig
-from .features import istft, stft
-
-__all__ = ["RefinerConfig", "MaskRefiner", "apply_mask", "count_parameters"]
+__all__ = ["RefinerConfig", "MaskRefiner", "count_parameters"]
 
 
 @dataclass
@@ -163,14 +161,3 @@ class MaskRefiner(nn.Module):
         logits = self.head(x)[:, 0, :Fb, :T]
         return torch.sigmoid(logits)
 
-
-def apply_mask(mixture: torch.Tensor, mask: torch.Tensor, stft_cfg: STFTConfig,
-               spec: torch.Tensor | None = None) -> torch.Tensor:
-    """Masked mixture STFT (mixture phase) back to samples: ``(B,N), (B,F,T) -> (B,N)``.
-
-    ``spec`` is the mixture's STFT if already computed. Runs in float32 (iSTFT under autocast is
-    not supported in half precision).
-    """
-    if spec is None:
-        spec = stft(mixture.float(), stft_cfg)
-    return istft(spec * mask.float(), stft_cfg, length=mixture.shape[-1])

@@ -1,4 +1,4 @@
-"""Refined inference: a trained :class:`~astsep.refiner.MaskRefiner` on top of the baseline.
+"""Refined inference: a trained :class:`~astsep.refiner.network.MaskRefiner` on top of the baseline.
 
 Two uses, both behind ``infer.py --refiner CKPT``:
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .config import AstsepConfig, STFTConfig, settings_differences
-from .errors import ConfigError, ModelError
-from .features import istft, stft
-from .refiner import MaskRefiner, RefinerConfig
+from ..config import AstsepConfig, STFTConfig, settings_differences
+from ..errors import ConfigError, ModelError
+from ..features import apply_mask, stft
+from .network import MaskRefiner, RefinerConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,11 @@ class Refiner:
                              f"unexpected {len(unexpected)} tensors)")
         tbl = enc = None
         if table:
-            from .query import EmbeddingTable
+            from ..query import EmbeddingTable
 
             tbl = EmbeddingTable.load(table)
         if clap_ckpt:
-            from .query import ClapQueryEncoder
+            from ..query import ClapQueryEncoder
 
             enc = ClapQueryEncoder(clap_ckpt)
         baseline = hp.get("baseline")
@@ -159,7 +159,7 @@ class Refiner:
         audio queries, else the text "The sound of <label>"."""
         if self.query_source == "target_audio":
             return self._check_dim(ast_embeddings, "AST embedding")
-        from .query import label_prompt
+        from ..query import label_prompt
 
         return self.embed_text([label_prompt(lab) for lab in labels])
 
@@ -193,9 +193,7 @@ class Refiner:
         masks = masks * kept[:, :, None, None].to(masks.device, masks.dtype)
         total = masks.sum(dim=1, keepdim=True)
         masks = masks / total.clamp_min(1.0)
-        b, K = masks.shape[:2]
-        out = istft((masks * spec.unsqueeze(1)).reshape(b * K, *spec.shape[1:]), stft_cfg, x.shape[-1])
-        return out.view(b, K, -1).cpu()
+        return apply_mask(spec, masks, stft_cfg, x.shape[-1]).cpu()
 
     def extract(self, x: torch.Tensor, baseline_masks: torch.Tensor, query: Query,
                 stft_cfg: STFTConfig) -> torch.Tensor:
@@ -204,4 +202,4 @@ class Refiner:
         q = query.embedding.view(1, 1, -1).expand(b, 1, -1)
         neg = query.negative.view(1, 1, -1).expand(b, 1, -1) if query.negative is not None else None
         masks, spec = self.masks(x, baseline_masks, q, neg, stft_cfg)
-        return istft(masks[:, 0] * spec, stft_cfg, x.shape[-1]).cpu()
+        return apply_mask(spec, masks[:, 0], stft_cfg, x.shape[-1]).cpu()
