@@ -128,6 +128,17 @@ class StreamSource:
         pass
 
 
+def check_sound_card_support():
+    """``sounddevice`` (extra ``astsep[live]``) with its PortAudio library, or one clear error line."""
+    try:
+        import sounddevice as sd
+    except (ImportError, OSError) as exc:  # OSError: the PortAudio library (libportaudio2) is missing
+        missing = getattr(exc, "name", None) or "PortAudio (libportaudio2)"
+        raise MissingExtraError("live capture from a sound card", "live", missing,
+                                hint=" (and the system library libportaudio2)") from exc
+    return sd
+
+
 class SoundDeviceSource:
     """Blocks from a sound card input (PortAudio via ``sounddevice``), at ``sample_rate``.
 
@@ -136,12 +147,7 @@ class SoundDeviceSource:
 
     def __init__(self, device: int | str | None = None, channels: int = 1, sample_rate: int = 16000,
                  block_sec: float = 0.032, max_queue_sec: float = 30.0):
-        try:
-            import sounddevice as sd
-        except (ImportError, OSError) as exc:  # OSError: the PortAudio library (libportaudio2) is missing
-            missing = getattr(exc, "name", None) or "PortAudio (libportaudio2)"
-            raise MissingExtraError("live capture from a sound card", "live", missing,
-                                    hint=" (and the system library libportaudio2)") from exc
+        sd = check_sound_card_support()
         self.sample_rate, self.channels = sample_rate, channels
         self.block_frames = max(1, int(round(block_sec * sample_rate)))
         self.overruns = 0

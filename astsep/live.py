@@ -107,6 +107,7 @@ class LiveStats:
     max_queue_wait_sec: float = 0.0
     latencies_sec: list[float] = field(default_factory=list)  # per event: emitted - captured(start_sec)
     recordings: int = 0
+    interrupted: bool = False  # ended by Ctrl-C / SIGTERM / stop, not by the end of the stream
     delivery: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -476,8 +477,11 @@ class LiveListener:
     # --- running and stopping ------------------------------------------------------------------
     def run(self, source, stop: threading.Event | None = None) -> LiveStats:
         """Feed ``source`` (an iterator of blocks with ``sample_rate`` and ``channels``) until it ends
-        or ``stop`` is set, then :meth:`close`. Blocks at another rate than 16 kHz are resampled."""
+        or ``stop`` is set, then :meth:`close`. Blocks at another rate than 16 kHz are resampled.
+        Ctrl-C (``KeyboardInterrupt``) ends capture too: the window in progress is finished, queued
+        ones are dropped (counted), the outbox is flushed, and ``stats.interrupted`` is set."""
         resample = _Resampler(source.sample_rate, self.channels) if source.sample_rate != SAMPLE_RATE else None
+        interrupted = False
         try:
             for block in source:
                 if resample is not None:
@@ -485,6 +489,7 @@ class LiveListener:
                 if block.size:
                     self.feed(block)
                 if stop is not None and stop.is_set():
+                    interrupted = True
                     break
                 if self._worker_error is not None:
                     break
@@ -494,9 +499,12 @@ class LiveListener:
                     if tail.size:
                         self.feed(tail)
                 self.finish_stream()
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
             source.close()
-            self.close()
+            self.stats.interrupted = interrupted
+            self.close(wait=not interrupted)
         return self.stats
 
     def finish_stream(self) -> None:
@@ -581,3 +589,107 @@ def listen(source, pipeline, cfg: LiveConfig | None = None, **kwargs: Any) -> It
         t.join()
     if error:
         raise error[0]
+
+
+# --- the command line: python infer.py --live [-] ----------------------------------------------
+def live_config(args) -> LiveConfig:
+    """:class:`LiveConfig` from ``infer.py --live`` options (each checked by the dataclass)."""
+    import dataclasses
+
+    values = {"trigger": args.trigger, "trigger_dbfs": args.trigger_dbfs, "hop_sec": args.hop,
+              "window_sec": args.window, "hold_off_sec": args.hold_off, "record_dir": args.record,
+              "record_max_mb": args.record_max_mb}
+    base = LiveConfig()
+    if args.window is not None:  # post_trigger_sec is bounded by the window
+        base = dataclasses.replace(base, window_sec=args.window,
+                                   post_trigger_sec=min(base.post_trigger_sec, args.window))
+    if args.hop is not None and args.hop < base.align_sec:
+        base = dataclasses.replace(base, hop_sec=args.hop, align_sec=args.hop)
+    return dataclasses.replace(base, **{k: v for k, v in values.items() if v is not None})
+
+
+def open_source(args, block_sec: float):
+    """The capture source of ``--live``: stdin (``-``) or a sound card."""
+    import sys
+
+    from .capture import SoundDeviceSource, StreamSource
+
+    if args.live == "-":
+        return StreamSource(sys.stdin.buffer, args.raw_format, block_sec)
+    if args.live != "mic":
+        raise ConfigError(f"--live takes no value or '-' (stdin), got {args.live!r}; a sound card is "
+                          "chosen with --device-in")
+    if args.raw_format:
+        raise ConfigError("--raw-format describes stdin: use it with --live -")
+    device: int | str | None = args.device_in
+    if isinstance(device, str) and device.isdigit():
+        device = int(device)
+    return SoundDeviceSource(device, args.channels, SAMPLE_RATE, block_sec)
+
+
+def run_cli(args) -> int:
+    """``infer.py --live``: events as JSON lines on stdout, a summary on stderr; Ctrl-C / SIGTERM stop
+    capture, finish the window in progress, flush the outbox and exit 0."""
+    import signal
+    import sys
+
+    from .cli import _config, _legacy_default_outbox, default_outbox
+    from .pipeline import Pipeline
+
+    cfg = _config(args)
+    lcfg = live_config(args)
+    if args.live == "mic":  # before the model loads: a missing extra is one line at once
+        from .capture import check_sound_card_support
+
+        check_sound_card_support()
+    doa = None
+    geometry = None
+    if args.mic_geometry:
+        from .doa import DOAConfig, DOAEstimator, load_geometry
+
+        geometry = load_geometry(args.mic_geometry)
+        doa_cfg = DOAConfig(method=args.doa_method)
+    client = outbox = None
+    if args.backend_url:
+        from .delivery import BackendClient, Outbox
+
+        client = BackendClient(args.backend_url, timeout=args.backend_timeout)
+        outbox = Outbox(args.outbox) if args.outbox else Outbox(default_outbox(), migrate_from=_legacy_default_outbox())
+
+    def on_signal(signum, frame) -> None:  # SIGTERM behaves as Ctrl-C: a clean stop
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        pipe = Pipeline(cfg)  # before capture starts: a stream must not wait in a pipe while the model loads
+        source = open_source(args, lcfg.block_sec)
+        if geometry is not None:
+            if geometry.shape[1] != source.channels:
+                source.close()
+                raise ConfigError(f"--mic-geometry {args.mic_geometry} has {geometry.shape[1]} mics but the input "
+                                  f"has {source.channels} channel(s)")
+            doa = DOAEstimator(geometry, doa_cfg)
+        elif source.channels > 1:
+            log.warning("%d channels without --mic-geometry: no direction of arrival, the channels are averaged",
+                        source.channels)
+        if not args.quiet:
+            print(f"astsep live: listening to {source.name} ({source.channels} channel(s) at {source.sample_rate} Hz"
+                  f"{', DOA ' + doa.name if doa else ''}); model {cfg.guide.model} on {pipe.guide.device}; "
+                  "Ctrl-C stops", file=sys.stderr, flush=True)
+
+        def print_event(ev: dict) -> None:
+            sys.stdout.write(json.dumps(ev, allow_nan=False) + "\n")
+            sys.stdout.flush()
+
+        listener = LiveListener(pipe, lcfg, channels=source.channels, doa=doa, angle=args.angle,
+                                on_event=print_event, client=client, outbox=outbox, user_id=args.user_id)
+        stats = listener.run(source)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    if not args.quiet:
+        d = stats.delivery
+        sent = f"; delivery: {d['this_run']}, outbox pending {d['final_flush']['outbox_pending']}" if d else ""
+        print(f"astsep live: {stats.stream_sec:.1f} s listened, {stats.windows_analysed} window(s) analysed, "
+              f"{stats.windows_dropped} dropped, {stats.events} event(s){' (stopped)' if stats.interrupted else ''}"
+              f"{sent}", file=sys.stderr)
+    return 0
