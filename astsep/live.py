@@ -273,6 +273,7 @@ class LiveListener:
         self._loud = False
         self._quiet_since: int | None = None
         self._due: int | None = None  # end sample of the next analysis
+        self._onset_pending = False  # _due is the first analysis after an onset (always runs)
         self._last_end = -1
         self._worker_error: BaseException | None = None
         self._worker = threading.Thread(target=self._work, name="astsep-live-analysis", daemon=True)
@@ -301,8 +302,11 @@ class LiveListener:
             self._due = self.hop
         while self._due is not None and end >= self._due:
             due = self._due
-            self._submit(due, "hop" if self.cfg.trigger == "hop" else "level")
-            # the next one: every hop (hop trigger) or every hop while the sound lasts (level trigger)
+            if self.cfg.trigger == "hop" or self._onset_pending or self._loud:
+                self._submit(due, "hop" if self.cfg.trigger == "hop" else "level")
+            self._onset_pending = False
+            # the next one: every hop (hop trigger) or every hop while the sound lasts (level trigger;
+            # skipped when the level has fallen by then)
             self._due = due + self.hop if (self.cfg.trigger == "hop" or self._loud) else None
 
     def _meter(self, mono: np.ndarray) -> None:
@@ -325,6 +329,7 @@ class LiveListener:
                         due = -(-due // self.align) * self.align
                         if self._due is None or due < self._due:
                             self._due = due
+                        self._onset_pending = True
                         log.debug("level %.1f dBFS at %.2f s: analysis at %.2f s", db, pos / SAMPLE_RATE,
                                   due / SAMPLE_RATE)
             elif db < cfg.trigger_dbfs - cfg.release_db and self._loud:
@@ -475,9 +480,10 @@ class LiveListener:
                 log.error("on_event callback failed: %s", exc)
 
     # --- running and stopping ------------------------------------------------------------------
-    def run(self, source, stop: threading.Event | None = None) -> LiveStats:
+    def run(self, source, stop: threading.Event | None = None, drain: bool = True) -> LiveStats:
         """Feed ``source`` (an iterator of blocks with ``sample_rate`` and ``channels``) until it ends
         or ``stop`` is set, then :meth:`close`. Blocks at another rate than 16 kHz are resampled.
+        At the end of the stream, windows still queued are analysed (``drain``) or dropped and counted.
         Ctrl-C (``KeyboardInterrupt``) ends capture too: the window in progress is finished, queued
         ones are dropped (counted), the outbox is flushed, and ``stats.interrupted`` is set."""
         resample = _Resampler(source.sample_rate, self.channels) if source.sample_rate != SAMPLE_RATE else None
@@ -504,7 +510,7 @@ class LiveListener:
         finally:
             source.close()
             self.stats.interrupted = interrupted
-            self.close(wait=not interrupted)
+            self.close(wait=drain and not interrupted)
         return self.stats
 
     def finish_stream(self) -> None:
