@@ -266,7 +266,6 @@ class LiveListener:
             else None
         self.stream_start: datetime | None = None
         self._q: queue.Queue[Analysis | None] = queue.Queue(maxsize=self.cfg.queue_size)
-        self._lock = threading.Lock()
         self._times: deque[tuple[int, float]] = deque()  # (end sample of a block, monotonic time it arrived)
         self._level_acc = np.zeros(0, dtype=np.float32)
         self._level_pos = 0  # absolute sample of _level_acc[0]
