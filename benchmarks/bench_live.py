@@ -11,10 +11,12 @@ is unchanged), so every analysed sound is an alert. Per configuration (default, 
   being handed to the outbox, median / p95 / max over the sounds that were detected;
 - sounds detected, events (should equal sounds: one per occurrence), windows analysed / dropped;
 - analysis seconds per window (median) and the real-time factor (that / the analysis hop);
-then, with ``--fast`` and the hop trigger, the smallest hop in ``--hops`` with no dropped window.
+then, with ``--fast`` and the hop trigger, the smallest hop in ``--hops`` with no dropped window
+over ``--hop-windows`` analyses (starting from the first hop not under the measured seconds per
+window; the next smaller hop is run too, and stops at its first drop).
 
-    python benchmarks/bench_live.py [--sounds 20] [--spacing 4] [--threads 2] [--skip-default]
-                                    [--hops 8 6 4 3 2 1.5 1 0.5] [--hop-stream 16] [--json out.json]
+    python benchmarks/bench_live.py [--sounds 20] [--spacing 3.5] [--threads 2] [--skip-default]
+                                    [--max-passes N] [--hop-windows 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,10 +80,12 @@ def make_stream(sounds: int, spacing: float, sound_sec: float, lead: float = 2.0
     return x, onsets
 
 
-def pipeline(fast: bool, threads: int) -> Pipeline:
+def pipeline(fast: bool, threads: int, max_passes: int | None = None) -> Pipeline:
     torch.set_num_threads(threads)
     cfg = AstsepConfig()
     cfg.guide.device = "cpu"
+    if max_passes:
+        cfg.separator.max_passes = max_passes
     if fast:
         use_fast_settings(cfg.guide)
     model = full_ast()
@@ -91,10 +96,23 @@ def pipeline(fast: bool, threads: int) -> Pipeline:
 
 
 def run_stream(pipe: Pipeline, x: np.ndarray, lcfg: LiveConfig,
-               drain: bool = True) -> tuple[LiveListener, list[tuple[dict, float]]]:
+               stop_on_drop: bool = False) -> tuple[LiveListener, list[tuple[dict, float]]]:
     got: list[tuple[dict, float]] = []
     listener = LiveListener(pipe, lcfg, on_event=lambda ev: got.append((ev, time.monotonic())))
-    listener.run(ArraySource(x, block_sec=lcfg.block_sec, realtime=True), drain=drain)
+    stop = threading.Event()
+    done = threading.Event()
+
+    def watch() -> None:  # a hop that drops is known at its first drop: stop there
+        while not done.wait(0.1):
+            if stop_on_drop and listener.stats.windows_dropped:
+                stop.set()
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        listener.run(ArraySource(x, block_sec=lcfg.block_sec, realtime=True), stop)
+    finally:
+        done.set()
     return listener, got
 
 
@@ -128,51 +146,71 @@ def latency_case(pipe: Pipeline, name: str, args) -> dict:
     return out
 
 
-def hop_case(pipe: Pipeline, hop: float, seconds: float) -> dict:
-    seconds = max(seconds, 3 * hop)
+def hop_case(pipe: Pipeline, hop: float, windows: int) -> dict:
+    """The hop trigger at ``hop`` seconds over ``windows`` hops of stream: dropped windows (queue
+    overflow while the stream runs; windows still queued at its end are analysed, not counted)."""
+    seconds = windows * hop + 0.05
     x, _ = make_stream(max(1, int(seconds // 4)), 4.0, 1.0)
     x = x[: int(seconds * SAMPLE_RATE)]
     lcfg = LiveConfig(trigger="hop", hop_sec=hop, align_sec=min(0.1, hop))
-    # a window still waiting when the stream ends was not kept up with: dropped, not drained
-    listener, _ = run_stream(pipe, x, lcfg, drain=False)
+    listener, _ = run_stream(pipe, x, lcfg, stop_on_drop=True)
     st = listener.stats
     per_window = st.analysis_sec / max(1, st.windows_analysed)
     out = {"case": f"fast, hop trigger {hop} s", "stream_sec": round(st.stream_sec, 1),
            "windows_queued": st.windows_queued, "windows_analysed": st.windows_analysed,
            "windows_dropped": st.windows_dropped, "analysis_sec_per_window": round(per_window, 3),
-           "rtf_hop": round(per_window / hop, 3)}
+           "max_queue_wait_sec": round(st.max_queue_wait_sec, 3), "rtf_hop": round(per_window / hop, 3)}
     print(json.dumps(out), flush=True)
     return out
+
+
+def smallest_hop(pipe: Pipeline, per_window: float, hops: list[float], windows: int) -> tuple[float | None, list]:
+    """Try the smallest hop in ``hops`` not under ``per_window`` seconds, then larger ones until one
+    keeps up, and the next smaller one (which should drop)."""
+    hops = sorted(hops)
+    i = next((k for k, h in enumerate(hops) if h >= per_window), len(hops) - 1)
+    cases, best = [], None
+    while i < len(hops):
+        r = hop_case(pipe, hops[i], windows)
+        cases.append(r)
+        if not r["windows_dropped"]:
+            best = hops[i]
+            break
+        i += 1
+    if best is not None and i > 0:
+        cases.append(hop_case(pipe, hops[i - 1], windows))
+        if not cases[-1]["windows_dropped"]:
+            best = hops[i - 1]
+    return best, cases
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sounds", type=int, default=20)
-    p.add_argument("--spacing", type=float, default=4.0, help="seconds between inserted sounds")
+    p.add_argument("--spacing", type=float, default=3.5, help="seconds between inserted sounds")
     p.add_argument("--sound-sec", type=float, default=1.0)
     p.add_argument("--hop", type=float, default=2.0, help="level trigger: seconds between analyses while loud")
     p.add_argument("--hold-off", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-default", action="store_true", help="only --fast")
-    p.add_argument("--hops", type=float, nargs="*", default=[8.0, 6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.5],
-                   help="hop-trigger hops tried with --fast, largest first, until one drops windows")
-    p.add_argument("--hop-stream", type=float, default=16.0, help="seconds of stream per hop tried")
+    p.add_argument("--hops", type=float, nargs="*", default=[0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20],
+                   help="hop-trigger hops to choose from for the smallest hop without drops (--fast)")
+    p.add_argument("--hop-windows", type=int, default=6, help="analyses (hops) of stream per hop tried")
+    p.add_argument("--max-passes", type=int, default=None, help="separation passes per window (default: the config's 3)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    results = {"args": vars(args), "live_config": dataclasses.asdict(LiveConfig()), "cases": []}
+    results = {"args": vars(args), "live_config": dataclasses.asdict(LiveConfig()), "cases": [],
+               "smallest_hop_without_drops": None}
     t0 = time.perf_counter()
     for fast in ([True] if args.skip_default else [False, True]):
-        pipe = pipeline(fast, args.threads)
-        results["cases"].append(latency_case(pipe, "fast" if fast else "default", args))
-        if fast:
-            for hop in args.hops:
-                r = hop_case(pipe, hop, args.hop_stream)
-                results["cases"].append(r)
-                if r["windows_dropped"]:
-                    break
+        pipe = pipeline(fast, args.threads, args.max_passes)
+        res = latency_case(pipe, "fast" if fast else "default", args)
+        results["cases"].append(res)
+        if fast and args.hops:
+            best, cases = smallest_hop(pipe, res["analysis_sec_per_window"], args.hops, args.hop_windows)
+            results["cases"] += cases
+            results["smallest_hop_without_drops"] = best
         del pipe
-    no_drop = [c for c in results["cases"] if c["case"].startswith("fast, hop") and not c["windows_dropped"]]
-    results["smallest_hop_without_drops"] = min((float(c["case"].split()[-2]) for c in no_drop), default=None)
     results["wall_sec"] = round(time.perf_counter() - t0, 1)
     print(json.dumps({"smallest_hop_without_drops": results["smallest_hop_without_drops"],
                       "wall_sec": results["wall_sec"]}), flush=True)
