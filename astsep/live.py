@@ -112,7 +112,7 @@ class LiveStats:
 
     @property
     def real_time_factor(self) -> float:
-        """Analysis seconds per second of analysed audio window (< 1: faster than real time)."""
+        """Analysis seconds per second of stream (the analysis thread's busy share; > 1: behind)."""
         return self.analysis_sec / self.stream_sec if self.stream_sec else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +120,26 @@ class LiveStats:
         d["real_time_factor"] = round(self.real_time_factor, 4)
         d["latencies_sec"] = [round(v, 3) for v in self.latencies_sec]
         return d
+
+
+def active_runs(x: np.ndarray, threshold_db: float, floor_dbfs: float, join_gap_sec: float,
+                hop: int = 160) -> list[tuple[float, float]]:
+    """Runs of activity of ``x`` ``(N,)`` in seconds ``[(start, end), ...]``: 10 ms frames within
+    ``threshold_db`` of the loudest and above ``floor_dbfs`` (as :func:`astsep.events.active_span`),
+    runs closer than ``join_gap_sec`` joined."""
+    n = x.size // hop
+    if n == 0:
+        return []
+    power = np.mean(x[: n * hop].astype(np.float64).reshape(n, hop) ** 2, axis=1)
+    db = 10 * np.log10(np.maximum(power, 1e-30))
+    on = (db >= db.max() + threshold_db) & (db >= floor_dbfs)
+    idx = np.flatnonzero(on)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) * hop / SAMPLE_RATE > join_gap_sec)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
+    return [(float(a) * hop / SAMPLE_RATE, float(b) * hop / SAMPLE_RATE) for a, b in zip(starts, ends)]
 
 
 class Occurrences:
@@ -395,16 +415,29 @@ class LiveListener:
         self.stats.cache_hits += g1["cache_hits"] - g0["cache_hits"]
         offset = item.start / SAMPLE_RATE
         emitted: list[dict] = []
+        sources = None
+        sc = self.pipe.cfg.separator
         for ev in result.events:
             if not self._alertable(ev):
                 continue
-            live_ev = self._live_event(ev, item, offset)
-            if not self.occurrences.add(live_ev):
-                self.stats.merged += 1
-                continue
-            live_ev.update(self._direction(item, ev))
-            emitted.append(live_ev)
-            self._emit(live_ev)
+            if sources is None:
+                sources = result.sources
+            # one source may hold two sounds of its class (a window spans more than one); each run
+            # of activity apart from the next by more than the hold-off is a detection of its own
+            samples = sources.get(ev["file"][:-4]) if ev.get("file") else None
+            runs = (active_runs(samples.numpy(), sc.active_threshold_db, sc.silence_dbfs, self.cfg.hold_off_sec)
+                    if samples is not None else [])
+            runs = [(a, b) for a, b in runs if b > ev["start_sec"] and a < ev["end_sec"]] or \
+                [(ev["start_sec"], ev["end_sec"])]
+            for a, b in runs:
+                part = dict(ev, start_sec=max(a, ev["start_sec"]), end_sec=min(b, ev["end_sec"]))
+                live_ev = self._live_event(part, item, offset)
+                if not self.occurrences.add(live_ev):
+                    self.stats.merged += 1
+                    continue
+                live_ev.update(self._direction(item, part))
+                emitted.append(live_ev)
+                self._emit(live_ev)
         self.stats.windows_analysed += 1
         self.stats.analysis_sec += time.perf_counter() - t0
         if self.recorder is not None:

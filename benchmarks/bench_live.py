@@ -169,7 +169,7 @@ def smallest_hop(pipe: Pipeline, per_window: float, hops: list[float], windows: 
     keeps up, and the next smaller one (which should drop)."""
     hops = sorted(hops)
     i = next((k for k, h in enumerate(hops) if h >= per_window), len(hops) - 1)
-    cases, best = [], None
+    cases, best, first = [], None, i
     while i < len(hops):
         r = hop_case(pipe, hops[i], windows)
         cases.append(r)
@@ -177,7 +177,7 @@ def smallest_hop(pipe: Pipeline, per_window: float, hops: list[float], windows: 
             best = hops[i]
             break
         i += 1
-    if best is not None and i > 0:
+    if best is not None and i == first and i > 0:  # the first one tried kept up: is a smaller one fine too?
         cases.append(hop_case(pipe, hops[i - 1], windows))
         if not cases[-1]["windows_dropped"]:
             best = hops[i - 1]

@@ -25,7 +25,7 @@ from astsep.capture import ArraySource, StreamSource, parse_raw_format, read_wav
 from astsep.config import AstsepConfig, LiveConfig
 from astsep.errors import AudioError, ConfigError
 from astsep.guide import ASTGuide
-from astsep.live import LiveListener, Occurrences, RingBuffer, listen
+from astsep.live import LiveListener, Occurrences, RingBuffer, active_runs, listen
 from astsep.pipeline import Pipeline
 from astsep.testing import force_class, tiny_ast
 from conftest import ROOT, clip
@@ -38,12 +38,13 @@ def _level(x: np.ndarray, dbfs: float) -> np.ndarray:
     return (x * 10 ** (dbfs / 20) / np.sqrt(np.mean(x.astype(np.float64) ** 2))).astype(np.float32)
 
 
-def siren_stream(seconds: float = 8.0, sirens: tuple[float, ...] = (SIREN_AT,), siren_sec: float = 2.0) -> np.ndarray:
+def siren_stream(seconds: float = 8.0, sirens: tuple[float, ...] = (SIREN_AT,), siren_sec: float = 2.0,
+                 rain_dbfs: float = -55.0) -> np.ndarray:
     """Quiet rain (-55 dBFS, under the -40 dBFS trigger) with the shared siren clip at -20 dBFS
     inserted at each time in ``sirens``. Onsets: the siren clip starts loud (checked below)."""
     n = int(seconds * SR)
     rain = clip("rain").numpy()
-    x = _level(np.tile(rain, n // rain.size + 1)[:n], -55.0)
+    x = _level(np.tile(rain, n // rain.size + 1)[:n], rain_dbfs)
     siren = clip("siren").numpy()
     seg = _level(siren[: int(siren_sec * SR)], -20.0)
     assert 10 * np.log10(np.mean(seg[:800] ** 2)) > -40, "the siren clip must start at once"
@@ -217,6 +218,25 @@ def test_two_sirens_further_apart_than_the_hold_off_are_two_events(siren_pipe, s
     assert [round(e["start_sec"]) for e in got] == [2, 8], got
     assert all(e["angle"] == 30 and e["angle_source"] == "option" for e in got)
     assert stats.events == 2 and stats.windows_dropped == 0
+
+
+def test_activity_runs_split_at_gaps_longer_than_the_hold_off():
+    x = np.zeros(5 * SR, np.float32)
+    x[SR:2 * SR] = 0.5
+    x[int(2.5 * SR):3 * SR] = 0.5  # 0.5 s gap: joined
+    x[4 * SR:int(4.5 * SR)] = 0.5  # 1 s gap: a run of its own
+    assert active_runs(x, -30.0, -80.0, join_gap_sec=0.75) == [(1.0, 3.0), (4.0, 4.5)]
+
+
+def test_two_sirens_in_one_window_further_apart_than_the_hold_off_are_two_events(siren_pipe, shared):
+    # the window of the second holds the first; the rain is 45 dB under the sirens, so that no rain
+    # frame is within the separator's 30 dB activity threshold of them and bridges the gap
+    x = siren_stream(9.0, sirens=(2.0, 4.5), siren_sec=1.0, rain_dbfs=-65.0)
+    got: list[dict] = []
+    stats = LiveListener(siren_pipe, LiveConfig(hold_off_sec=1.0, queue_size=8), on_event=got.append).run(
+        ArraySource(x, realtime=False))
+    assert [round(e["start_sec"], 1) for e in got] == [2.0, 4.5], got
+    assert stats.windows_dropped == 0
 
 
 class SlowPipe:
