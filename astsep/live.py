@@ -564,7 +564,13 @@ class LiveListener:
                         self.stats.windows_dropped += 1
                 except queue.Empty:
                     break
-        self._q.put(None)
+        while True:  # the end marker; never wait on a full queue whose worker has died
+            try:
+                self._q.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                if not self._worker.is_alive():
+                    break
         self._worker.join()
         if self.delivery is not None:
             self.stats.delivery = self.delivery.close()

@@ -243,7 +243,7 @@ class SlowPipe:
     """A pipeline stand-in whose analysis takes ``delay`` seconds (a busy device)."""
 
     def __init__(self, pipe: Pipeline, delay: float):
-        self.pipe, self.delay, self.guide = pipe, delay, pipe.guide
+        self.pipe, self.delay, self.guide, self.cfg = pipe, delay, pipe.guide, pipe.cfg
 
     def run(self, x, name):
         time.sleep(self.delay)
@@ -263,6 +263,17 @@ def test_slow_analysis_never_blocks_capture_and_dropped_windows_are_counted(sire
     assert stats.windows_dropped > 5
     assert stats.windows_queued == stats.windows_analysed + stats.windows_dropped
     assert "analysis is behind: dropped" in caplog.text
+
+
+class BrokenPipe(SlowPipe):
+    def run(self, x, name):
+        raise RuntimeError("analysis exploded")
+
+
+def test_a_failing_analysis_is_reported_and_never_hangs_capture_or_close(siren_pipe, shared):
+    lst = LiveListener(BrokenPipe(siren_pipe, 0.0), LiveConfig(trigger="hop", hop_sec=0.2, align_sec=0.1))
+    with pytest.raises(RuntimeError, match="analysis exploded"):
+        lst.run(ArraySource(siren_stream(3.0, sirens=(1.0,), siren_sec=1.0), realtime=False))
 
 
 def test_recordings_stay_under_the_size_cap(siren_pipe, shared, tmp_path):
