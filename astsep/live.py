@@ -365,6 +365,15 @@ class LiveListener:
         self._last_end = end
         start = max(0, end - self.win)
         item = Analysis(start, self.ring.read(start, end), reason, time.monotonic())
+        if reason == "end":  # capture is over: wait for room rather than drop a window still waiting
+            while self._worker.is_alive():
+                try:
+                    self._q.put(item, timeout=0.2)
+                    self.stats.windows_queued += 1
+                    return
+                except queue.Full:
+                    continue
+            return
         while True:
             try:
                 self._q.put_nowait(item)
@@ -547,7 +556,7 @@ class LiveListener:
 
     def finish_stream(self) -> None:
         """The stream ended: analyse the last window when an analysis was due after its end."""
-        if self._due is not None and self.ring.end > self._last_end:
+        if self._due is not None and self.ring.end - self._last_end >= self.align:
             self._submit(self.ring.end, "end")
             self._due = None
 
