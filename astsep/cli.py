@@ -46,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Separate recordings into sources with the AST-guided separator, classify each source "
                     "(AudioSet label; danger / help / warning / other) and deliver the events to a backend.",
     )
-    p.add_argument("-i", "--input", nargs="+", required=True, metavar="PATH",
+    # required unless --live (checked in main(): argparse's own message)
+    p.add_argument("-i", "--input", nargs="+", default=None, metavar="PATH",
                    help="audio file(s) or folder(s) of audio files (WAV, FLAC, Ogg, … any rate, any channels)")
-    p.add_argument("-o", "--output", required=True, metavar="DIR",
+    p.add_argument("-o", "--output", default=None, metavar="DIR",
                    help="output folder (one input: files go straight in; several: one subfolder per input)")
     p.add_argument("-m", "--model", default=None,
                    help=f"AST model: Hub id or local folder saved with save_pretrained (default {DEFAULT_MODEL})")
@@ -86,13 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the recording started (e.g. 2026-01-31T08:15:00Z; no zone: UTC; the same for every "
                         "input); each event's occurred_at is this plus its start. Default: the file's "
                         "modification time minus its duration")
-    p.add_argument("--angle", type=int, default=0, help="direction of arrival in degrees sent with events")
+    p.add_argument("--angle", type=int, default=None,
+                   help="direction of arrival in degrees sent with events (default 0; live: none unless a mic "
+                        "array gives it)")
     p.add_argument("--outbox", default=None, metavar="PATH",
                    help=f"undelivered events wait here for a later run (default {default_outbox()})")
     p.add_argument("--backend-timeout", type=float, default=5.0, help="seconds allowed per request in all, answer included (default 5)")
+    _add_live_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv for debug)")
     return p
+
+
+def _add_live_options(p: argparse.ArgumentParser) -> None:
+    """``--live``: listen continuously (astsep.live); every value is checked by LiveConfig."""
+    g = p.add_argument_group("live mode (listen continuously; events as JSON lines on stdout)")
+    g.add_argument("--live", nargs="?", const="mic", default=None, metavar="-",
+                   help="listen until Ctrl-C: the default microphone, or '-' for a WAV or raw stream on stdin")
+    g.add_argument("--device-in", default=None, metavar="N", help="sound card input (index or name)")
+    g.add_argument("--channels", type=int, default=1, help="sound card channels to capture (default 1)")
+    g.add_argument("--mic-geometry", default=None, metavar="NAME|YAML",
+                   help="microphone positions for the direction of arrival: respeaker4, respeaker6, linear2 or a "
+                        "YAML file with 'mics: [[x, y], ...]' in metres, in channel order")
+    g.add_argument("--doa-method", default="SRP", help="pyroomacoustics DOA algorithm: SRP (SRP-PHAT, default), "
+                                                       "MUSIC, NormMUSIC, TOPS, CSSM, WAVES")
+    g.add_argument("--raw-format", default=None, metavar="TYPE:RATE:CH",
+                   help="stdin is raw PCM of this format, e.g. s16le:16000:1 (default: a WAV stream)")
+    g.add_argument("--trigger", default=None, choices=["level", "hop"],
+                   help="level: analyse when the level rises above --trigger-dbfs, then every --hop while it "
+                        "stays loud (default); hop: analyse every --hop seconds")
+    g.add_argument("--trigger-dbfs", type=float, default=None, help="level trigger threshold (default -40 dBFS)")
+    g.add_argument("--hop", type=float, default=None, metavar="SEC", help="seconds between analyses (default 2)")
+    g.add_argument("--window", type=float, default=None, metavar="SEC",
+                   help="seconds of audio per analysis (default 4.096, as the reference records)")
+    g.add_argument("--hold-off", type=float, default=None, metavar="SEC",
+                   help="the same class again within this many seconds is the same sound (default 2)")
+    g.add_argument("--record", default=None, metavar="DIR", help="keep each analysed window and its sources here")
+    g.add_argument("--record-max-mb", type=float, default=None, help="size cap of --record (default 200 MB)")
 
 
 def _setup_logging(args) -> None:
@@ -350,7 +381,8 @@ def _deliver(result, client, outbox, args, manifest: Path) -> None:
     # when the flush just found the backend unreachable, queue this run's events without waiting
     # through another round of retries
     backend_down = bool(earlier.pending) and not earlier.busy
-    report = deliver(result.events, client, outbox, user_id=args.user_id, angle=args.angle, send=not backend_down)
+    report = deliver(result.events, client, outbox, user_id=args.user_id,
+                     angle=args.angle if args.angle is not None else 0, send=not backend_down)
     result.stats["delivery"] = {"earlier": earlier.to_dict(), "this_run": report.to_dict(),
                                 "seconds": round(time.perf_counter() - t0, 4)}
     # add the report to this run's events.json, under the folder's lock, and only if no later run
@@ -417,8 +449,16 @@ def _duration(path: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.live is None and (args.input is None or args.output is None):
+        parser.error("the following arguments are required: -i/--input, -o/--output (or --live)")
+    if args.live is not None and (args.input is not None or args.output is not None):
+        parser.error("--live listens to a microphone or stdin: leave out -i/--input and -o/--output")
     _setup_logging(args)
     try:
+        if args.live is not None:
+            from .live import run_cli
+
+            return run_cli(args)
         return run(args)
     except AstsepError as exc:
         print(f"astsep: error: {exc}", file=sys.stderr)

@@ -311,6 +311,51 @@ def _build(cls, data: dict[str, Any], where: str):
     return cls(**kwargs)
 
 
+@dataclass
+class LiveConfig:
+    """Live mode (``infer.py --live``, :mod:`astsep.live`): capture, trigger, analysis, merging.
+
+    Kept out of :class:`AstsepConfig`: it does not change what a window's separation gives, only
+    which windows are separated and how their events become alerts."""
+
+    # seconds of audio per analysis; the reference records 4.096 s after its level trigger
+    window_sec: float = 4.096
+    trigger: str = "level"  # level: on a rise above trigger_dbfs, then every hop_sec while loud | hop: every hop_sec
+    # the reference's level trigger: a 50 ms frame of the (channel-averaged) input above this wakes analysis
+    trigger_dbfs: float = -40.0
+    release_db: float = 6.0  # the trigger re-arms once the level stays this far below trigger_dbfs ...
+    release_sec: float = 0.3  # ... for this long
+    hop_sec: float = 2.0  # seconds between analyses (hop trigger; level trigger while the sound lasts)
+    # the first analysis after an onset waits for this much of the sound (its window ends here)
+    post_trigger_sec: float = 0.5
+    align_sec: float = 0.1  # window ends fall on this grid: a level and a hop analysis of one moment are one
+    hold_off_sec: float = 2.0  # the same class again within this gap (seconds) is the same occurrence
+    queue_size: int = 1  # windows waiting for analysis; when full the oldest waiting one is dropped
+    level_frame_sec: float = 0.05  # frame of the level meter
+    block_sec: float = 0.032  # capture block (sound card / stdin reads)
+    emit_other: bool = False  # also emit events of category "other" (never sent to the backend)
+    record_dir: str | None = None  # keep each analysed window and its sources here
+    record_max_mb: float = 200.0  # oldest recordings are deleted to stay under this size
+
+    def __post_init__(self) -> None:
+        sec = "live"
+        _float(sec, "window_sec", self.window_sec, lo=0.5, hi=MAX_WINDOW_SEC)
+        _str(sec, "trigger", self.trigger, choices=("level", "hop"))
+        _float(sec, "trigger_dbfs", self.trigger_dbfs, lo=-120.0, hi=0.0)
+        _float(sec, "release_db", self.release_db, lo=0.0, hi=60.0)
+        _float(sec, "release_sec", self.release_sec, lo=0.0, hi=10.0)
+        _float(sec, "hop_sec", self.hop_sec, lo=0.1, hi=60.0)
+        _float(sec, "post_trigger_sec", self.post_trigger_sec, lo=0.0, hi=self.window_sec)
+        _float(sec, "align_sec", self.align_sec, lo=0.01, hi=self.hop_sec)
+        _float(sec, "hold_off_sec", self.hold_off_sec, lo=0.0, hi=600.0)
+        _int(sec, "queue_size", self.queue_size, lo=1, hi=64)
+        _float(sec, "level_frame_sec", self.level_frame_sec, lo=0.005, hi=1.0)
+        _float(sec, "block_sec", self.block_sec, lo=0.001, hi=1.0)
+        _bool(sec, "emit_other", self.emit_other)
+        _str(sec, "record_dir", self.record_dir, optional=True)
+        _float(sec, "record_max_mb", self.record_max_mb, lo=0.0, lo_open=True)
+
+
 # What makes two baselines the same: every STFT and separator value and these guide values. The
 # device, cache and model-loading options do not change the masks; ``dtype`` is recorded but not
 # compared (float32 / bfloat16 / int8 change the AST's logits by a few hundredths, not the algorithm).

@@ -1,0 +1,139 @@
+"""Direction of arrival from a microphone array, with ``pyroomacoustics.doa`` (SRP-PHAT, MUSIC, …).
+
+Geometry: a preset name (``respeaker4``, ``respeaker6``, ``linear2``) or a YAML file::
+
+    # mics.yaml: one [x, y] or [x, y, z] per microphone, metres, in the order of the input channels
+    mics:
+      - [-0.032, 0.0]
+      - [0.0, -0.032]
+      - [0.032, 0.0]
+      - [0.0, 0.032]
+
+Angles are azimuths in degrees, counter-clockwise from the x axis of that geometry, in 0..360.
+``pyroomacoustics`` belongs to the optional extra ``astsep[live]``; nothing here imports it (or
+numpy's heavier users) before an estimator is built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import SAMPLE_RATE
+from .errors import ConfigError, MissingExtraError
+
+SPEED_OF_SOUND = 343.0  # m/s at about 20 °C
+
+# Microphone positions (metres, x/y), in channel order. The ReSpeaker 4-mic arrays (the Pi HAT and
+# the USB Mic Array v2.0) hold 4 mics on a circle of radius 32 mm at 0°, 90°, ... as ODAS's
+# configuration files for them give: (-0.032, 0), (0, -0.032), (0.032, 0), (0, 0.032).
+PRESETS: dict[str, list[tuple[float, float]]] = {
+    "respeaker4": [(-0.032, 0.0), (0.0, -0.032), (0.032, 0.0), (0.0, 0.032)],
+    # ReSpeaker 6-mic circular array: radius 46.3 mm, mics every 60°
+    "respeaker6": [(0.0463 * math.cos(math.radians(a)), 0.0463 * math.sin(math.radians(a)))
+                   for a in (0, 60, 120, 180, 240, 300)],
+    # two mics 10 cm apart on the x axis (a stereo pair): only 0..180° can be told apart
+    "linear2": [(-0.05, 0.0), (0.05, 0.0)],
+}
+METHODS = ("SRP", "MUSIC", "NormMUSIC", "TOPS", "CSSM", "WAVES")
+
+
+def load_geometry(spec: str) -> np.ndarray:
+    """Microphone positions ``(2, M)`` (metres) from a preset name or a YAML file (see module doc)."""
+    if spec in PRESETS:
+        return np.asarray(PRESETS[spec], dtype=float).T
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--mic-geometry {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--mic-geometry {path} is not valid YAML: {exc}") from None
+    mics = data.get("mics") if isinstance(data, dict) else None
+    try:
+        arr = np.asarray(mics, dtype=float)
+    except (TypeError, ValueError):
+        arr = np.zeros((0,))
+    if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] not in (2, 3) or not np.isfinite(arr).all():
+        raise ConfigError(f"--mic-geometry {path}: 'mics' must be a list of at least 2 [x, y] or [x, y, z] "
+                          "positions in metres, one per input channel")
+    return arr[:, :2].T.copy()  # azimuth only: the array's plane
+
+
+@dataclass
+class DOAConfig:
+    """How the direction is estimated."""
+
+    method: str = "SRP"  # SRP (SRP-PHAT) | MUSIC | NormMUSIC | TOPS | CSSM | WAVES (pyroomacoustics names)
+    nfft: int = 512  # STFT size of the spatial spectrum (32 ms at 16 kHz)
+    freq_low: float = 300.0  # Hz: below, a small array cannot tell directions apart
+    freq_high: float = 3500.0  # Hz: above about c / (2 · spacing), directions alias
+    grid: int = 360  # candidate azimuths (1° steps)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"doa.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.nfft < 64 or self.nfft & (self.nfft - 1):
+            raise ConfigError(f"doa.nfft must be a power of two >= 64, got {self.nfft}")
+        if not 0 < self.freq_low < self.freq_high <= SAMPLE_RATE / 2:
+            raise ConfigError(f"doa.freq_low/freq_high must satisfy 0 < low < high <= {SAMPLE_RATE // 2} Hz")
+        if self.grid < 8:
+            raise ConfigError(f"doa.grid must be >= 8 candidate angles, got {self.grid}")
+
+
+def _pyroomacoustics():
+    try:
+        import pyroomacoustics as pra
+    except ImportError as exc:
+        raise MissingExtraError("direction of arrival (--mic-geometry)", "live", exc.name) from exc
+    return pra
+
+
+class DOAEstimator:
+    """Azimuth of the strongest source in a multichannel signal, by ``pyroomacoustics.doa``."""
+
+    def __init__(self, geometry: np.ndarray, cfg: DOAConfig | None = None, sample_rate: int = SAMPLE_RATE):
+        self.cfg = cfg or DOAConfig()
+        self.geometry = np.asarray(geometry, dtype=float)
+        if self.geometry.ndim != 2 or self.geometry.shape[0] != 2 or self.geometry.shape[1] < 2:
+            raise ConfigError(f"a microphone geometry is (2, M) with M >= 2 mics, got {self.geometry.shape}")
+        self.sample_rate = sample_rate
+        pra = _pyroomacoustics()
+        self._pra = pra
+        self._grid = np.linspace(0, 2 * np.pi, self.cfg.grid, endpoint=False)
+        self._algo = pra.doa.algorithms[self.cfg.method](self.geometry, sample_rate, self.cfg.nfft,
+                                                         c=SPEED_OF_SOUND, num_src=1, azimuth=self._grid)
+
+    @property
+    def channels(self) -> int:
+        return int(self.geometry.shape[1])
+
+    @property
+    def name(self) -> str:
+        return f"{self.cfg.method.lower()}-phat" if self.cfg.method == "SRP" else self.cfg.method.lower()
+
+    def estimate(self, x: np.ndarray) -> float | None:
+        """Azimuth in degrees (0..360) of ``x`` ``(M, N)`` (channels in geometry order, 16 kHz), or
+        None when ``x`` is shorter than two STFT frames or silent."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] != self.channels:
+            raise ConfigError(f"DOA needs {self.channels} channels (the geometry's mics), got shape {x.shape}")
+        n = self.cfg.nfft
+        hop = n // 2
+        frames = (x.shape[1] - n) // hop + 1
+        if frames < 2 or not np.any(x):
+            return None
+        win = np.hanning(n)
+        idx = np.arange(n)[None, :] + hop * np.arange(frames)[:, None]  # (frames, n)
+        spec = np.fft.rfft(x[:, idx] * win, axis=-1)  # (M, frames, n/2+1)
+        X = np.transpose(spec, (0, 2, 1))  # (M, freq, frames): what pyroomacoustics takes
+        self._algo.locate_sources(X, freq_range=[self.cfg.freq_low, self.cfg.freq_high])
+        az = self._algo.azimuth_recon
+        if az is None or len(az) == 0:
+            return None
+        return float(np.degrees(az[0]) % 360.0)

@@ -1,0 +1,748 @@
+"""Live mode: listen continuously, separate and classify the latest window, alert once per sound.
+
+::
+
+    source (sound card / stdin / array) ──blocks──▶ capture (caller's thread): ring buffer of the last
+        window + level meter + trigger ──window (bounded queue; full: oldest dropped, counted)──▶
+        analysis thread: Pipeline.run (separator + classifier, the AST guide and its cache shared by
+        every analysis) → direction of arrival (≥ 2 channels with a geometry) → occurrence merging
+        (same class within hold_off_sec = one event) ──event──▶ callback / iterator, and the outbox
+        + backend client (delivery thread: retries, idempotency keys)
+
+Capture never waits for analysis: :meth:`LiveListener.feed` only copies samples, measures levels and
+puts a window in a queue without blocking. Times: sample ``s`` of the stream is ``s / 16000``
+seconds after the stream's first sample, whose wall-clock time is taken when the first block
+arrives (minus the block's length). Each event's ``start_sec`` / ``end_sec`` are stream seconds and
+``occurred_at`` is that start on the wall clock (``occurred_at_source: "capture_clock"``).
+
+Python API::
+
+    from astsep.live import LiveListener, listen
+    for event in listen(source, pipeline):               # an iterator over events, until the source ends
+        print(event["label"], event["start_sec"], event.get("angle"))
+    LiveListener(pipeline, on_event=print).run(source)   # or a callback
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import math
+import queue
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .config import SAMPLE_RATE, LiveConfig
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ALERT_KINDS = ("source", "residual")
+
+
+class RingBuffer:
+    """The last ``capacity`` samples of a ``channels``-channel stream, addressed by absolute sample
+    position (``0`` = the stream's first sample)."""
+
+    def __init__(self, channels: int, capacity: int):
+        self.buf = np.zeros((channels, capacity), dtype=np.float32)
+        self.capacity = capacity
+        self.end = 0  # absolute position one past the newest sample
+
+    def write(self, x: np.ndarray) -> None:
+        """Append ``x`` ``(frames, channels)``."""
+        n = x.shape[0]
+        if n >= self.capacity:
+            x, self.end = x[-self.capacity:], self.end + n - self.capacity
+            n = self.capacity
+        i = self.end % self.capacity
+        first = min(n, self.capacity - i)
+        self.buf[:, i:i + first] = x[:first].T
+        if first < n:
+            self.buf[:, :n - first] = x[first:].T
+        self.end += n
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``[start, stop)`` ``(channels, stop - start)``; ``start`` is clipped to what is held."""
+        start = max(start, self.end - self.capacity, 0)
+        stop = min(stop, self.end)
+        idx = np.arange(start, stop) % self.capacity
+        return self.buf[:, idx].copy()
+
+
+@dataclass
+class Analysis:
+    """One window handed from capture to the analysis thread."""
+
+    start: int  # absolute sample of the window's first sample
+    audio: np.ndarray  # (channels, samples) float32, 16 kHz
+    reason: str  # "level" | "hop" | "end"
+    queued_at: float  # time.monotonic()
+
+
+@dataclass
+class LiveStats:
+    """What a live run did (``LiveListener.stats``); JSON-serialisable with :meth:`to_dict`."""
+
+    stream_sec: float = 0.0
+    windows_queued: int = 0
+    windows_analysed: int = 0
+    windows_dropped: int = 0
+    events: int = 0
+    merged: int = 0  # window detections merged into an earlier event of the same occurrence
+    analysis_sec: float = 0.0  # seconds spent analysing, in all
+    ast_forwards: int = 0
+    cache_hits: int = 0
+    max_queue_wait_sec: float = 0.0
+    latencies_sec: list[float] = field(default_factory=list)  # per event: emitted - captured(start_sec)
+    recordings: int = 0
+    interrupted: bool = False  # ended by Ctrl-C / SIGTERM / stop, not by the end of the stream
+    delivery: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def real_time_factor(self) -> float:
+        """Analysis seconds per second of stream (the analysis thread's busy share; > 1: behind)."""
+        return self.analysis_sec / self.stream_sec if self.stream_sec else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["real_time_factor"] = round(self.real_time_factor, 4)
+        d["latencies_sec"] = [round(v, 3) for v in self.latencies_sec]
+        return d
+
+
+def active_runs(x: np.ndarray, threshold_db: float, floor_dbfs: float, join_gap_sec: float,
+                hop: int = 160) -> list[tuple[float, float]]:
+    """Runs of activity of ``x`` ``(N,)`` in seconds ``[(start, end), ...]``: 10 ms frames within
+    ``threshold_db`` of the loudest and above ``floor_dbfs`` (as :func:`astsep.events.active_span`),
+    runs closer than ``join_gap_sec`` joined."""
+    n = x.size // hop
+    if n == 0:
+        return []
+    power = np.mean(x[: n * hop].astype(np.float64).reshape(n, hop) ** 2, axis=1)
+    db = 10 * np.log10(np.maximum(power, 1e-30))
+    on = (db >= db.max() + threshold_db) & (db >= floor_dbfs)
+    idx = np.flatnonzero(on)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) * hop / SAMPLE_RATE > join_gap_sec)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
+    return [(float(a) * hop / SAMPLE_RATE, float(b) * hop / SAMPLE_RATE) for a, b in zip(starts, ends)]
+
+
+class Occurrences:
+    """One event per occurrence of a class: a detection of a class already open whose start is
+    within ``hold_off`` seconds of that occurrence's end extends it instead of making a new event."""
+
+    def __init__(self, hold_off: float):
+        self.hold_off = hold_off
+        self.open: dict[tuple[str, int], dict] = {}
+
+    def add(self, ev: dict) -> bool:
+        """Record ``ev`` (stream seconds ``start_sec``/``end_sec``); True when it is a new occurrence."""
+        key = (ev["label"], ev["class_id"])
+        cur = self.open.get(key)
+        if cur is not None and ev["start_sec"] <= cur["end_sec"] + self.hold_off:
+            cur["end_sec"] = max(cur["end_sec"], ev["end_sec"])
+            cur["windows"] += 1
+            return False
+        self.open[key] = {"start_sec": ev["start_sec"], "end_sec": ev["end_sec"], "windows": 1}
+        return True
+
+
+class Recorder:
+    """Each analysed window and its sources as WAV files under ``root/NNNNNN_<stream sec>/``; the
+    oldest folders are deleted to keep the total under ``max_bytes``."""
+
+    def __init__(self, root: str | Path, max_bytes: int):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.kept: deque[tuple[Path, int]] = deque()
+        self.total = 0
+        self.count = 0
+
+    def save(self, window: Analysis, result, events: list[dict]) -> None:
+        from .audio import write_wav_atomic
+
+        folder = self.root / f"{self.count:06d}_{window.start / SAMPLE_RATE:010.3f}s"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_wav_atomic(folder / "window.wav", window.audio.T)
+        for stem, samples in result.sources.items():
+            write_wav_atomic(folder / f"{stem}.wav", samples)
+        (folder / "events.json").write_text(json.dumps(events, indent=2, default=str))
+        size = sum(p.stat().st_size for p in folder.iterdir())
+        self.kept.append((folder, size))
+        self.total += size
+        self.count += 1
+        while self.total > self.max_bytes and self.kept:
+            old, old_size = self.kept.popleft()
+            shutil.rmtree(old, ignore_errors=True)
+            self.total -= old_size
+
+
+class _Delivery:
+    """Hands events to the outbox and sends them from its own thread, so a slow or absent backend
+    never holds up analysis. ``close()`` sends what is queued, then flushes the outbox."""
+
+    def __init__(self, client, outbox, user_id: int, angle: float | None):
+        self.client, self.outbox, self.user_id, self.angle = client, outbox, user_id, angle
+        self.q: queue.Queue[dict | None] = queue.Queue()
+        self.reports: list[dict] = []
+        self.thread = threading.Thread(target=self._loop, name="astsep-live-delivery", daemon=True)
+        self.thread.start()
+
+    def put(self, ev: dict) -> None:
+        self.q.put(ev)
+
+    def _loop(self) -> None:
+        from .delivery import deliver
+
+        while True:
+            ev = self.q.get()
+            if ev is None:
+                return
+            batch = [ev]
+            while True:  # whatever else is waiting goes in the same call
+                try:
+                    nxt = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.q.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                report = deliver(batch, self.client, self.outbox, user_id=self.user_id,
+                                 angle=self.angle if self.angle is not None else 0)
+                self.reports.append(report.to_dict())
+                log.info("live delivery: %s", report.summary())
+            except Exception as exc:  # noqa: BLE001 - delivery must never end the live run
+                log.error("live delivery failed (events stay in the outbox when queued): %s", exc)
+
+    def close(self, timeout: float | None = None) -> dict:
+        from .delivery import flush
+
+        self.q.put(None)
+        self.thread.join(timeout)
+        report = flush(self.outbox, self.client)
+        keys = ("sent", "delivered", "pending", "rejected", "requests")
+        total = {k: sum(r.get(k, 0) for r in self.reports) for k in keys}
+        return {"this_run": total, "final_flush": report.to_dict()}
+
+
+class LiveListener:
+    """Continuous analysis of a stream. See the module docstring for the data flow.
+
+    Args:
+        pipeline: an :class:`astsep.pipeline.Pipeline` (its guide, model and AST cache are reused by
+            every analysis).
+        cfg: :class:`LiveConfig` (window, trigger, hop, hold-off, queue, recording).
+        channels: input channels after capture (the ring buffer keeps them all; separation uses their mean).
+        doa: a :class:`astsep.doa.DOAEstimator` for ``channels`` ≥ 2, else None.
+        angle: degrees to report when there is no DOA (``angle_source: "option"``); None: no angle.
+        on_event: called with each new event dict (from the analysis thread).
+        client, outbox: :class:`astsep.delivery.BackendClient` and :class:`astsep.delivery.Outbox`:
+            every event (category other than ``other``) goes to the backend through the outbox.
+        user_id: sent with each event.
+        stream_id: names the stream in event ids (default: random per listener).
+    """
+
+    def __init__(self, pipeline, cfg: LiveConfig | None = None, *, channels: int = 1, doa=None,
+                 angle: float | None = None, on_event: Callable[[dict], None] | None = None,
+                 client=None, outbox=None, user_id: int = 0, stream_id: str | None = None):
+        self.pipe = pipeline
+        self.cfg = cfg or LiveConfig()
+        self.channels = channels
+        if doa is not None and doa.channels != channels:
+            raise ConfigError(f"the microphone geometry has {doa.channels} mics but the input has {channels} "
+                              "channel(s): pass --channels to match it")
+        self.doa = doa
+        self.angle = angle
+        self.on_event = on_event
+        self.stream_id = stream_id or uuid.uuid4().hex
+        self.win = int(round(self.cfg.window_sec * SAMPLE_RATE))
+        self.hop = int(round(self.cfg.hop_sec * SAMPLE_RATE))
+        self.align = max(1, int(round(self.cfg.align_sec * SAMPLE_RATE)))
+        self.frame = max(1, int(round(self.cfg.level_frame_sec * SAMPLE_RATE)))
+        self.ring = RingBuffer(channels, self.win + 4 * SAMPLE_RATE)
+        self.stats = LiveStats()
+        self.occurrences = Occurrences(self.cfg.hold_off_sec)
+        self.recorder = (Recorder(self.cfg.record_dir, int(self.cfg.record_max_mb * 1e6))
+                         if self.cfg.record_dir else None)
+        self.delivery = _Delivery(client, outbox, user_id, angle) if client is not None and outbox is not None \
+            else None
+        self.stream_start: datetime | None = None
+        self._q: queue.Queue[Analysis | None] = queue.Queue(maxsize=self.cfg.queue_size)
+        self._times: deque[tuple[int, float]] = deque()  # (end sample of a block, monotonic time it arrived)
+        self._level_acc = np.zeros(0, dtype=np.float32)
+        self._level_pos = 0  # absolute sample of _level_acc[0]
+        self._loud = False
+        self._quiet_since: int | None = None
+        self._due: int | None = None  # end sample of the next analysis
+        self._onset_pending = False  # _due is the first analysis after an onset (always runs)
+        self._last_end = -1
+        self._worker_error: BaseException | None = None
+        self._worker = threading.Thread(target=self._work, name="astsep-live-analysis", daemon=True)
+        self._worker.start()
+        self._closed = False
+
+    # --- capture side (never blocks) --------------------------------------------------------------
+    def feed(self, block: np.ndarray) -> None:
+        """Take one block ``(frames, channels)`` (or ``(frames,)``) of 16 kHz float32 samples."""
+        x = np.asarray(block, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[:, None]
+        if x.shape[1] != self.channels:
+            raise ConfigError(f"a block has {x.shape[1]} channel(s), the listener takes {self.channels}")
+        now = time.monotonic()
+        if self.stream_start is None:
+            self.stream_start = datetime.now(timezone.utc) - timedelta(seconds=x.shape[0] / SAMPLE_RATE)
+        self.ring.write(x)
+        end = self.ring.end
+        self._times.append((end, now))
+        while self._times and self._times[0][0] < end - 120 * SAMPLE_RATE:
+            self._times.popleft()
+        self.stats.stream_sec = end / SAMPLE_RATE
+        self._meter(x.mean(axis=1))
+        if self.cfg.trigger == "hop" and self._due is None:
+            self._due = self.hop
+        while self._due is not None and end >= self._due:
+            due = self._due
+            if self.cfg.trigger == "hop" or self._onset_pending or self._loud:
+                self._submit(due, "hop" if self.cfg.trigger == "hop" else "level")
+            self._onset_pending = False
+            # the next one: every hop (hop trigger) or every hop while the sound lasts (level trigger;
+            # skipped when the level has fallen by then)
+            self._due = due + self.hop if (self.cfg.trigger == "hop" or self._loud) else None
+
+    def _meter(self, mono: np.ndarray) -> None:
+        """Level trigger on 50 ms frames: a rise above ``trigger_dbfs`` schedules an analysis whose
+        window ends ``post_trigger_sec`` later (rounded up to the ``align_sec`` grid)."""
+        acc = np.concatenate([self._level_acc, mono]) if self._level_acc.size else mono
+        n = acc.size // self.frame
+        cfg = self.cfg
+        for i in range(n):
+            seg = acc[i * self.frame:(i + 1) * self.frame]
+            ms = float(np.mean(seg.astype(np.float64) ** 2))
+            db = 10 * math.log10(ms) if ms > 0 else -200.0
+            pos = self._level_pos + i * self.frame
+            if db >= cfg.trigger_dbfs:
+                self._quiet_since = None
+                if not self._loud:
+                    self._loud = True
+                    if cfg.trigger == "level":
+                        due = pos + int(round(cfg.post_trigger_sec * SAMPLE_RATE))
+                        due = -(-due // self.align) * self.align
+                        if self._due is None or due < self._due:
+                            self._due = due
+                        self._onset_pending = True
+                        log.debug("level %.1f dBFS at %.2f s: analysis at %.2f s", db, pos / SAMPLE_RATE,
+                                  due / SAMPLE_RATE)
+            elif db < cfg.trigger_dbfs - cfg.release_db and self._loud:
+                if self._quiet_since is None:
+                    self._quiet_since = pos
+                if pos + self.frame - self._quiet_since >= cfg.release_sec * SAMPLE_RATE:
+                    self._loud = False
+        self._level_acc = acc[n * self.frame:].copy()
+        self._level_pos += n * self.frame
+
+    def _submit(self, end: int, reason: str) -> None:
+        if end <= self._last_end:
+            return  # this moment is already queued or analysed
+        self._last_end = end
+        start = max(0, end - self.win)
+        item = Analysis(start, self.ring.read(start, end), reason, time.monotonic())
+        if reason == "end":  # capture is over: wait for room rather than drop a window still waiting
+            while self._worker.is_alive():
+                try:
+                    self._q.put(item, timeout=0.2)
+                    self.stats.windows_queued += 1
+                    return
+                except queue.Full:
+                    continue
+            return
+        while True:
+            try:
+                self._q.put_nowait(item)
+                self.stats.windows_queued += 1
+                return
+            except queue.Full:
+                try:  # keep the newest window: drop the oldest one waiting
+                    old = self._q.get_nowait()
+                except queue.Empty:
+                    continue
+                if old is None:  # closing: put the sentinel back, this window is dropped
+                    self._q.put_nowait(None)
+                    return
+                self.stats.windows_dropped += 1
+                log.warning("analysis is behind: dropped the window at %.2f-%.2f s (%d dropped so far)",
+                            old.start / SAMPLE_RATE, (old.start + old.audio.shape[1]) / SAMPLE_RATE,
+                            self.stats.windows_dropped)
+
+    def captured_at(self, sample: int) -> float | None:
+        """``time.monotonic()`` when the block holding absolute ``sample`` arrived (None: forgotten)."""
+        ends = [e for e, _ in self._times]
+        i = bisect.bisect_right(ends, sample)
+        return self._times[i][1] if i < len(self._times) else None
+
+    # --- analysis side -------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            try:
+                self._analyse(item)
+            except BaseException as exc:  # noqa: BLE001 - reported by close(); capture goes on
+                log.error("live analysis failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                self._worker_error = exc
+                return
+
+    def _analyse(self, item: Analysis) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        self.stats.max_queue_wait_sec = max(self.stats.max_queue_wait_sec, time.monotonic() - item.queued_at)
+        mono = torch.from_numpy(item.audio.mean(axis=0))
+        g0 = dict(self.pipe.guide.stats())
+        result = self.pipe.run(mono, f"live:{item.start / SAMPLE_RATE:.3f}s")
+        g1 = self.pipe.guide.stats()
+        self.stats.ast_forwards += g1["ast_forwards"] - g0["ast_forwards"]
+        self.stats.cache_hits += g1["cache_hits"] - g0["cache_hits"]
+        offset = item.start / SAMPLE_RATE
+        emitted: list[dict] = []
+        sources = None
+        sc = self.pipe.cfg.separator
+        for ev in result.events:
+            if not self._alertable(ev):
+                continue
+            if sources is None:
+                sources = result.sources
+            # one source may hold two sounds of its class (a window spans more than one); each run
+            # of activity apart from the next by more than the hold-off is a detection of its own
+            samples = sources.get(ev["file"][:-4]) if ev.get("file") else None
+            runs = (active_runs(samples.numpy(), sc.active_threshold_db, sc.silence_dbfs, self.cfg.hold_off_sec)
+                    if samples is not None else [])
+            runs = [(a, b) for a, b in runs if b > ev["start_sec"] and a < ev["end_sec"]] or \
+                [(ev["start_sec"], ev["end_sec"])]
+            for a, b in runs:
+                part = dict(ev, start_sec=max(a, ev["start_sec"]), end_sec=min(b, ev["end_sec"]))
+                live_ev = self._live_event(part, item, offset)
+                if not self.occurrences.add(live_ev):
+                    self.stats.merged += 1
+                    continue
+                live_ev.update(self._direction(item, part))
+                emitted.append(live_ev)
+                self._emit(live_ev)
+        self.stats.windows_analysed += 1
+        self.stats.analysis_sec += time.perf_counter() - t0
+        if self.recorder is not None:
+            try:
+                self.recorder.save(item, result, emitted)
+                self.stats.recordings = self.recorder.count
+            except OSError as exc:
+                log.warning("could not record the window at %.2f s: %s", offset, exc)
+
+    def _alertable(self, ev: dict) -> bool:
+        if ev.get("start_sec") is None or ev.get("kind") not in ALERT_KINDS:
+            return False
+        if ev["kind"] == "residual" and not ev.get("confident"):
+            return False
+        return self.cfg.emit_other or ev.get("category") != "other"
+
+    def _live_event(self, ev: dict, item: Analysis, offset: float) -> dict:
+        start = offset + ev["start_sec"]
+        end = offset + ev["end_sec"]
+        start_sample = int(round(start * SAMPLE_RATE))
+        # stable per stream and occurrence: a resend of this event is recognised by the backend
+        eid = hashlib.sha256(f"live:{self.stream_id}:{start_sample}:{ev['class_id']}".encode()).hexdigest()[:32]
+        when = self.stream_start + timedelta(seconds=start) if self.stream_start else None
+        out = {k: ev[k] for k in ("label", "class_id", "confidence", "top5", "category", "level_dbfs", "kind")}
+        out.update({
+            "event_id": eid,
+            "stream": self.stream_id,
+            "start_sec": round(start, 3),
+            "end_sec": round(end, 3),
+            "window_start_sec": round(offset, 3),
+            "window_end_sec": round(offset + item.audio.shape[1] / SAMPLE_RATE, 3),
+            "trigger": item.reason,
+            "occurred_at": when.isoformat(timespec="milliseconds").replace("+00:00", "Z") if when else None,
+            "occurred_at_source": "capture_clock",
+        })
+        return out
+
+    def _direction(self, item: Analysis, ev: dict) -> dict:
+        """``angle`` and ``angle_source``: the array's DOA over the event's span in the window, else the option."""
+        if self.doa is not None:
+            # ev: the pipeline's event, in seconds of this window
+            s0, s1 = int(round(ev["start_sec"] * SAMPLE_RATE)), int(round(ev["end_sec"] * SAMPLE_RATE))
+            seg = item.audio[:, max(0, s0):max(s1, s0 + 1)]
+            if seg.shape[1] < 4 * self.doa.cfg.nfft:
+                seg = item.audio
+            try:
+                angle = self.doa.estimate(seg)
+            except Exception as exc:  # noqa: BLE001 - a failed DOA must not lose the alert
+                log.warning("direction of arrival failed: %s", exc)
+                angle = None
+            if angle is not None:
+                return {"angle": round(angle, 1), "angle_source": f"doa:{self.doa.name}"}
+        if self.angle is not None:
+            return {"angle": self.angle, "angle_source": "option"}
+        return {"angle_source": "none"}
+
+    def _emit(self, ev: dict) -> None:
+        t_cap = self.captured_at(int(round(ev["start_sec"] * SAMPLE_RATE)))
+        if t_cap is not None:
+            lat = time.monotonic() - t_cap
+            ev["latency_sec"] = round(lat, 3)
+            self.stats.latencies_sec.append(lat)
+        self.stats.events += 1
+        log.info("event: %s (%s) at %.2f s%s", ev["label"], ev["category"], ev["start_sec"],
+                 f", {ev['angle']:.0f}°" if ev.get("angle") is not None else "")
+        if self.delivery is not None:
+            self.delivery.put(ev)
+        if self.on_event is not None:
+            try:
+                self.on_event(ev)
+            except Exception as exc:  # noqa: BLE001 - a user's callback must not stop analysis
+                log.error("on_event callback failed: %s", exc)
+
+    # --- running and stopping ------------------------------------------------------------------
+    def run(self, source, stop: threading.Event | None = None, drain: bool = True) -> LiveStats:
+        """Feed ``source`` (an iterator of blocks with ``sample_rate`` and ``channels``) until it ends
+        or ``stop`` is set, then :meth:`close`. Blocks at another rate than 16 kHz are resampled.
+        At the end of the stream, windows still queued are analysed (``drain``) or dropped and counted.
+        Ctrl-C (``KeyboardInterrupt``) ends capture too: the window in progress is finished, queued
+        ones are dropped (counted), the outbox is flushed, and ``stats.interrupted`` is set."""
+        resample = _Resampler(source.sample_rate, self.channels) if source.sample_rate != SAMPLE_RATE else None
+        interrupted = False
+        try:
+            for block in source:
+                if resample is not None:
+                    block = resample.push(block)
+                if block.size:
+                    self.feed(block)
+                if stop is not None and stop.is_set():
+                    interrupted = True
+                    break
+                if self._worker_error is not None:
+                    break
+            else:
+                if resample is not None:
+                    tail = resample.finish()
+                    if tail.size:
+                        self.feed(tail)
+                self.finish_stream()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            source.close()
+            self.stats.interrupted = interrupted
+            self.close(wait=drain and not interrupted)
+        return self.stats
+
+    def finish_stream(self) -> None:
+        """The stream ended: analyse the last window when an analysis was due after its end."""
+        if self._due is not None and self.ring.end - self._last_end >= self.align:
+            self._submit(self.ring.end, "end")
+            self._due = None
+
+    def close(self, wait: bool = True) -> LiveStats:
+        """Stop analysis (after the window in progress and any queued one when ``wait``), send what
+        is queued for delivery, flush the outbox. Raises the analysis thread's error, if any."""
+        if self._closed:
+            return self.stats
+        self._closed = True
+        if not wait:
+            while True:
+                try:
+                    if self._q.get_nowait() is not None:
+                        self.stats.windows_dropped += 1
+                except queue.Empty:
+                    break
+        while True:  # the end marker; never wait on a full queue whose worker has died
+            try:
+                self._q.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                if not self._worker.is_alive():
+                    break
+        self._worker.join()
+        if self.delivery is not None:
+            self.stats.delivery = self.delivery.close()
+        if self._worker_error is not None:
+            raise self._worker_error
+        return self.stats
+
+
+class _Resampler:
+    """Per-channel streaming resampling to 16 kHz (``astsep.audio``'s, exact block by block)."""
+
+    def __init__(self, rate: int, channels: int):
+        from .audio import _StreamResampler
+
+        self.rs = [_StreamResampler(rate) for _ in range(channels)]
+
+    def _stack(self, parts) -> np.ndarray:
+        n = min(p.numel() for p in parts)
+        return np.stack([p[:n].numpy() for p in parts], axis=1).astype(np.float32)
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self._stack([r.push(torch.from_numpy(np.ascontiguousarray(block[:, c])))
+                            for c, r in enumerate(self.rs)])
+
+    def finish(self) -> np.ndarray:
+        return self._stack([r.finish() for r in self.rs])
+
+
+def listen(source, pipeline, cfg: LiveConfig | None = None, **kwargs: Any) -> Iterator[dict]:
+    """Events of ``source`` as they are detected: ``for ev in listen(source, pipeline): ...``.
+
+    Capture and analysis run in background threads; the iterator ends when the source ends and its
+    last window is analysed. ``kwargs`` go to :class:`LiveListener` (``doa``, ``angle``, ``client``,
+    ``outbox``, ``user_id``, ...). Leaving the loop early (``break``) stops capture."""
+    out: queue.Queue[dict | None] = queue.Queue()
+    stop = threading.Event()
+    listener = LiveListener(pipeline, cfg, channels=source.channels, on_event=out.put, **kwargs)
+    error: list[BaseException] = []
+
+    def capture() -> None:
+        try:
+            listener.run(source, stop)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            error.append(exc)
+        finally:
+            out.put(None)
+
+    t = threading.Thread(target=capture, name="astsep-live-capture", daemon=True)
+    t.start()
+    try:
+        while True:
+            ev = out.get()
+            if ev is None:
+                break
+            yield ev
+    finally:
+        stop.set()
+        t.join()
+    if error:
+        raise error[0]
+
+
+# --- the command line: python infer.py --live [-] ----------------------------------------------
+def live_config(args) -> LiveConfig:
+    """:class:`LiveConfig` from ``infer.py --live`` options (each checked by the dataclass)."""
+    import dataclasses
+
+    values = {"trigger": args.trigger, "trigger_dbfs": args.trigger_dbfs, "hop_sec": args.hop,
+              "window_sec": args.window, "hold_off_sec": args.hold_off, "record_dir": args.record,
+              "record_max_mb": args.record_max_mb}
+    base = LiveConfig()
+    if args.window is not None:  # post_trigger_sec is bounded by the window
+        base = dataclasses.replace(base, window_sec=args.window,
+                                   post_trigger_sec=min(base.post_trigger_sec, args.window))
+    if args.hop is not None and args.hop < base.align_sec:
+        base = dataclasses.replace(base, hop_sec=args.hop, align_sec=args.hop)
+    return dataclasses.replace(base, **{k: v for k, v in values.items() if v is not None})
+
+
+def open_source(args, block_sec: float):
+    """The capture source of ``--live``: stdin (``-``) or a sound card."""
+    import sys
+
+    from .capture import SoundDeviceSource, StreamSource
+
+    if args.live == "-":
+        return StreamSource(sys.stdin.buffer, args.raw_format, block_sec)
+    if args.live != "mic":
+        raise ConfigError(f"--live takes no value or '-' (stdin), got {args.live!r}; a sound card is "
+                          "chosen with --device-in")
+    if args.raw_format:
+        raise ConfigError("--raw-format describes stdin: use it with --live -")
+    device: int | str | None = args.device_in
+    if isinstance(device, str) and device.isdigit():
+        device = int(device)
+    return SoundDeviceSource(device, args.channels, SAMPLE_RATE, block_sec)
+
+
+def run_cli(args) -> int:
+    """``infer.py --live``: events as JSON lines on stdout, a summary on stderr; Ctrl-C / SIGTERM stop
+    capture, finish the window in progress, flush the outbox and exit 0."""
+    import signal
+    import sys
+
+    from .cli import _config, _legacy_default_outbox, default_outbox
+    from .pipeline import Pipeline
+
+    cfg = _config(args)
+    lcfg = live_config(args)
+    if args.live == "mic":  # before the model loads: a missing extra is one line at once
+        from .capture import check_sound_card_support
+
+        check_sound_card_support()
+    doa = None
+    geometry = None
+    if args.mic_geometry:
+        from .doa import DOAConfig, DOAEstimator, load_geometry
+
+        geometry = load_geometry(args.mic_geometry)
+        doa_cfg = DOAConfig(method=args.doa_method)
+    client = outbox = None
+    if args.backend_url:
+        from .delivery import BackendClient, Outbox
+
+        client = BackendClient(args.backend_url, timeout=args.backend_timeout)
+        outbox = Outbox(args.outbox) if args.outbox else Outbox(default_outbox(), migrate_from=_legacy_default_outbox())
+
+    def on_signal(signum, frame) -> None:  # SIGTERM behaves as Ctrl-C: a clean stop
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        pipe = Pipeline(cfg)  # before capture starts: a stream must not wait in a pipe while the model loads
+        source = open_source(args, lcfg.block_sec)
+        if geometry is not None:
+            if geometry.shape[1] != source.channels:
+                source.close()
+                raise ConfigError(f"--mic-geometry {args.mic_geometry} has {geometry.shape[1]} mics but the input "
+                                  f"has {source.channels} channel(s)")
+            doa = DOAEstimator(geometry, doa_cfg)
+        elif source.channels > 1:
+            log.warning("%d channels without --mic-geometry: no direction of arrival, the channels are averaged",
+                        source.channels)
+        if not args.quiet:
+            print(f"astsep live: listening to {source.name} ({source.channels} channel(s) at {source.sample_rate} Hz"
+                  f"{', DOA ' + doa.name if doa else ''}); model {cfg.guide.model} on {pipe.guide.device}; "
+                  "Ctrl-C stops", file=sys.stderr, flush=True)
+
+        def print_event(ev: dict) -> None:
+            sys.stdout.write(json.dumps(ev, allow_nan=False) + "\n")
+            sys.stdout.flush()
+
+        listener = LiveListener(pipe, lcfg, channels=source.channels, doa=doa, angle=args.angle,
+                                on_event=print_event, client=client, outbox=outbox, user_id=args.user_id)
+        stats = listener.run(source)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    if not args.quiet:
+        d = stats.delivery
+        sent = f"; delivery: {d['this_run']}, outbox pending {d['final_flush']['outbox_pending']}" if d else ""
+        print(f"astsep live: {stats.stream_sec:.1f} s listened, {stats.windows_analysed} window(s) analysed, "
+              f"{stats.windows_dropped} dropped, {stats.events} event(s){' (stopped)' if stats.interrupted else ''}"
+              f"{sent}", file=sys.stderr)
+    return 0
