@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import AstsepConfig, SeparatorConfig
-from .features import istft, patch_energy, patch_operators, stft
-from .guide import ASTGuide, GuideOutput
+from .audio import rms_db
+from .features import apply_mask, istft, patch_energy, patch_operators, stft
+from .guide import TOP_K, ASTGuide, GuideOutput, top_classes
 
 
 # --- pure steps ---------------------------------------------------------------------------------
@@ -346,8 +347,7 @@ class Separator:
         K = max(1, int(sc.max_passes))
         Hd = self.guide.hidden_size
 
-        rms_db = 10 * torch.log10(x.pow(2).mean(dim=1).clamp_min(1e-30))
-        silent = rms_db < sc.silence_dbfs
+        silent = rms_db(x) < sc.silence_dbfs
         running = ~silent
 
         cur = X.clone()  # current (residual) spectrum
@@ -361,8 +361,8 @@ class Separator:
         kept = torch.zeros(B, K, dtype=torch.bool, device=dev)
         class_ids = torch.full((B, K), -1, dtype=torch.long, device=dev)
         confs = torch.zeros(B, K, device=dev)
-        t5i = torch.full((B, K, 5), -1, dtype=torch.long, device=dev)
-        t5p = torch.zeros(B, K, 5, device=dev)
+        t5i = torch.full((B, K, TOP_K), -1, dtype=torch.long, device=dev)
+        t5p = torch.zeros(B, K, TOP_K, device=dev)
         embs = torch.zeros(B, K, Hd, device=dev)
         traces: list[PassTrace] = []
 
@@ -426,16 +426,11 @@ class Separator:
         # by suppression_db (in power), so it names what is left rather than what was taken.
         if k > 0 and sc.suppression_db < 0:
             gain = 1 - (1 - 10 ** (sc.suppression_db / 20)) * region  # amplitude
-            ast_sig = istft(cur * gain.unsqueeze(1), st, n_samples)
+            ast_sig = apply_mask(cur, gain.unsqueeze(1).expand_as(P), st, n_samples)
         else:
             ast_sig = istft(cur, st, n_samples)
         g_out = self.guide(ast_sig, rows=rows)
-        probs = g_out.probs.to(dev)
-        conf, cid = probs.max(dim=-1)
-        top5p, top5i = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        if top5i.shape[1] < 5:  # fewer than five classes (an oracle's own label list)
-            top5p = torch.nn.functional.pad(top5p, (0, 5 - top5p.shape[1]))
-            top5i = torch.nn.functional.pad(top5i, (0, 5 - top5i.shape[1]), value=-1)
+        conf, cid, top5p, top5i = top_classes(g_out.probs.to(dev))  # padded with −1 below five classes
 
         tp = int(g_out.tp_valid)
         pool_f, pool_t, up_f, up_t = patch_operators(Fb, T, tp, st, self.guide.layout, dev)
