@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Iterator
 from filelock import FileLock, Timeout
 
 from .audio import new_dir_mode, write_bytes_atomic, write_wav_atomic
+from .durable import fsync_path
 from .errors import OutputError
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ def write_outputs(result: SeparationResult, out_dir: str | os.PathLike, debug: b
             for name in keep:
                 _link_tree(out_dir / name, stage / name)
             write_bytes_atomic(stage / MANIFEST, manifest)
-            _fsync_dir(stage)
+            fsync_path(stage)
             _checkpoint("staged")
             out_dir.mkdir(exist_ok=True)
             try:
@@ -302,17 +303,7 @@ def _swap(stage: Path, out_dir: Path) -> None:
         os.rename(out_dir, _sibling(out_dir, BACKUP_TAG))
         _checkpoint("between_renames")
         os.rename(stage, out_dir)
-    _fsync_dir(out_dir.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames in ``path`` durable (best effort: some filesystems refuse a folder fsync)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_path(out_dir.parent)
 
 
 def _read_manifest(out_dir: Path) -> dict | None:
