@@ -132,15 +132,20 @@ class SeparatorConfig:
     # e^0.125 = 1.13x) to fit_max_log_ratio (trust 1: e^4, the grid's shares are met), on a log scale
     fit_min_log_ratio: float = 0.125
     fit_max_log_ratio: float = 4.0
-    # windows trusted at least this much are refined with one NMF per side of the mask (the target's
-    # and the rest's own templates), fitted to the grid again, source_nmf_rounds times. Off by
-    # default: with an exact grid it adds ~0.4 dB (oracle 12.0 dB), but a lightly spoiled grid
-    # (20 dB noise, half-patch blur) loses up to 1 dB with it (benchmarks/README.md)
+    # windows trusted at least this much (and whose grid is all the guide's own, not the flat-map
+    # fallback) are refined with one NMF per side of the mask (the target's and the rest's own
+    # templates), fitted to the grid again, source_nmf_rounds times. One round: +0.25 dB with an
+    # exact grid, -0.1 dB with a lightly spoiled one; two rounds lose more there (benchmarks/README.md)
     source_nmf_min_trust: float = 0.25
-    source_nmf_rounds: int = 0
+    source_nmf_rounds: int = 1
     source_nmf_components: int = 16
     source_nmf_iterations: int = 20  # per later round (the first uses nmf_iterations)
-    prior_clamp: float = 0.02  # posteriors are kept in [0.02, 0.98] before the fit (no bin is certain)
+    prior_clamp: float = 0.01  # posteriors are kept in [0.01, 0.99] before the fit (no bin is certain)
+    # the final mask's log-odds are multiplied by this (1: the fitted posterior as it is). Most bins
+    # of these mixtures are dominated by one sound (the binary ideal mask beats the ratio one), so a
+    # posterior smoothed by an imprecise grid gains from being pushed towards 0 / 1. It fades out
+    # for a flat attention map replaced by the structure fallback.
+    mask_sharpness: float = 1.25
     # frames an earlier source dominated are turned down by this much (power dB) in what the guide
     # sees in later passes; 0 turns it off
     suppression_db: float = -30.0
@@ -175,6 +180,7 @@ class SeparatorConfig:
         _int(sec, "source_nmf_components", self.source_nmf_components, lo=1)
         _int(sec, "source_nmf_iterations", self.source_nmf_iterations, lo=1)
         _float(sec, "prior_clamp", self.prior_clamp, lo=0, hi=0.5, hi_open=True)
+        _float(sec, "mask_sharpness", self.mask_sharpness, lo=0, lo_open=True)
         _float(sec, "suppression_db", self.suppression_db, hi=0)
         _float(sec, "region_share", self.region_share, lo=0, hi=1, lo_open=True)
         _float(sec, "active_threshold_db", self.active_threshold_db, hi=0)

@@ -68,11 +68,17 @@ def guidance_prior(grid: torch.Tensor, calibrated: bool, fallback: torch.Tensor 
         ref = torch.quantile(flat, sc.grid_quantile, dim=1).clamp_min(1e-12)
         g = (g / ref.view(-1, 1, 1)).clamp(0, 1)
         if fallback is not None:
-            span = max(sc.grid_contrast_high - sc.grid_contrast_low, 1e-6)
-            w = ((contrast - sc.grid_contrast_low) / span).clamp(0, 1).view(-1, 1, 1)
+            w = own_map_weight(contrast, sc).view(-1, 1, 1)
             g = w * g + (1 - w) * fallback
     g = g.clamp(0, 1)
     return g, (up_f @ g @ up_t.T).clamp(0, 1), contrast
+
+
+def own_map_weight(contrast: torch.Tensor, sc: SeparatorConfig) -> torch.Tensor:
+    """How much of an attention map's shares are its own ``(b,)`` in [0, 1], from its ``contrast (b,)``:
+    0 at or below ``grid_contrast_low`` (replaced by the structure fallback), 1 from ``grid_contrast_high``."""
+    span = max(sc.grid_contrast_high - sc.grid_contrast_low, 1e-6)
+    return ((contrast - sc.grid_contrast_low) / span).clamp(0, 1)
 
 
 def dominant_group(W: torch.Tensor, H: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
@@ -184,6 +190,15 @@ def fit_patch_shares(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, pool
     return m
 
 
+def sharpen(m: torch.Tensor, sharpness: torch.Tensor | float) -> torch.Tensor:
+    """``m (b, F, T)`` with its log-odds multiplied by ``sharpness`` (a number or ``(b, 1, 1)``; 1:
+    unchanged, > 1: towards 0 / 1)."""
+    if bool((torch.as_tensor(sharpness) == 1).all()):
+        return m
+    m = m.clamp(1e-6, 1 - 1e-6)  # float32: 1 - 1e-10 rounds to 1
+    return torch.sigmoid(sharpness * torch.log(m / (1 - m)))
+
+
 @dataclass
 class MaskEstimate:
     """What :func:`guided_mask` found for ``b`` windows."""
@@ -197,7 +212,7 @@ class MaskEstimate:
 
 def guided_mask(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, W: torch.Tensor,
                 H: torch.Tensor, pool_f: torch.Tensor, pool_t: torch.Tensor,
-                sc: SeparatorConfig) -> MaskEstimate:
+                sc: SeparatorConfig, own: torch.Tensor | None = None) -> MaskEstimate:
     """Steps 3-5 for ``P (b, F, T)`` with grid ``g (b, Fp, tp)`` and the shared NMF ``W, H``.
 
     3-4. Component split + patch-share fit, ``rounds`` times. The fit's bound goes from
@@ -205,6 +220,12 @@ def guided_mask(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, W: torch.
     5.   For windows trusted at least ``source_nmf_min_trust``: each side of the mask gets its own
          NMF (``source_nmf_components`` each, fitted to ``m·P`` and ``(1 − m)·P``); their Wiener
          ratio, fitted again to the grid, is the new mask; ``source_nmf_rounds`` times.
+    6.   :func:`sharpen` by ``mask_sharpness``.
+
+    ``own (b,)`` is how much of ``g`` is the guide's own map rather than the structure fallback of a
+    flat attention map (:func:`own_map_weight`; None: all of it). Steps 5 and 6 act on what the guide
+    said: the per-side NMF runs only on windows whose grid is all the guide's own, and the sharpening
+    fades out with ``own`` (a guess from the mixture's structure is not made more confident).
     """
     E = patch_energy(P, pool_f, pool_t)
     post, a = component_split(W, H, prior, prior, sc.prior_clamp, sc.eps)
@@ -218,7 +239,9 @@ def guided_mask(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, W: torch.
             post, a = component_split(W, H, m, prior, sc.prior_clamp, sc.eps)
         m = fit_patch_shares(P, g, post, pool_f, pool_t, sc.fit_iterations, kb, sc.eps)
 
-    use = trust >= sc.source_nmf_min_trust
+    if own is None:
+        own = torch.ones_like(trust)
+    use = (trust >= sc.source_nmf_min_trust) & (own >= 1)
     if sc.source_nmf_rounds > 0 and bool(use.any()):
         idx = use.nonzero().squeeze(1)
         Pi, gi, mi = P[idx], g[idx], m[idx]
@@ -242,6 +265,7 @@ def guided_mask(P: torch.Tensor, g: torch.Tensor, prior: torch.Tensor, W: torch.
             mi = fit_patch_shares(Pi, gi, post, pool_f, pool_t, sc.fit_iterations, kb[idx], sc.eps)
         m = m.clone()
         m[idx] = mi
+    m = sharpen(m, (1 + (sc.mask_sharpness - 1) * own).view(-1, 1, 1))
     return MaskEstimate(m, a, trust, resid, bound)
 
 
@@ -445,7 +469,8 @@ class Separator:
         W, H = nmf(V, W, H, iters, sc.eps)
         fallback = None if g_out.calibrated else structure_shares(W, H, pool_f, pool_t, sc)
         g, prior, contrast = guidance_prior(g_out.grid[:, :, :tp].to(dev), g_out.calibrated, fallback, up_f, up_t, sc)
-        est = guided_mask(P, g, prior, W, H, pool_f, pool_t, sc)
+        own = None if g_out.calibrated else own_map_weight(contrast, sc)
+        est = guided_mask(P, g, prior, W, H, pool_f, pool_t, sc, own)
         return PassResult(est.mask, P, prior, g, est.component_share, est.trust, contrast, g_out, cid, conf, top5i,
                           top5p, W, H)
 

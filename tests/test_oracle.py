@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -257,21 +259,60 @@ def test_the_blind_split_groups_components_that_move_together():
 
 
 def test_per_source_nmf_refines_only_trusted_windows_and_helps_an_exact_grid(shared):
-    """``source_nmf_rounds`` > 0: windows whose grid is trusted get one NMF per side of the mask;
-    with an exact grid that separates better on average, and an untrusted window's mask is untouched."""
-    on = AstsepConfig()
-    on.separator.source_nmf_rounds = 2
+    """``source_nmf_rounds`` > 0 (the default): windows whose grid is trusted get one NMF per side of
+    the mask; with an exact grid that separates better on average, and an untrusted window's mask is
+    untouched."""
+    on, off = AstsepConfig(), AstsepConfig()
+    assert on.separator.source_nmf_rounds > 0
+    off.separator.source_nmf_rounds = 0
     gains = {"off": [], "on": []}
     for a, b in PAIRS:
         x, s, guide = oracle_for(a, b)
-        for name, cfg in (("off", AstsepConfig()), ("on", on)):
+        for name, cfg in (("off", off), ("on", on)):
             out = Separator(cfg, guide).separate_batch(x.unsqueeze(0))
             gains[name].append(gain_db(out.sources[0, 0], x, s))
     assert sum(gains["on"]) > sum(gains["off"]), gains
     spoiled = Degradation(blur=1.0, noise_db=5.0)  # a fresh guide for each run: the same noise draws
     x, s, guide = oracle_for("siren", "dog", spoiled)
-    off_out = Separator(AstsepConfig(), guide).separate_batch(x.unsqueeze(0), keep_traces=True)
+    off_out = Separator(off, guide).separate_batch(x.unsqueeze(0), keep_traces=True)
     x, s, guide = oracle_for("siren", "dog", spoiled)
     on_out = Separator(on, guide).separate_batch(x.unsqueeze(0), keep_traces=True)
     assert float(off_out.traces[0].trust[0]) < on.separator.source_nmf_min_trust
     torch.testing.assert_close(on_out.traces[0].mask, off_out.traces[0].mask)
+
+
+def test_sharpening_pushes_the_mask_towards_zero_and_one_and_keeps_its_side():
+    from astsep.separator import sharpen
+
+    m = torch.tensor([[[0.02, 0.3, 0.5, 0.7, 0.98]]])
+    torch.testing.assert_close(sharpen(m, 1.0), m)
+    out = sharpen(m, torch.tensor(1.5).view(1, 1, 1))
+    assert bool(((out - 0.5).abs() >= (m - 0.5).abs() - 1e-6).all()), out  # further from 1/2 ...
+    assert bool((torch.sign(out - 0.5) == torch.sign(m - 0.5)).all()), out  # ... on the same side
+    torch.testing.assert_close(out[0, 0, 2], torch.tensor(0.5))
+
+
+def test_the_steps_that_trust_the_grid_do_not_act_on_the_flat_map_fallback(shared):
+    """A grid that is the structure fallback of a flat attention map (``own`` = 0) is neither
+    sharpened nor refined by the per-side NMF: the mask is the one those two steps turned off would
+    give. The guide's own exact grid (``own`` = 1) is changed by them."""
+    from astsep.features import patch_operators
+    from astsep.separator import guidance_prior, guided_mask, nmf, nmf_init
+
+    x, s, guide = oracle_for("siren", "dog")
+    cfg = AstsepConfig()
+    sc, st = cfg.separator, cfg.stft
+    X = stft(x.unsqueeze(0), st)
+    P = X.abs().pow(2)
+    out = guide(x.unsqueeze(0))
+    tp = int(out.tp_valid)
+    pool_f, pool_t, up_f, up_t = patch_operators(P.shape[1], P.shape[2], tp, st, guide.layout, P.device)
+    W, H = nmf(P, *nmf_init(1, P.shape[1], P.shape[2], P.mean(dim=(1, 2)), sc, P.device), sc.nmf_iterations, sc.eps)
+    g, prior, _ = guidance_prior(out.grid[:, :, :tp], True, None, up_f, up_t, sc)
+    plain = dataclasses.replace(sc, mask_sharpness=1.0, source_nmf_rounds=0)
+    base = guided_mask(P, g, prior, W, H, pool_f, pool_t, plain)
+    fallback = guided_mask(P, g, prior, W, H, pool_f, pool_t, sc, own=torch.zeros(1))
+    own = guided_mask(P, g, prior, W, H, pool_f, pool_t, sc, own=torch.ones(1))
+    assert float(own.trust[0]) >= sc.source_nmf_min_trust  # an exact grid is trusted
+    torch.testing.assert_close(fallback.mask, base.mask)
+    assert float((own.mask - base.mask).abs().max()) > 0.05
