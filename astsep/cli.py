@@ -12,7 +12,7 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, SAMPLE_RATE, load_config
+from .config import DEFAULT_MODEL, SAMPLE_RATE, apply_overrides, config_keys, load_config, parse_value, type_name
 from .errors import AstsepError, AudioError, ConfigError, OutputError
 
 log = logging.getLogger("astsep")
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None,
                    help=f"AST model: Hub id or local folder saved with save_pretrained (default {DEFAULT_MODEL})")
     p.add_argument("--config", default=None, metavar="YAML",
-                   help="separator config (default configs/separator.yaml when present)")
+                   help="separator config (default configs/separator.yaml when present); any key of it can also "
+                        "be given as --section.key VALUE (listed below)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="device (default auto)")
     p.add_argument("--max-passes", type=int, default=None, help="separation passes per window (default 3)")
     p.add_argument("--min-eratio", type=float, default=None,
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"undelivered events wait here for a later run (default {default_outbox()})")
     p.add_argument("--backend-timeout", type=float, default=5.0, help="seconds allowed per request in all, answer included (default 5)")
     _add_live_options(p)
+    _add_config_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv for debug)")
     return p
@@ -126,6 +128,33 @@ def _add_live_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--record-max-mb", type=float, default=None, help="size cap of --record (default 200 MB)")
 
 
+class _ConfigKey(argparse.Action):
+    """``--section.key VALUE``: collected as ``{"section.key": "VALUE"}`` in ``args.config_keys``, in
+    command-line order; typed and checked by the dataclasses in :func:`_config`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = dict(getattr(namespace, self.dest) or {})
+        given[self.const] = values
+        setattr(namespace, self.dest, given)
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One ``--section.key`` option per field of :class:`astsep.config.AstsepConfig`, made from the
+    dataclasses themselves (their names, types and defaults): nothing is listed twice.
+
+    argparse, not jsonargparse (which ``train.py`` uses on the same dataclasses): importing it and
+    building its parser for these dataclasses costs ~0.26 s, more than ``infer.py -h`` takes in all
+    (~0.15 s), and argparse's messages and exit codes are pinned by the tests. Values are typed by
+    :func:`astsep.config.parse_value` and checked by the dataclasses (:func:`_config`)."""
+    g = p.add_argument_group(
+        "config keys (each overrides that key of --config; the options above override these)")
+    for dotted, (tp, default) in config_keys().items():
+        shown = ("YAML mapping" if isinstance(default, dict) else
+                 f"default {'null' if default is None else str(default).lower() if isinstance(default, bool) else default}")
+        g.add_argument(f"--{dotted}", dest="config_keys", action=_ConfigKey, const=dotted, default=None,
+                       metavar=type_name(tp).upper().replace(" ", ""), help=shown)
+
+
 def _setup_logging(args) -> None:
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
                                               logging.INFO if args.verbose == 1 else logging.WARNING)
@@ -142,22 +171,25 @@ def _setup_logging(args) -> None:
 
 
 def _config(args):
+    """The run's config. Precedence, lowest first: the dataclass defaults < the YAML (``--config``,
+    else ``configs/separator.yaml``) < ``--section.key`` options < the shortcut options (``--model``,
+    ``--device``, ``--cache-dir``, ``--max-passes``, ``--min-eratio``, then ``--fast`` and
+    ``--allow-pickle``). Every step goes through :func:`astsep.config.apply_overrides`."""
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    overrides = {
+    cfg = load_config(path)
+    given = getattr(args, "config_keys", None) or {}
+    cfg = apply_overrides(cfg, {k: parse_value(k, v) for k, v in given.items()})  # errors name the key
+    shortcuts = {
         "guide.model": args.model, "guide.device": args.device, "guide.cache_dir": args.cache_dir,
         "separator.max_passes": args.max_passes, "separator.min_eratio": args.min_eratio,
     }
-    cfg = load_config(path, overrides)
+    cfg = apply_overrides(cfg, {k: v for k, v in shortcuts.items() if v is not None})
     if args.fast:
         from .guide import use_fast_settings
 
         use_fast_settings(cfg.guide)
     if args.allow_pickle:
-        cfg.guide.allow_pickle = True
-    if cfg.separator.max_passes < 1:
-        raise AstsepError("--max-passes must be at least 1")
-    if not 0 <= cfg.separator.min_eratio < 1:
-        raise AstsepError("--min-eratio must be in [0, 1)")
+        cfg = apply_overrides(cfg, {"guide.allow_pickle": True})
     return cfg
 
 

@@ -2,15 +2,23 @@
 
 Every number the algorithm uses lives here, with a comment saying what it does and, where it
 comes from the reference separator (``Bentlytrucker/ast_source_sep``), the reference's name.
+
+These dataclasses are the one config system: ``infer.py`` (its ``--section.key`` options are made
+from their fields, :func:`config_keys`), ``separate()`` and ``train.py`` (LightningCLI / jsonargparse
+parses ``model.separator_config`` as an :class:`AstsepConfig`) all build them, every change goes
+through :func:`apply_overrides`, and each checks its fields in ``__post_init__``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import math
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -295,7 +303,14 @@ class AstsepConfig:
     categories: CategoryConfig = field(default_factory=CategoryConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section by value, in plain types (JSON, YAML, a checkpoint's hyper-parameters):
+        :func:`config_from_dict` builds the same config back."""
+        data = dataclasses.asdict(self)
+        for values in data.values():
+            for key, value in values.items():
+                if isinstance(value, Path):  # guide.cache_dir may be given as a Path
+                    values[key] = str(value)
+        return data
 
 
 def _build(cls, data: dict[str, Any], where: str):
@@ -405,8 +420,113 @@ def settings_differences(recorded: dict[str, Any], cfg: AstsepConfig) -> list[st
     return out
 
 
+def config_from_dict(data: Mapping[str, Any] | None, where: str = "config") -> AstsepConfig:
+    """An :class:`AstsepConfig` from ``{"section": {"key": value}}`` (any key left out: its default),
+    e.g. ``events.json``'s ``stats["config"]`` or a refiner checkpoint's ``separator_config``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping of sections, got {_describe(data)}")
+    try:
+        return _build(AstsepConfig, dict(data), "config")
+    except ConfigError as exc:
+        if where == "config":
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+# --- overrides: the one way a config is changed by name ----------------------------------------------
+def _sections() -> dict[str, type]:
+    return {f.name: type(f.default_factory()) for f in fields(AstsepConfig)}  # type: ignore[misc]
+
+
+def config_keys() -> dict[str, tuple[Any, Any]]:
+    """``{"separator.max_passes": (type, default), …}``: every key of :class:`AstsepConfig`, read from
+    the dataclass fields (``infer.py`` makes one ``--section.key`` option of each)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for section, cls in _sections().items():
+        hints = typing.get_type_hints(cls)
+        default = cls()
+        for f in fields(cls):
+            out[f"{section}.{f.name}"] = (hints[f.name], getattr(default, f.name))
+    return out
+
+
+def type_name(tp: Any) -> str:
+    """``int``, ``float``, ``str | null``, ``mapping``: what a key takes, for help texts."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return " | ".join("null" if a is type(None) else type_name(a) for a in args)
+    if tp in (bool, int, float, str):
+        return tp.__name__
+    return "mapping" if typing.get_origin(tp) is dict else str(tp)
+
+
+def parse_value(dotted: str, text: str) -> Any:
+    """The value of a ``--section.key TEXT`` option, typed by the field: ``int``/``float`` as numbers,
+    ``bool`` as true/false, ``str`` as is (``null`` for an optional one), anything else as YAML.
+    Range and choice checks are the dataclass's (:func:`apply_overrides`)."""
+    keys = config_keys()
+    if dotted not in keys:
+        raise ConfigError(_unknown_key(dotted, keys))
+    tp = keys[dotted][0]
+    args = typing.get_args(tp)
+    if type(None) in args and text.strip().lower() in ("null", "none", "~"):
+        return None
+    base = next((a for a in args if a is not type(None)), tp) if args and typing.get_origin(tp) is not dict else tp
+    try:
+        if base is bool:
+            low = text.strip().lower()
+            if low in ("true", "yes", "on", "1"):
+                return True
+            if low in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if base is str:
+            return text
+        return yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError):
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(base, f"YAML of a {type_name(tp)}")
+        raise ConfigError(f"{dotted} must be {expected}, got {text!r}") from None
+
+
+def _unknown_key(dotted: str, keys: Mapping[str, Any]) -> str:
+    near = difflib.get_close_matches(dotted, list(keys), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(near)}?)" if near else " (keys are section.key, e.g. separator.max_passes)"
+    return f"unknown config key {dotted}{hint}"
+
+
+def apply_overrides(cfg: AstsepConfig, overrides: Mapping[str, Any] | None, where: str | None = None) -> AstsepConfig:
+    """A new config: ``cfg`` with ``{"section.key": value}`` applied, checked by each section's
+    ``__post_init__`` (``dataclasses.replace``); ``cfg`` is left as it was. Every value is applied,
+    ``None`` included (callers drop the options they were not given). The keys of a section are
+    applied together, so ``window.window_sec`` and ``window.overlap_sec`` can change at once.
+    A bad key or value is a one-line :class:`ConfigError` (prefixed by ``where``)."""
+    cfg = copy.deepcopy(cfg)
+    if not overrides:
+        return cfg
+    keys = config_keys()
+    per_section: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        if dotted not in keys:
+            msg = _unknown_key(str(dotted), keys)
+            raise ConfigError(f"{where}: {msg}" if where else msg)
+        section, key = dotted.split(".", 1)
+        per_section.setdefault(section, {})[key] = value
+    try:
+        return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)
+                                           for section, changes in per_section.items()})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AstsepConfig:
-    """Read a YAML config (every key optional) and apply ``{"section.key": value}`` overrides."""
+    """Read a YAML config (every key optional) and apply ``{"section.key": value}`` overrides
+    (:func:`apply_overrides`; a ``None`` value means "not given" and is skipped)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -424,12 +544,4 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if path is None:
             raise
         raise ConfigError(f"config file {path}: {exc}") from None
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        section, key = dotted.split(".", 1)
-        obj = getattr(cfg, section)
-        if not hasattr(obj, key):
-            raise ConfigError(f"unknown config key {dotted}")
-        setattr(cfg, section, dataclasses.replace(obj, **{key: value}))  # replace() checks the new value
-    return cfg
+    return apply_overrides(cfg, {k: v for k, v in (overrides or {}).items() if v is not None})

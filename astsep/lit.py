@@ -43,7 +43,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
-from .config import baseline_settings, config_from_settings, load_config
+from .config import AstsepConfig, baseline_settings, config_from_dict, config_from_settings, load_config
 from .errors import ConfigError, MissingExtraError
 from .features import apply_mask, stft
 from .guide import build_guide
@@ -88,6 +88,19 @@ def _build_loss(spec: dict) -> nn.Module:
         raise ConfigError(f"loss class {path} is not an nn.Module of an imported module; import it before "
                           "loading the checkpoint")
     return cls(**(spec.get("init_args") or {}))
+
+
+def _separator_config(value: Any) -> AstsepConfig:
+    """``RefinerModule``'s ``separator_config`` as a new :class:`AstsepConfig`: a copy of a config, a
+    mapping of its values (a checkpoint's, a training YAML's), or a YAML path read now; None: defaults."""
+    if isinstance(value, AstsepConfig):
+        return config_from_dict(value.to_dict())  # a copy, checked again
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return load_config(value)
+    if isinstance(value, dict):
+        return config_from_dict(value, where="model.separator_config")
+    raise ConfigError(f"model.separator_config must be a mapping of config sections, a YAML path or null, "
+                      f"got {value!r}")
 
 
 @dataclasses.dataclass
@@ -154,7 +167,12 @@ class RefinerModule(pl.LightningModule):
         refiner: network size and conditioning (``n_masks`` must equal the separator's passes).
         guide_model: AST Hub id, local folder, or ``"tiny"`` (random tiny AST for smoke tests).
         guide_seed: seed of the ``"tiny"`` guide.
-        separator_config: YAML of the separator (``configs/separator.yaml`` layout); None: defaults.
+        separator_config: the separator's config (STFT, separator, guide, window, categories): an
+            :class:`~astsep.config.AstsepConfig`, its values as a mapping (any key left out: its
+            default; in a training YAML, or ``--model.separator_config.separator.rounds=2``), or the path
+            of a YAML in ``configs/separator.yaml``'s layout, read here. Whichever it was, the module
+            stores the resolved values in its hyper-parameters (so in every checkpoint: loading one
+            needs no YAML). Default: the defaults (= ``configs/separator.yaml``).
         guide_dtype: AST precision (``float32``, ``bfloat16``, or ``int8`` on the CPU); None: the
             separator config's (float32 by default).
         trim_padding: run the AST only on the patches that hold audio (5 s segments: half the cost);
@@ -181,7 +199,7 @@ class RefinerModule(pl.LightningModule):
     """
 
     def __init__(self, refiner: RefinerConfig | dict | None = None, guide_model: str = "tiny", guide_seed: int = 0,
-                 separator_config: str | None = None, guide_dtype: str | None = None,
+                 separator_config: AstsepConfig | str | None = AstsepConfig(), guide_dtype: str | None = None,
                  trim_padding: bool | None = None, pad_merge: int | None = None, query_source: str = "table",
                  loss: nn.Module | None = None, sdr_weight: float | None = None,
                  lr: float = 1e-3, weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
@@ -200,13 +218,20 @@ class RefinerModule(pl.LightningModule):
         self.hparams["refiner"] = dataclasses.asdict(refiner)  # plain types: checkpoints load with weights_only
         self.hparams["loss"] = _loss_spec(self.loss_func)
         if baseline is not None:  # a checkpoint: the settings it was trained with, not a path
-            cfg = config_from_settings(baseline, where="the checkpoint's baseline settings")
+            # checkpoints written before separator_config was stored by value hold its path (or None):
+            # their baseline settings are all that counts, the path is not read
+            base = None if separator_config is None or isinstance(separator_config, (str, os.PathLike)) else \
+                _separator_config(separator_config)
+            cfg = config_from_settings(baseline, base, where="the checkpoint's baseline settings")
         else:
-            cfg = load_config(separator_config)
+            cfg = _separator_config(separator_config)
             chosen = {"trim_padding": trim_padding, "pad_merge": pad_merge}
             cfg.guide = dataclasses.replace(cfg.guide, **{k: v for k, v in chosen.items() if v is not None})
         if guide_dtype is not None:
             cfg.guide = dataclasses.replace(cfg.guide, dtype=guide_dtype)
+        cfg.guide = dataclasses.replace(cfg.guide, model=guide_model)  # the AST guide_model picks, recorded
+        # by value, whatever was given (a path, a mapping, a dataclass): checkpoints load without the YAML
+        self.hparams["separator_config"] = cfg.to_dict()
         self.hparams["baseline"] = baseline_settings(cfg)
         # training mixtures never repeat; validation is cached here instead
         cfg.guide = dataclasses.replace(cfg.guide, cache_size=0)

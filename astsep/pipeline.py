@@ -35,7 +35,7 @@ import torch
 
 from . import __version__
 from .audio import AudioInfo, dbfs, load_audio, rms_db, samples_to_mono_16k
-from .config import SAMPLE_RATE, AstsepConfig, load_config
+from .config import SAMPLE_RATE, AstsepConfig, apply_overrides, load_config
 from .errors import AudioError, ConfigError
 from .events import active_span, class_records, content_key, event_id, merge_window_events, safe_name
 from .guide import TOP_K, ASTGuide, top_classes, use_fast_settings
@@ -195,6 +195,11 @@ class Pipeline:
             self.refiner.check_guide(self.guide)  # its queries are this AST's embeddings: same size
             self.refiner.check_baseline(self.cfg)  # warns, naming the keys, if trained on another baseline
 
+    def run_config(self) -> AstsepConfig:
+        """The config this pipeline separates with: its own, with the guide section its AST runs with."""
+        gcfg = getattr(self.guide, "cfg", None)
+        return dataclasses.replace(self.cfg, guide=gcfg) if isinstance(gcfg, type(self.cfg.guide)) else self.cfg
+
     @property
     def model_name(self) -> str:
         return f"refiner:{self.refiner.name}" if self.refiner is not None else f"baseline:{self.guide.name}"
@@ -315,6 +320,9 @@ class Pipeline:
             "cache_hits": g1["cache_hits"] - g0["cache_hits"],
             "sources": len(tracks),
             "silent": bool(all(e.get("silent") for e in events if e["kind"] == "residual")) and not tracks,
+            # every setting of this run by value (astsep.config.config_from_dict rebuilds it); the guide
+            # section is the AST's own (e.g. float32 where bfloat16 was asked for on a CPU without it)
+            "config": self.run_config().to_dict(),
             "seconds": {
                 "separate": round(t_sep, 4),
                 "ast": round(g1["ast_seconds"] - g0["ast_seconds"], 4),
@@ -482,7 +490,8 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
         model: AST Hub id or local folder (default: the config's, ``MIT/ast-finetuned-audioset-10-10-0.4593``).
         config: an :class:`AstsepConfig` or a YAML path (``configs/separator.yaml``).
         guide: an already built :class:`ASTGuide` (tests, notebooks); overrides ``model``.
-        max_passes, min_eratio, device, cache_dir: override the config.
+        max_passes, min_eratio, device, cache_dir: override the config (checked like a config file's
+            values; any other key: ``astsep.config.apply_overrides(cfg, {"section.key": value})``).
         keep_traces: keep per-pass internals (needed for debug figures).
         refiner: an :class:`astsep.refiner.Refiner` (``Refiner.load(ckpt)``): refine every source.
         query: an :class:`astsep.refiner.Query`: with a refiner, extract only that sound (plus the rest).
@@ -493,13 +502,11 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
         :class:`SeparationResult` with ``sources``, ``labels``, ``events``, ``stats``; ``write(dir)``
         writes the files.
     """
-    cfg = copy.deepcopy(config) if isinstance(config, AstsepConfig) else load_config(config)  # the caller's stays
+    base = config if isinstance(config, AstsepConfig) else load_config(config)
     overrides = {"separator.max_passes": max_passes, "separator.min_eratio": min_eratio, "guide.model": model,
                  "guide.device": device, "guide.cache_dir": cache_dir}
-    for dotted, value in overrides.items():
-        if value is not None:
-            section, key = dotted.split(".")
-            setattr(getattr(cfg, section), key, value)
+    # a new, checked config: the caller's object stays as it was
+    cfg = apply_overrides(base, {k: v for k, v in overrides.items() if v is not None})
     if fast:
         if guide is not None:
             raise ConfigError("fast=True sets how the model is loaded; with guide=..., build the guide with "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -316,3 +317,30 @@ def test_rms_level_in_db_of_a_full_scale_sine_silence_and_a_batch():
     x = torch.cat([torch.zeros(1600), sine[:3200].float(), torch.zeros(1600)])
     assert active_span(x, -30.0, -80.0) == pytest.approx((0.1, 0.3))
     assert active_span(torch.zeros(3200), -30.0, -80.0) is None
+
+
+def test_events_json_holds_the_whole_config_by_value_and_rebuilds_the_same_run(tmp_path, shared):
+    from astsep.config import apply_overrides, config_from_dict
+
+    x = mixture("dog", "rain", seconds=3.0)
+    cfg = apply_overrides(AstsepConfig(), {"separator.rounds": 2, "window.window_sec": 2.0, "window.overlap_sec": 0.5,
+                                           "categories.sets": {"danger": [396]}})
+    first = astsep.separate(x, 16000, config=cfg, guide=ASTGuide(tiny_ast(seed=0), cfg.guide), max_passes=2)
+    first.write(tmp_path / "run")
+    recorded = json.loads((tmp_path / "run" / "events.json").read_text())["stats"]["config"]
+    assert set(recorded) == {"stft", "separator", "guide", "window", "categories"}
+    assert recorded["separator"]["max_passes"] == 2 and recorded["window"]["overlap_sec"] == 0.5
+    rebuilt = config_from_dict(recorded)  # the run, reproduced from its output folder alone
+    assert rebuilt == apply_overrides(cfg, {"separator.max_passes": 2})
+    again = astsep.separate(x, 16000, config=rebuilt, guide=ASTGuide(tiny_ast(seed=0), rebuilt.guide))
+    assert [e["event_id"] for e in again.events] == [e["event_id"] for e in first.events]
+    assert torch.equal(again.residual, first.residual)
+
+
+def test_the_recorded_guide_settings_are_those_the_ast_ran_with():
+    cfg = AstsepConfig()
+    guide = ASTGuide(tiny_ast(seed=0), dataclasses.replace(cfg.guide, pad_merge=3, trim_padding=True))
+    pipe = Pipeline(cfg, guide)
+    res = pipe.run(torch.zeros(16000))
+    assert res.stats["config"]["guide"]["pad_merge"] == 3 and res.stats["config"]["guide"]["trim_padding"] is True
+    assert res.stats["config"]["separator"] == dataclasses.asdict(cfg.separator)

@@ -8,9 +8,11 @@ import sys
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 import train
+from astsep.config import AstsepConfig, apply_overrides, config_from_dict
 from astsep.errors import ConfigError
 from astsep.lit import RefinerModule
 from astsep.metrics import SdrSiSdrLoss
@@ -72,6 +74,15 @@ def test_print_config_shows_every_hyperparameter():
     assert out.returncode == 0, out.stderr[-2000:]
     for key in ("query_source: target_audio", "segment_seconds: 1.0", "sdr_weight: 0.5", "channels: 8"):
         assert key in out.stdout
+    # the separator's config by value, every section, each key settable as --model.separator_config.SECTION.KEY
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", TINY, "--print_config",
+                          "--model.separator_config.separator.rounds=2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    model = yaml.safe_load(out.stdout)["model"]["separator_config"]
+    expected = AstsepConfig().to_dict()
+    expected["separator"]["rounds"] = 2
+    assert model == expected
 
 
 def test_non_finite_loss_skips_the_step_with_a_warning(caplog, shared):
@@ -170,3 +181,58 @@ def test_predict_is_refused_in_one_line_naming_what_to_use_instead(capsys):
     assert train.main(["predict", "--config", TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "infer.py" in err[0] and "--refiner CKPT" in err[0] and "astsep.evaluate" in err[0]
+
+
+SMALL_REFINER = dict(n_masks=2, query_dim=32, channels=4, max_channels=8, depth=2, cond_dim=8)
+
+
+def test_the_separator_config_is_taken_as_a_path_a_mapping_or_a_dataclass_and_stored_by_value(tmp_path):
+    path = tmp_path / "sep.yaml"
+    path.write_text("separator:\n  max_passes: 2\n  rounds: 2\nwindow:\n  overlap_sec: 0.5\n"
+                    "categories:\n  sets:\n    danger: [396]\n")
+    want = apply_overrides(AstsepConfig(), {"separator.max_passes": 2, "separator.rounds": 2, "window.overlap_sec": 0.5,
+                                            "categories.sets": {"danger": [396]}, "guide.model": "tiny"}).to_dict()
+    given = {"path": str(path), "mapping": {"separator": {"max_passes": 2, "rounds": 2}, "window": {"overlap_sec": 0.5},
+                                            "categories": {"sets": {"danger": [396]}}},
+             "dataclass": config_from_dict({"separator": {"max_passes": 2, "rounds": 2}, "window": {"overlap_sec": 0.5},
+                                            "categories": {"sets": {"danger": [396]}}})}
+    for how, value in given.items():
+        module = RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config=value)
+        assert module.hparams["separator_config"] == want, how
+        assert module.cfg.separator.rounds == 2 and module.cfg.window.overlap_sec == 0.5, how
+    with pytest.raises(ConfigError, match="model.separator_config: separator.rounds must be an integer >= 1"):
+        RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config={"separator": {"rounds": 0, "max_passes": 2}})
+
+
+def test_a_checkpoint_rebuilds_the_whole_separator_config_without_its_yaml(tmp_path, shared):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    path = tmp_path / "sep.yaml"
+    path.write_text("stft:\n  hop: 128\nseparator:\n  max_passes: 2\n  nmf_components: 8\n"
+                    "guide:\n  fbank_std: 4.0\nwindow:\n  overlap_sec: 0.25\ncategories:\n  sets:\n    help: [14]\n")
+    module = RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config=str(path), trim_padding=True,
+                           pad_merge=0, query_source="target_audio")
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False)
+    s = clip("dog", 1.0)
+    trainer.fit(module, DataLoader([{"mixture": s + clip("rain", 1.0), "target": s}], batch_size=1))
+    trainer.save_checkpoint(tmp_path / "r.ckpt")
+    path.unlink()  # the checkpoint holds the values, not the path
+
+    hp = torch.load(tmp_path / "r.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hp["separator_config"] == module.hparams["separator_config"]
+    assert hp["separator_config"]["window"]["overlap_sec"] == 0.25 and hp["separator_config"]["categories"]["sets"] == {"help": [14]}
+    reloaded = RefinerModule.load_from_checkpoint(tmp_path / "r.ckpt", map_location="cpu", weights_only=True)
+    assert reloaded.cfg == module.cfg  # every section, the trim_padding / pad_merge chosen for training included
+    assert reloaded.cfg.stft.hop == 128 and reloaded.cfg.guide.pad_merge == 0 and reloaded.cfg.guide.fbank_std == 4.0
+    assert reloaded.hparams["separator_config"] == module.hparams["separator_config"]
+
+
+def test_a_checkpoint_from_before_the_config_was_stored_by_value_loads_without_its_yaml(tmp_path):
+    module = RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config={"separator": {"max_passes": 2, "rounds": 2}})
+    hp = dict(module.hparams)
+    hp["separator_config"] = str(tmp_path / "gone.yaml")  # what older checkpoints hold: a path, long deleted
+    old = RefinerModule(**hp)
+    assert old.cfg.separator.rounds == 2 and old.hparams["baseline"] == module.hparams["baseline"]
+    assert old.hparams["separator_config"]["separator"] == module.hparams["separator_config"]["separator"]
