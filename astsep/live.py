@@ -321,7 +321,8 @@ class LiveListener:
         channels: input channels after capture (the ring buffer keeps them all; separation uses their mean).
         doa: a :class:`astsep.doa.DOAEstimator` for ``channels`` ≥ 2, else None.
         angle: degrees to report when there is no DOA (``angle_source: "option"``); None: no angle.
-        on_event: called with each new event dict (from the analysis thread).
+        on_event: called with each event dict and each update (from the alert or separation thread,
+            one at a time, an alert always before its update).
         client, outbox: :class:`astsep.delivery.BackendClient` and :class:`astsep.delivery.Outbox`:
             every event (category other than ``other``) goes to the backend through the outbox.
         user_id: sent with each event.
@@ -852,7 +853,8 @@ class _Resampler:
 
 
 def listen(source, pipeline, cfg: LiveConfig | None = None, **kwargs: Any) -> Iterator[dict]:
-    """Events of ``source`` as they are detected: ``for ev in listen(source, pipeline): ...``.
+    """Events of ``source`` as they are detected: ``for ev in listen(source, pipeline): ...``; an
+    alert (``ev["stage"] == "alert"``) may be followed by its update (same ``event_id``, ``revision`` 1).
 
     Capture and analysis run in background threads; the iterator ends when the source ends and its
     last window is analysed. ``kwargs`` go to :class:`LiveListener` (``doa``, ``angle``, ``client``,
