@@ -127,7 +127,7 @@ def _add_live_options(p: argparse.ArgumentParser) -> None:
                         "(hop trigger: always) (default 1)")
     g.add_argument("--alert-sec", type=float, default=None, metavar="SEC",
                    help="fast alert stage: seconds of audio per excerpt, one AST forward without separation "
-                        "(default 2)")
+                        "(default 1)")
     g.add_argument("--alert-threshold", type=float, default=None, metavar="P",
                    help="fast alert stage: alert when a danger/help/warning class of the excerpt's top 5 has at "
                         "least this probability (default 0.5)")

@@ -342,7 +342,9 @@ class LiveConfig:
     # among its top 5 at or above alert_threshold (softmax probability) is sent at once, marked
     # provisional; the separation stage's result for the same sound updates that event.
     alert_stage: bool = True
-    alert_sec: float = 2.0
+    # 1 s: the first excerpt after an onset is then half the new sound (a 2 s one: a quarter), and
+    # ~266 AST tokens instead of ~374 (benchmarks/README.md: alert p95 1.9 s instead of 2.2 s)
+    alert_sec: float = 1.0
     alert_hop_sec: float = 1.0
     alert_post_trigger_sec: float = 0.5
     alert_threshold: float = 0.5

@@ -22,7 +22,7 @@ run too, and stops at its first drop).
 
     python benchmarks/bench_live.py [--device cpu|cuda] [--sounds 20] [--spacing 3.5] [--threads 2]
                                     [--skip-default] [--max-passes N] [--hop-windows 6] [--no-alert-stage]
-                                    [--alert-sec 2] [--alert-hop 1] [--json out.json]
+                                    [--alert-sec 1] [--alert-hop 1] [--json out.json]
 
 ``--device cuda`` runs the AST in bfloat16 (the guide's precision for a GPU; ``--fast`` adds the
 trimmed padding there), ``--device cpu`` in float32 (default) or int8 (``--fast``) on ``--threads``.
@@ -91,7 +91,7 @@ def make_stream(sounds: int, spacing: float, sound_sec: float, lead: float = 2.0
 
 
 def pipeline(fast: bool, threads: int, max_passes: int | None = None, device: str = "cpu",
-             alert_sec: float = 2.0) -> Pipeline:
+             alert_sec: float = 1.0) -> Pipeline:
     torch.set_num_threads(threads)
     cfg = AstsepConfig()
     cfg.guide.device = device
@@ -230,7 +230,7 @@ def main() -> None:
     p.add_argument("--hold-off", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu (float32; --fast: int8) or cuda (bfloat16)")
-    p.add_argument("--alert-sec", type=float, default=2.0, help="alert stage: seconds per excerpt")
+    p.add_argument("--alert-sec", type=float, default=1.0, help="alert stage: seconds per excerpt")
     p.add_argument("--alert-hop", type=float, default=1.0, help="alert stage: seconds between excerpts while loud")
     p.add_argument("--no-alert-stage", action="store_true", help="the separation stage alone (as before issue 11's fix)")
     p.add_argument("--skip-default", action="store_true", help="only --fast")
