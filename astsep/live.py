@@ -545,8 +545,8 @@ class LiveListener:
         the most probable alertable class of its top 5 at or above ``alert_threshold`` is an event."""
         import torch
 
-        from .guide import top_classes
         from .events import class_records
+        from .guide import top_classes
 
         t0 = time.perf_counter()
         self.stats.alert_max_queue_wait_sec = max(self.stats.alert_max_queue_wait_sec,

@@ -232,7 +232,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu (float32; --fast: int8) or cuda (bfloat16)")
     p.add_argument("--alert-sec", type=float, default=1.0, help="alert stage: seconds per excerpt")
     p.add_argument("--alert-hop", type=float, default=1.0, help="alert stage: seconds between excerpts while loud")
-    p.add_argument("--no-alert-stage", action="store_true", help="the separation stage alone (as before issue 11's fix)")
+    p.add_argument("--no-alert-stage", action="store_true",
+                   help="the separation stage alone (as before issue 11's fix)")
     p.add_argument("--skip-default", action="store_true", help="only --fast")
     p.add_argument("--hops", type=float, nargs="*", default=[0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20],
                    help="hop-trigger hops to choose from for the smallest hop without drops (--fast)")
