@@ -358,6 +358,37 @@ def test_slow_analysis_never_blocks_capture_and_dropped_windows_are_counted(sire
     assert "analysis is behind: dropped" in caplog.text
 
 
+class SlowAlertGuide:
+    """The pipeline's guide, with an alert-stage forward that takes ``delay`` seconds."""
+
+    def __init__(self, guide, delay: float):
+        self.guide, self.delay = guide, delay
+
+    def __getattr__(self, name):
+        return getattr(self.guide, name)
+
+    def forward_features(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.guide.forward_features(*args, **kwargs)
+
+
+def test_a_slow_alert_stage_never_blocks_capture_or_separation_and_its_drops_are_counted(siren_pipe, shared):
+    pipe = SlowPipe(siren_pipe, 0.0)
+    pipe.guide = SlowAlertGuide(siren_pipe.guide, 0.5)  # the separation keeps the real guide (pipe.pipe)
+    lst = LiveListener(pipe, LiveConfig(trigger="hop", hop_sec=1.0, alert_hop_sec=0.1, queue_size=16))
+    feed_times = []
+    x = siren_stream(4.0, sirens=(1.0,))
+    for i in range(0, x.size, 512):
+        t0 = time.perf_counter()
+        lst.feed(x[i:i + 512])
+        feed_times.append(time.perf_counter() - t0)
+    stats = lst.close()
+    assert max(feed_times) < 0.2, max(feed_times)
+    assert stats.alert_windows_dropped > 10 and stats.windows_dropped == 0
+    assert stats.alert_windows_queued == stats.alert_windows_analysed + stats.alert_windows_dropped
+    assert stats.windows_analysed == stats.windows_queued >= 3
+
+
 class BrokenPipe(SlowPipe):
     def run(self, x, name):
         raise RuntimeError("analysis exploded")
