@@ -58,6 +58,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 ALERT_KINDS = ("source", "residual")
+MIN_RUN_SEC = 0.05  # a run of activity shorter than this beside a longer one of its source is not a sound
 
 
 class RingBuffer:
@@ -175,42 +176,55 @@ def active_runs(x: np.ndarray, threshold_db: float, floor_dbfs: float, join_gap_
 
 
 class Occurrences:
-    """One event per occurrence of a class: a detection of a class already open whose start is
-    within ``hold_off`` seconds of that occurrence's end extends it instead of making a new event.
+    """One event per occurrence of a class: a detection of a class whose span comes within
+    ``hold_off`` seconds of an occurrence of that class extends it instead of making a new event.
 
     Each occurrence remembers which stage announced it. The first separation-stage detection of an
     occurrence the alert stage announced is an ``"update"``; so is a separated source of another
     class overlapping a provisional alert (within the hold-off) when either class is in the
     other's top 5 (the unseparated mixture and the separated source may name one sound by
     neighbouring AudioSet classes, e.g. *Siren* / *Civil defense siren*): the update then corrects
-    the label."""
+    the label. Several occurrences of a class stay open (the latest ``keep``): the alert stage
+    announces a new sound while a window that still holds the previous one waits for separation,
+    and that window's detection of the previous sound belongs to the previous occurrence."""
 
-    def __init__(self, hold_off: float):
+    def __init__(self, hold_off: float, keep: int = 32):
         self.hold_off = hold_off
-        self.open: dict[tuple[str, int], dict] = {}
+        self.keep = keep
+        self.open: dict[tuple[str, int], list[dict]] = {}
 
     def add(self, ev: dict) -> bool:
         """Record ``ev`` (stream seconds ``start_sec``/``end_sec``); True when it is a new occurrence."""
         return self.observe(ev)[0] == "new"
+
+    def _gap(self, cur: dict, ev: dict) -> float:
+        """Seconds between ``ev``'s span and the occurrence's (0 when they overlap)."""
+        return max(0.0, ev["start_sec"] - cur["end_sec"], cur["start_sec"] - ev["end_sec"])
+
+    def _remember(self, key: tuple[str, int], cur: dict) -> None:
+        held = self.open.setdefault(key, [])
+        if not any(c is cur for c in held):
+            held.append(cur)
+            del held[:-self.keep]
 
     def observe(self, ev: dict, stage: str = "separation") -> tuple[str, dict]:
         """Record ``ev`` seen by ``stage`` (``alert`` / ``separation``): ``("new" | "update" |
         "merged", the occurrence)``. An occurrence holds ``start_sec``, ``end_sec``, ``windows``,
         ``stage`` (the last stage that reported it), ``revision`` and ``event`` (its first event)."""
         key = (ev["label"], ev["class_id"])
-        cur = self.open.get(key)
-        if cur is not None and ev["start_sec"] > cur["end_sec"] + self.hold_off:
-            cur = None
+        near = [c for c in self.open.get(key, []) if self._gap(c, ev) <= self.hold_off]
+        cur = min(near, key=lambda c: (self._gap(c, ev), -c["start_sec"])) if near else None
         if cur is None and stage == "separation":
             cur = self._provisional_match(ev)
         if cur is None:
             cur = {"start_sec": ev["start_sec"], "end_sec": ev["end_sec"], "windows": 1, "stage": stage,
                    "revision": 0, "event": ev}
-            self.open[key] = cur
+            self._remember(key, cur)
             return "new", cur
+        cur["start_sec"] = min(cur["start_sec"], ev["start_sec"])
         cur["end_sec"] = max(cur["end_sec"], ev["end_sec"])
         cur["windows"] += 1
-        self.open[key] = cur  # a related class now names this occurrence too
+        self._remember(key, cur)  # a related class now names this occurrence too
         if stage == "separation" and cur["stage"] == "alert":
             cur["stage"] = "separation"
             cur["revision"] += 1
@@ -219,15 +233,17 @@ class Occurrences:
 
     def _provisional_match(self, ev: dict) -> dict | None:
         ids = {t.get("class_id") for t in ev.get("top5") or []} | {ev["class_id"]}
-        for cur in self.open.values():
-            first = cur.get("event") or {}
-            if cur["stage"] != "alert" or ev["start_sec"] > cur["end_sec"] + self.hold_off \
-                    or ev["end_sec"] < cur["start_sec"] - self.hold_off:
-                continue
-            theirs = {t.get("class_id") for t in first.get("top5") or []} | {first.get("class_id")}
-            if first.get("class_id") in ids or ev["class_id"] in theirs:
-                return cur
-        return None
+        best = None
+        for held in self.open.values():
+            for cur in held:
+                first = cur.get("event") or {}
+                if cur["stage"] != "alert" or self._gap(cur, ev) > self.hold_off:
+                    continue
+                theirs = {t.get("class_id") for t in first.get("top5") or []} | {first.get("class_id")}
+                if (first.get("class_id") in ids or ev["class_id"] in theirs) and \
+                        (best is None or self._gap(cur, ev) < self._gap(best, ev)):
+                    best = cur
+        return best
 
 
 class Recorder:
@@ -602,6 +618,9 @@ class LiveListener:
                     if samples is not None else [])
             runs = [(a, b) for a, b in runs if b > ev["start_sec"] and a < ev["end_sec"]] or \
                 [(ev["start_sec"], ev["end_sec"])]
+            if len(runs) > 1:  # a blip of a few frames beside a longer run is a fragment of it, not a sound
+                longest = max(b - a for a, b in runs)
+                runs = [(a, b) for a, b in runs if b - a >= MIN_RUN_SEC or b - a == longest]
             for a, b in runs:
                 part = dict(ev, start_sec=max(a, ev["start_sec"]), end_sec=min(b, ev["end_sec"]))
                 live_ev = self._record(self._live_event(part, item, offset), "separation", item, part)

@@ -172,10 +172,14 @@ def latency_case(pipe: Pipeline, name: str, args) -> dict:
         "separation": {"reported": len(lat["separation"]), "latency": _stats(lat["separation"]),
                        "windows_analysed": st.windows_analysed, "windows_dropped": st.windows_dropped,
                        "sec_per_window": round(per_window, 3), "busy_share": round(st.real_time_factor, 3),
-                       "rtf_window": round(per_window / lcfg.window_sec, 3), "ast_forwards": st.ast_forwards},
+                       "rtf_window": round(per_window / lcfg.window_sec, 3), "ast_forwards": st.ast_forwards,
+                       "max_queue_wait_sec": round(st.max_queue_wait_sec, 3)},
         "load_avg_1min": [load0, load()],
     }
     print(json.dumps(out), flush=True)
+    out["per_sound"] = {k: [round(v, 3) for v in lat[k]] for k in lat}  # in the --json file only
+    out["events"] = [{k: ev.get(k) for k in ("stage", "revision", "start_sec", "end_sec", "window_end_sec",
+                                           "latency_sec")} for ev, _ in got]
     return out
 
 

@@ -181,6 +181,21 @@ def test_separation_updates_the_alert_of_its_occurrence_once_even_under_a_neighb
     assert occ.observe({"label": "Dog", "class_id": 74, "start_sec": 3.0, "end_sec": 4.0}, "separation")[0] == "new"
 
 
+def test_a_window_holding_the_previous_sound_does_not_update_the_next_sounds_alert():
+    # sirens at 2 s and 5.5 s: the alert stage announces the second while the window that ends
+    # 0.5 s into it (1.9-6.0 s) still holds the first, already updated, sound
+    occ = Occurrences(hold_off=2.0)
+    siren = {"label": "Siren", "class_id": 396}
+    assert occ.observe(dict(siren, start_sec=2.0, end_sec=2.5), "alert")[0] == "new"
+    first = occ.observe(dict(siren, start_sec=2.0, end_sec=2.5), "separation")
+    assert first[0] == "update"
+    assert occ.observe(dict(siren, start_sec=5.5, end_sec=6.0), "alert")[0] == "new"
+    kind, rec = occ.observe(dict(siren, start_sec=1.994, end_sec=3.004), "separation")  # the first siren again
+    assert kind == "merged" and rec is first[1]
+    kind, rec = occ.observe(dict(siren, start_sec=5.49, end_sec=6.0), "separation")  # the second's own update
+    assert kind == "update" and rec["start_sec"] == 5.49
+
+
 def test_same_class_within_the_hold_off_is_one_occurrence():
     occ = Occurrences(hold_off=2.0)
     ev = {"label": "Siren", "class_id": 396}
