@@ -343,7 +343,7 @@ class LiveConfig:
     # provisional; the separation stage's result for the same sound updates that event.
     alert_stage: bool = True
     # 1 s: the first excerpt after an onset is then half the new sound (a 2 s one: a quarter), and
-    # ~266 AST tokens instead of ~374 (benchmarks/README.md: alert p95 1.9 s instead of 2.2 s)
+    # ~266 AST tokens instead of ~374 (benchmarks/README.md: alert p95 1.86 s instead of 2.17 s, load 6)
     alert_sec: float = 1.0
     alert_hop_sec: float = 1.0
     alert_post_trigger_sec: float = 0.5
