@@ -124,6 +124,17 @@ def _add_live_options(p: argparse.ArgumentParser) -> None:
                    help="seconds of audio per analysis (default 4.096, as the reference records)")
     g.add_argument("--hold-off", type=float, default=None, metavar="SEC",
                    help="the same class again within this many seconds is the same sound (default 2)")
+    g.add_argument("--alert-hop", type=float, default=None, metavar="SEC",
+                   help="fast alert stage: seconds between classifications of the latest excerpt while loud "
+                        "(hop trigger: always) (default 1)")
+    g.add_argument("--alert-sec", type=float, default=None, metavar="SEC",
+                   help="fast alert stage: seconds of audio per excerpt, one AST forward without separation "
+                        "(default 1)")
+    g.add_argument("--alert-threshold", type=float, default=None, metavar="P",
+                   help="fast alert stage: alert when a danger/help/warning class of the excerpt's top 5 has at "
+                        "least this probability (default 0.5)")
+    g.add_argument("--no-alert-stage", action="store_true",
+                   help="no fast alert stage: events come from the separated windows only")
     g.add_argument("--record", default=None, metavar="DIR", help="keep each analysed window and its sources here")
     g.add_argument("--record-max-mb", type=float, default=None, help="size cap of --record (default 200 MB)")
 

@@ -357,6 +357,22 @@ class LiveConfig:
     emit_other: bool = False  # also emit events of category "other" (never sent to the backend)
     record_dir: str | None = None  # keep each analysed window and its sources here
     record_max_mb: float = 200.0  # oldest recordings are deleted to stay under this size
+    # The fast alert stage (astsep.live): one AST forward on the last alert_sec seconds (padding
+    # trimmed, no separation) alert_post_trigger_sec after an onset, then every alert_hop_sec while
+    # loud (every alert_hop_sec with the hop trigger). An alertable class (danger / help / warning)
+    # among its top 5 at or above alert_threshold (softmax probability) is sent at once, marked
+    # provisional; the separation stage's result for the same sound updates that event.
+    alert_stage: bool = True
+    # 1 s: the first excerpt after an onset is then half the new sound (a 2 s one: a quarter), and
+    # ~266 AST tokens instead of ~374 (benchmarks/README.md: alert p95 1.86 s instead of 2.17 s, load 6)
+    alert_sec: float = 1.0
+    alert_hop_sec: float = 1.0
+    alert_post_trigger_sec: float = 0.5
+    alert_threshold: float = 0.5
+    alert_queue_size: int = 1  # alert excerpts waiting; when full the oldest waiting one is dropped
+    # with the alert stage on, the separation thread runs this much nicer (Linux thread priority) so
+    # that an alert forward gets the CPU first; 0 leaves it alone
+    separation_nice: int = 10
 
     def __post_init__(self) -> None:
         sec = "live"
@@ -375,6 +391,13 @@ class LiveConfig:
         _bool(sec, "emit_other", self.emit_other)
         _str(sec, "record_dir", self.record_dir, optional=True)
         _float(sec, "record_max_mb", self.record_max_mb, lo=0.0, lo_open=True)
+        _bool(sec, "alert_stage", self.alert_stage)
+        _float(sec, "alert_sec", self.alert_sec, lo=0.25, hi=MAX_WINDOW_SEC)
+        _float(sec, "alert_hop_sec", self.alert_hop_sec, lo=0.1, hi=60.0)
+        _float(sec, "alert_post_trigger_sec", self.alert_post_trigger_sec, lo=0.0, hi=self.alert_sec)
+        _float(sec, "alert_threshold", self.alert_threshold, lo=0.0, hi=1.0)
+        _int(sec, "alert_queue_size", self.alert_queue_size, lo=1, hi=64)
+        _int(sec, "separation_nice", self.separation_nice, lo=0, hi=19)
 
 
 # What makes two baselines the same: every STFT and separator value and these guide values. The

@@ -1,22 +1,31 @@
 #!/usr/bin/env python
-"""Live mode with a full-size AST (random weights, the published compute) on 2 CPU threads.
+"""Live mode with a full-size AST (random weights, the published compute), its two stages measured apart.
 
 A stream of quiet background (rain at -55 dBFS) with ``--sounds`` shared ESC-50 clips inserted
 (``--sound-sec`` long, one every ``--spacing`` seconds, at -20 dBFS) is fed to
 :class:`astsep.live.LiveListener` block by block **at real-time pace** (a live microphone's), with
 the level trigger. The classifier is forced to *Siren* (``astsep.testing.force_class``; the compute
-is unchanged), so every analysed sound is an alert. Per configuration (default, ``--fast``):
+is unchanged), so every analysed sound is an alert and the alert stage fires on its first excerpt.
+Per configuration (default, ``--fast``), for each stage (alert: one forward of the last
+``alert_sec``; separation: Pipeline.run on the window) and for the first delivery of a sound
+(whichever stage made it, the issue's "alert latency"):
 
-- alert latency: from the capture of a sound's onset (the block holding it arrived) to its event
-  being handed to the outbox, median / p95 / max over the sounds that were detected;
-- sounds detected, events (should equal sounds: one per occurrence), windows analysed / dropped;
-- analysis seconds per window (median) and the real-time factor (that / the analysis hop);
-then, with ``--fast`` and the hop trigger, the smallest hop in ``--hops`` with no dropped window
-over ``--hop-windows`` analyses (starting from the first hop not under the measured seconds per
-window; the next smaller hop is run too, and stops at its first drop).
+- latency from the capture of a sound's onset (the block holding it arrived) to the stage's event
+  (new or update) being handed to the outbox: median / p95 / max over the sounds it reported;
+- sounds reported, excerpts / windows analysed and dropped, seconds per excerpt / window, busy share
+  (seconds of work per second of stream: the real-time factor; > 1 is behind);
+- occurrences (should equal the sounds: one per sound) and updates;
+then, with ``--fast`` and the hop trigger (the alert stage running beside it at its own hop), the
+smallest separation hop in ``--hops`` with no dropped window over ``--hop-windows`` analyses
+(starting from the first hop not under the measured seconds per window; the next smaller hop is
+run too, and stops at its first drop).
 
-    python benchmarks/bench_live.py [--sounds 20] [--spacing 3.5] [--threads 2] [--skip-default]
-                                    [--max-passes N] [--hop-windows 6] [--json out.json]
+    python benchmarks/bench_live.py [--device cpu|cuda] [--sounds 20] [--spacing 3.5] [--threads 2]
+                                    [--skip-default] [--max-passes N] [--hop-windows 6] [--no-alert-stage]
+                                    [--alert-sec 1] [--alert-hop 1] [--json out.json]
+
+``--device cuda`` runs the AST in bfloat16 (the guide's precision for a GPU; ``--fast`` adds the
+trimmed padding there), ``--device cpu`` in float32 (default) or int8 (``--fast``) on ``--threads``.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import threading
@@ -40,7 +50,7 @@ from astsep.audio import load_audio  # noqa: E402
 from astsep.capture import ArraySource  # noqa: E402
 from astsep.config import SAMPLE_RATE, AstsepConfig, LiveConfig  # noqa: E402
 from astsep.guide import ASTGuide, use_fast_settings  # noqa: E402
-from astsep.live import LiveListener  # noqa: E402
+from astsep.live import LiveListener, _excerpt_logits  # noqa: E402
 from astsep.pipeline import Pipeline  # noqa: E402
 from astsep.testing import SHARED_DATA, force_class, full_ast  # noqa: E402
 
@@ -80,10 +90,13 @@ def make_stream(sounds: int, spacing: float, sound_sec: float, lead: float = 2.0
     return x, onsets
 
 
-def pipeline(fast: bool, threads: int, max_passes: int | None = None) -> Pipeline:
+def pipeline(fast: bool, threads: int, max_passes: int | None = None, device: str = "cpu",
+             alert_sec: float = 1.0) -> Pipeline:
     torch.set_num_threads(threads)
     cfg = AstsepConfig()
-    cfg.guide.device = "cpu"
+    cfg.guide.device = device
+    if device.startswith("cuda"):
+        cfg.guide.dtype = "bfloat16"
     if max_passes:
         cfg.separator.max_passes = max_passes
     if fast:
@@ -91,8 +104,20 @@ def pipeline(fast: bool, threads: int, max_passes: int | None = None) -> Pipelin
     model = full_ast()
     force_class(model, SIREN)
     pipe = Pipeline(cfg, ASTGuide(model, cfg.guide, name="full-size random AST (Siren)"))
-    pipe.run(torch.zeros(int(4.096 * SAMPLE_RATE)).uniform_(-0.1, 0.1), "warm-up")
+    noise = torch.zeros(int(4.096 * SAMPLE_RATE)).uniform_(-0.1, 0.1)
+    pipe.run(noise, "warm-up")
+    _excerpt_logits(pipe.guide, noise[: int(alert_sec * SAMPLE_RATE)])  # the alert stage's shape
     return pipe
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _stats(lat: list[float]) -> dict:
+    return {"median": round(statistics.median(lat), 3) if lat else None,
+            "p95": round(float(np.percentile(lat, 95)), 3) if lat else None,
+            "max": round(max(lat), 3) if lat else None, "n": len(lat)}
 
 
 def run_stream(pipe: Pipeline, x: np.ndarray, lcfg: LiveConfig,
@@ -116,69 +141,85 @@ def run_stream(pipe: Pipeline, x: np.ndarray, lcfg: LiveConfig,
     return listener, got
 
 
+def live_config(args, **kw) -> LiveConfig:
+    return LiveConfig(alert_stage=not args.no_alert_stage, alert_sec=args.alert_sec, alert_hop_sec=args.alert_hop,
+                      alert_post_trigger_sec=min(0.5, args.alert_sec), **kw)
+
+
 def latency_case(pipe: Pipeline, name: str, args) -> dict:
     x, onsets = make_stream(args.sounds, args.spacing, args.sound_sec)
-    lcfg = LiveConfig(hop_sec=args.hop, hold_off_sec=args.hold_off)
+    lcfg = live_config(args, hop_sec=args.hop, hold_off_sec=args.hold_off)
+    load0 = load()
     listener, got = run_stream(pipe, x, lcfg)
-    lat, detected = [], 0
+    lat: dict[str, list[float]] = {"first": [], "alert": [], "separation": []}
     for onset in onsets:
         match = [(ev, t) for ev, t in got if onset - 0.5 <= ev["start_sec"] <= onset + args.sound_sec]
-        if not match:
-            continue
-        detected += 1
-        ev, t = min(match, key=lambda m: m[1])
         t_cap = listener.captured_at(int(onset * SAMPLE_RATE))
-        lat.append(t - t_cap)
+        for stage in lat:
+            m = [t for ev, t in match if stage == "first" or ev.get("stage") == stage]
+            if m:
+                lat[stage].append(min(m) - t_cap)
     st = listener.stats
     per_window = st.analysis_sec / max(1, st.windows_analysed)
+    per_excerpt = st.alert_sec / max(1, st.alert_windows_analysed)
     out = {
-        "case": name, "stream_sec": round(st.stream_sec, 1), "sounds": len(onsets), "detected": detected,
-        "events": st.events, "windows_analysed": st.windows_analysed, "windows_dropped": st.windows_dropped,
-        "latency_median": round(statistics.median(lat), 3) if lat else None,
-        "latency_p95": round(float(np.percentile(lat, 95)), 3) if lat else None,
-        "latency_max": round(max(lat), 3) if lat else None,
-        "analysis_sec_per_window": round(per_window, 3),
-        "busy_share": round(st.analysis_sec / max(st.stream_sec, 1e-9), 3),
-        "rtf_window": round(per_window / lcfg.window_sec, 3),
-        "ast_forwards": st.ast_forwards,
+        "case": name, "device": args.device, "stream_sec": round(st.stream_sec, 1), "sounds": len(onsets),
+        "occurrences": st.events, "updates": st.updates, "updates_sent": st.updates_sent,
+        "latency_first": _stats(lat["first"]),
+        "alert": {"reported": len(lat["alert"]), "latency": _stats(lat["alert"]),
+                  "excerpts_analysed": st.alert_windows_analysed, "excerpts_dropped": st.alert_windows_dropped,
+                  "sec_per_excerpt": round(per_excerpt, 3), "busy_share": round(st.alert_real_time_factor, 3)},
+        "separation": {"reported": len(lat["separation"]), "latency": _stats(lat["separation"]),
+                       "windows_analysed": st.windows_analysed, "windows_dropped": st.windows_dropped,
+                       "sec_per_window": round(per_window, 3), "busy_share": round(st.real_time_factor, 3),
+                       "rtf_window": round(per_window / lcfg.window_sec, 3), "ast_forwards": st.ast_forwards,
+                       "max_queue_wait_sec": round(st.max_queue_wait_sec, 3)},
+        "load_avg_1min": [load0, load()],
     }
     print(json.dumps(out), flush=True)
+    out["per_sound"] = {k: [round(v, 3) for v in lat[k]] for k in lat}  # in the --json file only
+    out["events"] = [{k: ev.get(k) for k in ("stage", "revision", "start_sec", "end_sec", "window_end_sec",
+                                           "latency_sec")} for ev, _ in got]
     return out
 
 
-def hop_case(pipe: Pipeline, hop: float, windows: int) -> dict:
+def hop_case(pipe: Pipeline, hop: float, windows: int, args) -> dict:
     """The hop trigger at ``hop`` seconds over ``windows`` hops of stream: dropped windows (queue
     overflow while the stream runs; windows still queued at its end are analysed, not counted)."""
     seconds = windows * hop + 0.05
     x, _ = make_stream(max(1, int(seconds // 4)), 4.0, 1.0)
     x = x[: int(seconds * SAMPLE_RATE)]
-    lcfg = LiveConfig(trigger="hop", hop_sec=hop, align_sec=min(0.1, hop))
+    lcfg = live_config(args, trigger="hop", hop_sec=hop, align_sec=min(0.1, hop))
+    load0 = load()
     listener, _ = run_stream(pipe, x, lcfg, stop_on_drop=True)
     st = listener.stats
     per_window = st.analysis_sec / max(1, st.windows_analysed)
     out = {"case": f"fast, hop trigger {hop} s", "stream_sec": round(st.stream_sec, 1),
            "windows_queued": st.windows_queued, "windows_analysed": st.windows_analysed,
            "windows_dropped": st.windows_dropped, "analysis_sec_per_window": round(per_window, 3),
-           "max_queue_wait_sec": round(st.max_queue_wait_sec, 3), "rtf_hop": round(per_window / hop, 3)}
+           "max_queue_wait_sec": round(st.max_queue_wait_sec, 3), "rtf_hop": round(per_window / hop, 3),
+           "alert_excerpts_analysed": st.alert_windows_analysed, "alert_excerpts_dropped": st.alert_windows_dropped,
+           "alert_sec_per_excerpt": round(st.alert_sec / max(1, st.alert_windows_analysed), 3),
+           "load_avg_1min": [load0, load()]}
     print(json.dumps(out), flush=True)
     return out
 
 
-def smallest_hop(pipe: Pipeline, per_window: float, hops: list[float], windows: int) -> tuple[float | None, list]:
+def smallest_hop(pipe: Pipeline, per_window: float, hops: list[float], windows: int, args) -> tuple[float | None, list]:
     """Try the smallest hop in ``hops`` not under ``per_window`` seconds, then larger ones until one
     keeps up, and the next smaller one (which should drop)."""
     hops = sorted(hops)
     i = next((k for k, h in enumerate(hops) if h >= per_window), len(hops) - 1)
     cases, best, first = [], None, i
     while i < len(hops):
-        r = hop_case(pipe, hops[i], windows)
+        r = hop_case(pipe, hops[i], windows, args)
         cases.append(r)
         if not r["windows_dropped"]:
             best = hops[i]
             break
         i += 1
     if best is not None and i == first and i > 0:  # the first one tried kept up: is a smaller one fine too?
-        cases.append(hop_case(pipe, hops[i - 1], windows))
+        cases.append(hop_case(pipe, hops[i - 1], windows, args))
         if not cases[-1]["windows_dropped"]:
             best = hops[i - 1]
     return best, cases
@@ -192,6 +233,11 @@ def main() -> None:
     p.add_argument("--hop", type=float, default=2.0, help="level trigger: seconds between analyses while loud")
     p.add_argument("--hold-off", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu (float32; --fast: int8) or cuda (bfloat16)")
+    p.add_argument("--alert-sec", type=float, default=1.0, help="alert stage: seconds per excerpt")
+    p.add_argument("--alert-hop", type=float, default=1.0, help="alert stage: seconds between excerpts while loud")
+    p.add_argument("--no-alert-stage", action="store_true",
+                   help="the separation stage alone (as before issue 11's fix)")
     p.add_argument("--skip-default", action="store_true", help="only --fast")
     p.add_argument("--hops", type=float, nargs="*", default=[0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20],
                    help="hop-trigger hops to choose from for the smallest hop without drops (--fast)")
@@ -199,15 +245,16 @@ def main() -> None:
     p.add_argument("--max-passes", type=int, default=None, help="separation passes per window (default: the config's 3)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    results = {"args": vars(args), "live_config": dataclasses.asdict(LiveConfig()), "cases": [],
-               "smallest_hop_without_drops": None}
+    results = {"args": vars(args), "live_config": dataclasses.asdict(live_config(args)), "cases": [],
+               "smallest_hop_without_drops": None, "cpu_count": os.cpu_count(),
+               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     t0 = time.perf_counter()
     for fast in ([True] if args.skip_default else [False, True]):
-        pipe = pipeline(fast, args.threads, args.max_passes)
+        pipe = pipeline(fast, args.threads, args.max_passes, args.device, args.alert_sec)
         res = latency_case(pipe, "fast" if fast else "default", args)
         results["cases"].append(res)
         if fast and args.hops:
-            best, cases = smallest_hop(pipe, res["analysis_sec_per_window"], args.hops, args.hop_windows)
+            best, cases = smallest_hop(pipe, res["separation"]["sec_per_window"], args.hops, args.hop_windows, args)
             results["cases"] += cases
             results["smallest_hop_without_drops"] = best
         del pipe

@@ -1,6 +1,10 @@
 """Live mode (issue 11): real shared clips streamed at real-time pace, through stdin into
 ``python infer.py --live -`` and through the Python API, with a tiny AST forced to answer *Siren*
-so the inserted siren is an alert; delivery to a real HTTP server on 127.0.0.1."""
+so the inserted siren is an alert; delivery to a real HTTP server on 127.0.0.1.
+
+Two stages: the fast alert stage announces a sound first (``stage: alert``, provisional), the
+separation stage then updates that event (same ``event_id``, ``update_of``, ``revision: 1``): one
+occurrence is an alert plus its update, never two unrelated events."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from astsep.capture import ArraySource, StreamSource, parse_raw_format, read_wav
 from astsep.config import AstsepConfig, LiveConfig
 from astsep.errors import AudioError, ConfigError
 from astsep.guide import ASTGuide
-from astsep.live import LiveListener, Occurrences, RingBuffer, active_runs, listen
+from astsep.live import Analysis, LiveListener, Occurrences, RingBuffer, active_runs, listen
 from astsep.pipeline import Pipeline
 from astsep.testing import force_class, tiny_ast
 from conftest import ROOT, clip
@@ -159,6 +163,39 @@ def test_ring_buffer_holds_the_latest_samples_by_absolute_position():
     np.testing.assert_array_equal(rb.read(0, 20)[0], x[15:20])  # older samples are gone: clipped
 
 
+def test_separation_updates_the_alert_of_its_occurrence_once_even_under_a_neighbouring_class():
+    occ = Occurrences(hold_off=2.0)
+    top = [{"label": "Siren", "class_id": 396, "prob": 0.6}, {"label": "Civil defense siren", "class_id": 397,
+                                                               "prob": 0.2}]
+    alert = {"label": "Siren", "class_id": 396, "start_sec": 3.0, "end_sec": 3.5, "top5": top}
+    kind, rec = occ.observe(alert, "alert")
+    assert kind == "new" and rec["stage"] == "alert" and rec["event"] is alert
+    assert occ.observe(dict(alert, start_sec=3.2, end_sec=4.5), "alert")[0] == "merged"  # the next excerpt
+    # the separated source names it "Civil defense siren": in the alert's top 5, overlapping: its update
+    sep = {"label": "Civil defense siren", "class_id": 397, "start_sec": 2.98, "end_sec": 5.0, "top5": []}
+    kind, rec2 = occ.observe(sep, "separation")
+    assert kind == "update" and rec2 is rec and rec["revision"] == 1 and rec["end_sec"] == 5.0
+    assert occ.observe(dict(sep, start_sec=4.0, end_sec=6.0), "separation")[0] == "merged"  # later windows
+    assert occ.observe(dict(alert, start_sec=5.5, end_sec=6.0), "alert")[0] == "merged"
+    # a class unrelated to the alert's top 5 is a sound of its own
+    assert occ.observe({"label": "Dog", "class_id": 74, "start_sec": 3.0, "end_sec": 4.0}, "separation")[0] == "new"
+
+
+def test_a_window_holding_the_previous_sound_does_not_update_the_next_sounds_alert():
+    # sirens at 2 s and 5.5 s: the alert stage announces the second while the window that ends
+    # 0.5 s into it (1.9-6.0 s) still holds the first, already updated, sound
+    occ = Occurrences(hold_off=2.0)
+    siren = {"label": "Siren", "class_id": 396}
+    assert occ.observe(dict(siren, start_sec=2.0, end_sec=2.5), "alert")[0] == "new"
+    first = occ.observe(dict(siren, start_sec=2.0, end_sec=2.5), "separation")
+    assert first[0] == "update"
+    assert occ.observe(dict(siren, start_sec=5.5, end_sec=6.0), "alert")[0] == "new"
+    kind, rec = occ.observe(dict(siren, start_sec=1.994, end_sec=3.004), "separation")  # the first siren again
+    assert kind == "merged" and rec is first[1]
+    kind, rec = occ.observe(dict(siren, start_sec=5.49, end_sec=6.0), "separation")  # the second's own update
+    assert kind == "update" and rec["start_sec"] == 5.49
+
+
 def test_same_class_within_the_hold_off_is_one_occurrence():
     occ = Occurrences(hold_off=2.0)
     ev = {"label": "Siren", "class_id": 396}
@@ -176,6 +213,22 @@ def test_live_config_checks_its_ranges():
         LiveConfig(trigger="clap")
     with pytest.raises(ConfigError, match="live.window_sec"):
         LiveConfig(window_sec=20.0)
+    with pytest.raises(ConfigError, match="live.alert_post_trigger_sec"):
+        LiveConfig(alert_sec=0.5, alert_post_trigger_sec=1.0)
+    with pytest.raises(ConfigError, match="live.alert_threshold"):
+        LiveConfig(alert_threshold=1.5)
+
+
+def test_alert_stage_options_reach_the_live_config():
+    from astsep.cli import build_parser
+    from astsep.live import live_config
+
+    cfg = live_config(build_parser().parse_args(["--live", "-", "--alert-hop", "0.5", "--alert-sec", "0.4",
+                                                 "--alert-threshold", "0.3"]))
+    assert cfg.alert_stage and (cfg.alert_hop_sec, cfg.alert_sec, cfg.alert_threshold) == (0.5, 0.4, 0.3)
+    assert cfg.alert_post_trigger_sec == 0.4  # bounded by the excerpt
+    assert not live_config(build_parser().parse_args(["--live", "--no-alert-stage"])).alert_stage
+    assert LiveConfig().alert_stage  # on by default
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -197,16 +250,68 @@ def test_wav_stream_with_unknown_length_and_raw_formats_are_read():
 
 
 # --- the API -------------------------------------------------------------------------------------
-def test_api_siren_at_known_time_gives_one_event_at_real_time_pace(siren_pipe, shared):
+def test_api_siren_at_known_time_gives_one_occurrence_alert_first_then_its_update(siren_pipe, shared):
     x = siren_stream()
     events = list(listen(ArraySource(x, realtime=True), siren_pipe, LiveConfig()))
-    assert len(events) == 1, events
-    ev = events[0]
-    assert abs(ev["start_sec"] - SIREN_AT) <= 0.5, ev
-    assert ev["label"] == "Siren" and ev["category"] == "danger" and ev["trigger"] == "level"
-    assert ev["occurred_at_source"] == "capture_clock" and ev["occurred_at"].endswith("Z")
-    assert ev["angle_source"] == "none" and "angle" not in ev  # one channel, no --angle
-    assert 0 < ev["latency_sec"] < 10
+    # one occurrence: the alert stage's event, then the separation stage's update of it (in that order)
+    assert [(e["stage"], e["revision"]) for e in events] == [("alert", 0), ("separation", 1)], events
+    alert, update = events
+    assert alert["provisional"] is True and "update_of" not in alert and alert["kind"] == "mixture"
+    assert update["provisional"] is False and update["kind"] == "source"
+    assert update["event_id"] == update["update_of"] == alert["event_id"]  # the original id
+    for ev in events:
+        assert abs(ev["start_sec"] - SIREN_AT) <= 0.5, ev
+        assert ev["label"] == "Siren" and ev["category"] == "danger" and ev["trigger"] == "level"
+        assert ev["occurred_at_source"] == "capture_clock" and ev["occurred_at"].endswith("Z")
+        assert ev["angle_source"] == "none" and "angle" not in ev  # one channel, no --angle
+    # the alert comes 0.5 s after the onset plus one forward of a short excerpt; the update later
+    assert 0 < alert["latency_sec"] < 2.0, alert
+    assert alert["latency_sec"] < update["latency_sec"] + (update["start_sec"] - alert["start_sec"])
+
+
+def test_without_the_alert_stage_the_separation_stage_gives_the_one_event(siren_pipe, shared):
+    x = siren_stream()
+    lst = LiveListener(siren_pipe, LiveConfig(alert_stage=False))
+    got: list[dict] = []
+    lst.on_event = got.append
+    stats = lst.run(ArraySource(x, realtime=True))
+    assert len(got) == 1 and got[0]["stage"] == "separation" and got[0]["revision"] == 0, got
+    assert got[0]["provisional"] is False and abs(got[0]["start_sec"] - SIREN_AT) <= 0.5
+    assert stats.alert_windows_queued == 0 and stats.events == 1 and stats.updates == 0
+
+
+class Puts:
+    """A stand-in for the delivery thread: what the listener hands to the outbox."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def put(self, ev: dict) -> None:
+        self.events.append(ev)
+
+
+def test_an_update_goes_to_the_backend_only_when_it_changes_what_the_backend_shows(siren_pipe):
+    lst = LiveListener(siren_pipe, LiveConfig())
+    lst.close()  # no threads needed: the occurrence bookkeeping only
+    lst.delivery = puts = Puts()
+    item = Analysis(0, np.zeros((1, SR), np.float32), "level", time.monotonic())
+    top = [{"label": "Siren", "class_id": 396, "prob": 0.9}, {"label": "Fire alarm", "class_id": 400, "prob": 0.05}]
+
+    def ev(label, cid, start, eid, kind="source"):
+        return {"label": label, "class_id": cid, "category": "danger", "start_sec": start, "end_sec": start + 1,
+                "event_id": eid, "top5": top, "kind": kind}
+
+    a = lst._record(ev("Siren", 396, 1.0, "a1", "mixture"), "alert", item, {"start_sec": 0, "end_sec": 1})
+    u = lst._record(ev("Siren", 396, 0.98, "s1"), "separation", item, {"start_sec": 0, "end_sec": 1})
+    assert (a["revision"], u["revision"], u["event_id"], u["update_of"]) == (0, 1, "a1", "a1")
+    assert [e["event_id"] for e in puts.events] == ["a1"]  # same label and category: the backend has it
+    b = lst._record(ev("Siren", 396, 9.0, "a2", "mixture"), "alert", item, {"start_sec": 0, "end_sec": 1})
+    v = lst._record(ev("Fire alarm", 400, 9.1, "s2"), "separation", item, {"start_sec": 0, "end_sec": 1})
+    assert v["event_id"] == v["update_of"] == b["event_id"] == "a2" and v["label"] == "Fire alarm"
+    # the label changed: the update is delivered under its own idempotency key, <event_id>.r<revision>
+    assert [e["event_id"] for e in puts.events] == ["a1", "a2", "a2.r1"]
+    assert puts.events[-1]["label"] == "Fire alarm" and puts.events[-1]["update_of"] == "a2"
+    assert (lst.stats.events, lst.stats.alert_events, lst.stats.updates, lst.stats.updates_sent) == (2, 2, 2, 1)
 
 
 def test_two_sirens_further_apart_than_the_hold_off_are_two_events(siren_pipe, shared):
@@ -215,7 +320,9 @@ def test_two_sirens_further_apart_than_the_hold_off_are_two_events(siren_pipe, s
     got: list[dict] = []
     lst.on_event = got.append
     stats = lst.run(ArraySource(x, realtime=False))
-    assert [round(e["start_sec"]) for e in got] == [2, 8], got
+    # fed faster than real time, either stage may announce a siren first; each is one occurrence
+    assert sorted(round(e["start_sec"]) for e in got if e["revision"] == 0) == [2, 8], got
+    assert len({e["event_id"] for e in got}) == 2
     assert all(e["angle"] == 30 and e["angle_source"] == "option" for e in got)
     assert stats.events == 2 and stats.windows_dropped == 0
 
@@ -233,9 +340,10 @@ def test_two_sirens_in_one_window_further_apart_than_the_hold_off_are_two_events
     # frame is within the separator's 30 dB activity threshold of them and bridges the gap
     x = siren_stream(9.0, sirens=(2.0, 4.5), siren_sec=1.0, rain_dbfs=-65.0)
     got: list[dict] = []
-    stats = LiveListener(siren_pipe, LiveConfig(hold_off_sec=1.0, queue_size=8), on_event=got.append).run(
-        ArraySource(x, realtime=False))
-    assert [round(e["start_sec"], 1) for e in got] == [2.0, 4.5], got
+    stats = LiveListener(siren_pipe, LiveConfig(hold_off_sec=1.0, queue_size=8, alert_queue_size=8),
+                         on_event=got.append).run(ArraySource(x, realtime=False))
+    assert sorted(round(e["start_sec"], 1) for e in got if e["revision"] == 0) == [2.0, 4.5], got
+    assert len({e["event_id"] for e in got}) == 2
     assert stats.windows_dropped == 0
 
 
@@ -263,6 +371,37 @@ def test_slow_analysis_never_blocks_capture_and_dropped_windows_are_counted(sire
     assert stats.windows_dropped > 5
     assert stats.windows_queued == stats.windows_analysed + stats.windows_dropped
     assert "analysis is behind: dropped" in caplog.text
+
+
+class SlowAlertGuide:
+    """The pipeline's guide, with an alert-stage forward that takes ``delay`` seconds."""
+
+    def __init__(self, guide, delay: float):
+        self.guide, self.delay = guide, delay
+
+    def __getattr__(self, name):
+        return getattr(self.guide, name)
+
+    def forward_features(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.guide.forward_features(*args, **kwargs)
+
+
+def test_a_slow_alert_stage_never_blocks_capture_or_separation_and_its_drops_are_counted(siren_pipe, shared):
+    pipe = SlowPipe(siren_pipe, 0.0)
+    pipe.guide = SlowAlertGuide(siren_pipe.guide, 0.5)  # the separation keeps the real guide (pipe.pipe)
+    lst = LiveListener(pipe, LiveConfig(trigger="hop", hop_sec=1.0, alert_hop_sec=0.1, queue_size=16))
+    feed_times = []
+    x = siren_stream(4.0, sirens=(1.0,))
+    for i in range(0, x.size, 512):
+        t0 = time.perf_counter()
+        lst.feed(x[i:i + 512])
+        feed_times.append(time.perf_counter() - t0)
+    stats = lst.close()
+    assert max(feed_times) < 0.2, max(feed_times)
+    assert stats.alert_windows_dropped > 10 and stats.windows_dropped == 0
+    assert stats.alert_windows_queued == stats.alert_windows_analysed + stats.alert_windows_dropped
+    assert stats.windows_analysed == stats.windows_queued >= 3
 
 
 class BrokenPipe(SlowPipe):
@@ -304,10 +443,13 @@ def test_stdin_stream_siren_gives_one_event_delivered_once(tmp_path, siren_model
     assert proc.wait(60) == 0, "".join(err)
     assert time.monotonic() - t0 >= 7.5  # it was fed at real-time pace
     events = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert len(events) == 1, (events, "".join(err))
+    # one occurrence: the alert, then the separation stage's update carrying its id
+    assert [(e["stage"], e["revision"]) for e in events] == [("alert", 0), ("separation", 1)], (events, "".join(err))
     ev = events[0]
-    assert abs(ev["start_sec"] - SIREN_AT) <= 0.5 and ev["label"] == "Siren"
-    assert len(backend.requests) == 1
+    assert events[1]["event_id"] == events[1]["update_of"] == ev["event_id"]
+    assert all(abs(e["start_sec"] - SIREN_AT) <= 0.5 and e["label"] == "Siren" for e in events)
+    assert ev["latency_sec"] < 2.0, ev
+    assert len(backend.requests) == 1  # the update changes nothing the backend's body shows
     headers, body = backend.requests[0]
     assert headers["Idempotency-Key"] == ev["event_id"]
     assert body["sound_type"] == "danger" and body["sound_detail"] == "Siren" and body["user_id"] == 7
