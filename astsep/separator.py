@@ -426,7 +426,7 @@ class Separator:
             # stop items whose pass took too little, or with nothing audible left
             stop = torch.zeros(B, dtype=torch.bool, device=dev)
             stop[idx[~keep_now]] = True
-            stop |= left <= top_input_energy * 10 ** (sc.silence_dbfs / 10)
+            stop |= left <= top_input_energy * 10 ** (sc.residual_floor_db / 10)
             running = running & ~stop
 
             if keep_traces:

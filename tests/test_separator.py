@@ -87,6 +87,23 @@ def test_min_eratio_stops_early_and_keeps_nothing_that_small(shared):
     torch.testing.assert_close(out.residual[0], mixture("siren", "dog"))
 
 
+def test_a_window_stops_once_what_is_left_is_below_the_residual_floor(shared):
+    """``residual_floor_db`` is relative to the window's input energy (``silence_dbfs`` is absolute
+    RMS and does not decide it): a floor just under the input stops after the first kept pass."""
+    x = mixture("siren", "dog").unsqueeze(0)
+    runs = {}
+    for name, floor, silence in (("floor", -0.5, -80.0), ("silence only", -80.0, -1.0)):
+        cfg = AstsepConfig()
+        cfg.separator.residual_floor_db, cfg.separator.silence_dbfs = floor, silence
+        guide = ASTGuide(tiny_ast(seed=0))
+        out = Separator(cfg, guide).separate_batch(x * 10 ** (-20 / 20))  # -20 dB: RMS far above -80, under -1
+        runs[name] = (guide.forwards, out)
+    forwards, out = runs["floor"]
+    assert forwards == 1 and bool(out.kept[0, 0]), forwards
+    forwards, out = runs["silence only"]
+    assert forwards == 0 and bool(out.silent[0])  # silence_dbfs only decides whether the input is silent
+
+
 def test_silence_runs_no_forward_and_gives_no_source():
     guide = ASTGuide(tiny_ast(seed=0))
     out = Separator(AstsepConfig(), guide).separate_batch(torch.zeros(2, 16000))
