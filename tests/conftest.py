@@ -51,6 +51,18 @@ def written_sum(result, out: Path) -> torch.Tensor:
     return torch.from_numpy(sum(sf.read(out / n, dtype="float64", always_2d=False)[0] for n in names))
 
 
+def fit_and_save(module, batch: list[dict], path: Path, steps: int = 1) -> None:
+    """``steps`` real optimisation steps of a ``RefinerModule`` on ``batch`` (one batch of them all),
+    then a checkpoint at ``path`` saved by Lightning, as ``train.py`` saves one."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(batch, batch_size=len(batch)))
+    trainer.save_checkpoint(path)
+
+
 def mixture(*names: str, seconds: float = 5.0) -> torch.Tensor:
     """Sum of shared clips, each cut to ``seconds``."""
     parts = [clip(n, seconds) for n in names]

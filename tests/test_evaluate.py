@@ -5,17 +5,15 @@ from __future__ import annotations
 import csv
 import json
 
-import lightning.pytorch as pl
 import pytest
 import soundfile as sf
 import torch
-from torch.utils.data import DataLoader
 
 from astsep.evaluate import main, oracle_irm, read_eval_csv
 from astsep.config import STFTConfig
 from astsep.lit import RefinerModule
 from astsep.metrics import si_sdr
-from conftest import ESC, clip
+from conftest import ESC, clip, fit_and_save
 
 
 def _flac(name: str) -> str:
@@ -51,10 +49,8 @@ def test_report_has_mean_and_median_of_every_metric_for_all_methods(tmp_path, pa
     module = RefinerModule(refiner=dict(n_masks=3, query_dim=32, channels=4, max_channels=8, depth=2, cond_dim=8),
                            guide_model="tiny", query_source="target_audio", example_every_n_val=0)
     s, n = clip("dog", 1.0), clip("rain", 1.0)
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, DataLoader([{"mixture": s + n, "target": s}, {"mixture": s + n, "target": n}], batch_size=2))
-    trainer.save_checkpoint(tmp_path / "r.ckpt")
+    fit_and_save(module, [{"mixture": s + n, "target": s}, {"mixture": s + n, "target": n}], tmp_path / "r.ckpt",
+                 steps=2)
 
     out = tmp_path / "report"
     assert main(["--mixtures", str(pair_csv), "--out", str(out), "--refiner", str(tmp_path / "r.ckpt"),
@@ -121,10 +117,7 @@ def test_the_baseline_is_the_same_with_and_without_a_refiner_and_the_report_name
                            guide_model="tiny", query_source="target_audio", trim_padding=True, pad_merge=0,
                            example_every_n_val=0)
     s, n = clip("dog", 1.0), clip("rain", 1.0)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, DataLoader([{"mixture": s + n, "target": s}], batch_size=1))
-    trainer.save_checkpoint(tmp_path / "r.ckpt")
+    fit_and_save(module, [{"mixture": s + n, "target": s}], tmp_path / "r.ckpt")
 
     csv_path, reports = _one_row_csv(tmp_path), {}
     for name, extra in (("plain", []), ("refined", ["--refiner", str(tmp_path / "r.ckpt")])):

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from torch.utils.data import DataLoader
 
 from astsep.lit import RefinerModule
 from astsep.query import EmbeddingTable, label_prompt
 from astsep.refiner import Refiner
 from astsep.testing import audioset_labels
 
-from conftest import clip, mixture
+from conftest import clip, fit_and_save, mixture
 from test_cli import infer, one_error_line
 
 SMALL = {"n_masks": 3, "channels": 8, "max_channels": 16, "depth": 2, "cond_dim": 16, "groups": 4}
@@ -30,10 +28,7 @@ def _train_and_save(path, query_source: str, query_dim: int, **refiner) -> None:
     itf = [clip("rain", 2.0), clip("crow", 2.0)]
     batch = [{"mixture": t + i, "target": t, "query": torch.randn(query_dim), "has_query": torch.tensor(1.0)}
              for t, i in zip(tgt, itf)]
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, DataLoader(batch, batch_size=2))
-    trainer.save_checkpoint(path)
+    fit_and_save(module, batch, path, steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +188,8 @@ def test_a_checkpoint_records_the_baseline_by_value_and_inference_warns_naming_w
     sep_yaml.write_text("separator:\n  rounds: 2\n")
     module = RefinerModule(refiner=dict(SMALL, query_dim=32), guide_model="tiny", separator_config=str(sep_yaml),
                            trim_padding=True, pad_merge=0, query_source="target_audio")
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False)
     s = clip("dog", 1.0)
-    trainer.fit(module, DataLoader([{"mixture": s + clip("rain", 1.0), "target": s}], batch_size=1))
-    trainer.save_checkpoint(tmp_path / "r.ckpt")
+    fit_and_save(module, [{"mixture": s + clip("rain", 1.0), "target": s}], tmp_path / "r.ckpt")
     sep_yaml.unlink()  # the checkpoint holds the values, not the path
 
     hp = torch.load(tmp_path / "r.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]

@@ -17,7 +17,7 @@ from astsep.errors import ConfigError
 from astsep.lit import RefinerModule
 from astsep.metrics import SdrSiSdrLoss
 from astsep.refiner.schedule import lr_factor
-from conftest import ESC, ROOT, clip
+from conftest import ESC, ROOT, clip, fit_and_save
 
 TINY = str(ROOT / "configs" / "refiner_tiny.yaml")
 MANIFEST = str(ESC / "manifest.csv")
@@ -205,19 +205,13 @@ def test_the_separator_config_is_taken_as_a_path_a_mapping_or_a_dataclass_and_st
 
 
 def test_a_checkpoint_rebuilds_the_whole_separator_config_without_its_yaml(tmp_path, shared):
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-
     path = tmp_path / "sep.yaml"
     path.write_text("stft:\n  hop: 128\nseparator:\n  max_passes: 2\n  nmf_components: 8\n"
                     "guide:\n  fbank_std: 4.0\nwindow:\n  overlap_sec: 0.25\ncategories:\n  sets:\n    help: [14]\n")
     module = RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config=str(path), trim_padding=True,
                            pad_merge=0, query_source="target_audio")
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False)
     s = clip("dog", 1.0)
-    trainer.fit(module, DataLoader([{"mixture": s + clip("rain", 1.0), "target": s}], batch_size=1))
-    trainer.save_checkpoint(tmp_path / "r.ckpt")
+    fit_and_save(module, [{"mixture": s + clip("rain", 1.0), "target": s}], tmp_path / "r.ckpt")
     path.unlink()  # the checkpoint holds the values, not the path
 
     hp = torch.load(tmp_path / "r.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
