@@ -135,6 +135,12 @@ def _add_live_options(p: argparse.ArgumentParser) -> None:
                         "least this probability (default 0.5)")
     g.add_argument("--no-alert-stage", action="store_true",
                    help="no fast alert stage: events come from the separated windows only")
+    g.add_argument("--no-retract", action="store_true",
+                   help="never retract a provisional alert (default: one a complete separation of its excerpt does "
+                        "not confirm is retracted: an event with \"retracted\": true)")
+    g.add_argument("--all-passes", action="store_true",
+                   help="every window runs all its separation passes, even when a newer window waits (then "
+                        "windows are dropped instead); default: a window behind stops after the pass in progress")
     g.add_argument("--record", default=None, metavar="DIR", help="keep each analysed window and its sources here")
     g.add_argument("--record-max-mb", type=float, default=None, help="size cap of --record (default 200 MB)")
 

@@ -376,6 +376,13 @@ class LiveConfig:
     # with the alert stage on, the separation thread runs this much nicer (Linux thread priority) so
     # that an alert forward gets the CPU first; 0 leaves it alone
     separation_nice: int = 10
+    # when a newer window is waiting (the separation stage is behind), the window in progress runs
+    # no further pass (the sounds it has not separated stay in its residual, which is still
+    # classified): fewer passes instead of a dropped window. False: every window runs all its passes.
+    cut_passes_when_behind: bool = True
+    # a provisional alert is retracted (an event with "retracted": true, the alert's event_id) when
+    # the first separated window that holds its whole excerpt, every pass run, does not confirm it
+    retract_unconfirmed: bool = True
 
     def __post_init__(self) -> None:
         sec = "live"
@@ -401,6 +408,8 @@ class LiveConfig:
         _float(sec, "alert_threshold", self.alert_threshold, lo=0.0, hi=1.0)
         _int(sec, "alert_queue_size", self.alert_queue_size, lo=1, hi=64)
         _int(sec, "separation_nice", self.separation_nice, lo=0, hi=19)
+        _bool(sec, "cut_passes_when_behind", self.cut_passes_when_behind)
+        _bool(sec, "retract_unconfirmed", self.retract_unconfirmed)
 
 
 # What makes two baselines the same: every STFT and separator value and these guide values. The

@@ -13,7 +13,11 @@ or blocks capture::
              separation thread (niced): Pipeline.run (separator + classifier, the AST guide shared)
              → direction → occurrence merging: a sound the alert stage already announced gets an
              UPDATE (the same event_id, "update_of", "revision": 1, "stage": "separation") instead
-             of a second event; one it missed is a new event
+             of a second event; one it missed is a new event. An alert whose whole excerpt the
+             first complete separated window held without confirming it is retracted (an event
+             with "retracted": true, same event_id; not sent to the backend). When a newer window
+             waits, the window in progress stops after its current pass (``windows_cut``) rather
+             than that newer one being dropped
         ──events──▶ callback / iterator, and the outbox + backend client (delivery thread: retries,
         idempotency keys; an update goes to the backend only when it changes what the backend's
         body shows, the label or the category, under the key ``<event_id>.r<revision>``)
@@ -115,6 +119,8 @@ class LiveStats:
     windows_queued: int = 0
     windows_analysed: int = 0
     windows_dropped: int = 0
+    windows_cut: int = 0  # windows whose passes ended early because a newer one was waiting
+    passes_run: int = 0  # separation passes, over all windows
     events: int = 0
     merged: int = 0  # detections merged into an earlier event of the same occurrence
     analysis_sec: float = 0.0  # seconds spent separating, in all
@@ -132,6 +138,7 @@ class LiveStats:
     separation_latencies_sec: list[float] = field(default_factory=list)  # per separation event or update
     updates: int = 0
     updates_sent: int = 0
+    retractions: int = 0  # alerts a complete separation of their excerpt did not confirm
     recordings: int = 0
     interrupted: bool = False  # ended by Ctrl-C / SIGTERM / stop, not by the end of the stream
     delivery: dict[str, Any] = field(default_factory=dict)
@@ -186,7 +193,10 @@ class Occurrences:
     neighbouring AudioSet classes, e.g. *Siren* / *Civil defense siren*): the update then corrects
     the label. Several occurrences of a class stay open (the latest ``keep``): the alert stage
     announces a new sound while a window that still holds the previous one waits for separation,
-    and that window's detection of the previous sound belongs to the previous occurrence."""
+    and that window's detection of the previous sound belongs to the previous occurrence.
+
+    A retracted occurrence (:meth:`LiveListener._retract`) takes the alert stage's later excerpts
+    of it in silence; the separation stage's later detection of its class is a new occurrence."""
 
     def __init__(self, hold_off: float, keep: int = 32):
         self.hold_off = hold_off
@@ -212,7 +222,10 @@ class Occurrences:
         "merged", the occurrence)``. An occurrence holds ``start_sec``, ``end_sec``, ``windows``,
         ``stage`` (the last stage that reported it), ``revision`` and ``event`` (its first event)."""
         key = (ev["label"], ev["class_id"])
-        near = [c for c in self.open.get(key, []) if self._gap(c, ev) <= self.hold_off]
+        # a retracted occurrence silences the alert stage's later excerpts of it (the separation
+        # had more to go on); a separation detection of its class is a new occurrence
+        near = [c for c in self.open.get(key, []) if self._gap(c, ev) <= self.hold_off
+                and (c["stage"] != "retracted" or stage == "alert")]
         cur = min(near, key=lambda c: (self._gap(c, ev), -c["start_sec"])) if near else None
         if cur is None and stage == "separation":
             cur = self._provisional_match(ev)
@@ -230,6 +243,21 @@ class Occurrences:
             cur["revision"] += 1
             return "update", cur
         return "merged", cur
+
+    def unconfirmed(self, window_start: float, window_end: float) -> list[dict]:
+        """Alert-stage occurrences no separation has confirmed whose alert excerpt (its
+        ``window_start_sec`` .. ``window_end_sec``) lies within ``[window_start, window_end]`` seconds."""
+        out, seen = [], set()
+        for held in self.open.values():
+            for cur in held:
+                first = cur.get("event") or {}
+                if cur["stage"] != "alert" or id(cur) in seen:
+                    continue
+                seen.add(id(cur))
+                a, b = first.get("window_start_sec"), first.get("window_end_sec")
+                if a is not None and b is not None and window_start - 1e-6 <= a and b <= window_end + 1e-6:
+                    out.append(cur)
+        return out
 
     def _provisional_match(self, ev: dict) -> dict | None:
         ids = {t.get("class_id") for t in ev.get("top5") or []} | {ev["class_id"]}
@@ -598,7 +626,10 @@ class LiveListener:
         self.stats.max_queue_wait_sec = max(self.stats.max_queue_wait_sec, time.monotonic() - item.queued_at)
         mono = torch.from_numpy(item.audio.mean(axis=0))
         g0 = dict(self.pipe.guide.stats())
-        result = self.pipe.run(mono, f"live:{item.start / SAMPLE_RATE:.3f}s")
+        behind = (lambda: not self._q.empty()) if self.cfg.cut_passes_when_behind else None
+        result = self.pipe.run(mono, f"live:{item.start / SAMPLE_RATE:.3f}s", should_stop=behind)
+        self.stats.windows_cut += result.stats["windows_cut"]
+        self.stats.passes_run += result.stats["passes_run"]
         g1 = self.pipe.guide.stats()
         self.stats.ast_forwards += g1["ast_forwards"] - g0["ast_forwards"]
         self.stats.cache_hits += g1["cache_hits"] - g0["cache_hits"]
@@ -626,6 +657,11 @@ class LiveListener:
                 live_ev = self._record(self._live_event(part, item, offset), "separation", item, part)
                 if live_ev is not None:
                     emitted.append(live_ev)
+        if self.alert_on and self.cfg.retract_unconfirmed and not result.stats["windows_cut"]:
+            w0, w1 = offset, offset + item.audio.shape[1] / SAMPLE_RATE
+            with self._lock:
+                for occ in self.occurrences.unconfirmed(round(w0, 3), round(w1, 3)):
+                    self._retract(occ, item)
         self.stats.windows_analysed += 1
         self.stats.analysis_sec += time.perf_counter() - t0
         if self.recorder is not None:
@@ -722,22 +758,42 @@ class LiveListener:
             self._emit(ev, to_backend)
             return ev
 
+    def _retract(self, occ: dict, item: Analysis) -> None:
+        """The separation of ``item`` (every pass run) held the whole excerpt an alert was made from and
+        did not confirm it: emit a retraction (the alert's fields, same ``event_id``, ``update_of``,
+        next ``revision``, ``retracted: true``). Called under ``self._lock``. Not sent to the backend:
+        its body (the reference backend's) cannot withdraw an alert, and another POST would be a
+        second alert."""
+        first = occ["event"]
+        occ["stage"] = "retracted"
+        occ["revision"] += 1
+        ev = {k: v for k, v in first.items() if k != "latency_sec"}
+        ev.update(stage="separation", provisional=False, retracted=True, revision=occ["revision"],
+                  update_of=first["event_id"], retracted_by_window=[round(item.start / SAMPLE_RATE, 3), round(
+                      (item.start + item.audio.shape[1]) / SAMPLE_RATE, 3)])
+        self._emit(ev, to_backend=False)
+
     def _emit(self, ev: dict, to_backend: bool = True) -> None:
         stage, update = ev.get("stage", "separation"), ev.get("revision", 0) > 0
+        retracted = bool(ev.get("retracted"))
         t_cap = self.captured_at(int(round(ev["start_sec"] * SAMPLE_RATE)))
         if t_cap is not None:
             lat = time.monotonic() - t_cap
             ev["latency_sec"] = round(lat, 3)
             if not update:
                 self.stats.latencies_sec.append(lat)
-            (self.stats.alert_latencies_sec if stage == "alert" else self.stats.separation_latencies_sec).append(lat)
-        if update:
+            if not retracted:
+                (self.stats.alert_latencies_sec if stage == "alert" else self.stats.separation_latencies_sec).append(lat)
+        if retracted:
+            self.stats.retractions += 1
+        elif update:
             self.stats.updates += 1
             self.stats.updates_sent += int(to_backend)
         else:
             self.stats.events += 1
             self.stats.alert_events += int(stage == "alert")
-        log.info("%s: %s (%s) at %.2f s%s", f"update r{ev['revision']}" if update else f"{stage} event", ev["label"],
+        what = "retraction" if retracted else f"update r{ev['revision']}" if update else f"{stage} event"
+        log.info("%s: %s (%s) at %.2f s%s", what, ev["label"],
                  ev["category"], ev["start_sec"], f", {ev['angle']:.0f}°" if ev.get("angle") is not None else "")
         if self.delivery is not None and to_backend:
             # an update is another delivery (the backend has no update call): its own idempotency key
@@ -917,6 +973,10 @@ def live_config(args) -> LiveConfig:
               "alert_threshold": args.alert_threshold}
     if args.no_alert_stage:
         values["alert_stage"] = False
+    if args.all_passes:
+        values["cut_passes_when_behind"] = False
+    if args.no_retract:
+        values["retract_unconfirmed"] = False
     base = LiveConfig()
     if args.window is not None:  # post_trigger_sec is bounded by the window
         base = dataclasses.replace(base, window_sec=args.window,
@@ -1014,6 +1074,7 @@ def run_cli(args) -> int:
                   f"dropped, {stats.alert_events} alert(s), {stats.updates} updated by separation; "
                   if lcfg.alert_stage else "")
         print(f"astsep live: {stats.stream_sec:.1f} s listened; {alerts}separation: {stats.windows_analysed} "
-              f"window(s) analysed, {stats.windows_dropped} dropped; {stats.events} event(s)"
+              f"window(s) analysed ({stats.windows_cut} cut short), {stats.windows_dropped} dropped; "
+              f"{stats.events} event(s)"
               f"{' (stopped)' if stats.interrupted else ''}{sent}", file=sys.stderr)
     return 0

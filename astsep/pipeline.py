@@ -206,11 +206,14 @@ class Pipeline:
 
     def run(self, audio: torch.Tensor, name: str = "<tensor>", info: AudioInfo | None = None,
             keep_traces: bool = False, progress: Callable[[int], None] | None = None,
-            query=None) -> SeparationResult:
+            query=None, should_stop: Callable[[], bool] | None = None) -> SeparationResult:
         """Separate ``audio`` ``(N,)`` (16 kHz mono float32, validated).
 
         With a refiner, every baseline source is refined; with a ``query``
         (:class:`astsep.refiner.Query`) only the queried source is extracted, plus the rest.
+        ``should_stop``: asked before each pass after the first (:meth:`Separator.separate_batch`);
+        True ends that window's passes early (live mode, when a newer window waits). The windows so
+        cut are counted in ``stats["windows_cut"]``.
         """
         if query is not None and self.refiner is None:
             raise ConfigError("a text or audio query needs a trained refiner (--refiner CKPT)")
@@ -232,7 +235,7 @@ class Pipeline:
         events: list[dict] = []
         residual_cls: list[dict | None] = []
         traces: list[tuple[int, int, Any]] = []
-        residual_forwards = query_forwards = 0
+        residual_forwards = query_forwards = passes_run = windows_cut = 0
         t_sep = t_res = t_ref = 0.0
         device = self.guide.device
         bw = cfg.window.batch_windows or (32 if device.type == "cuda" else 1)
@@ -240,8 +243,10 @@ class Pipeline:
             chunk = starts[c0:c0 + bw]
             xb = torch.stack([x[s:s + length] for s in chunk]).to(device)
             t0 = time.perf_counter()
-            out = self.separator.separate_batch(xb, keep_traces=keep_traces)
+            out = self.separator.separate_batch(xb, keep_traces=keep_traces, should_stop=should_stop)
             t_sep += time.perf_counter() - t0
+            passes_run = max(passes_run, out.passes_run)
+            windows_cut += len(chunk) if out.cut else 0
             if self.refiner is not None:
                 t0, before = time.perf_counter(), self.guide.forwards
                 out = self._refine(xb, out, query)
@@ -310,6 +315,8 @@ class Pipeline:
             "pad_merge": self.guide.cfg.pad_merge if self.guide.cfg.trim_padding else None,
             "windows": len(starts),
             "passes_max": sc.max_passes,
+            "passes_run": passes_run,  # the most passes any window ran
+            "windows_cut": windows_cut,  # windows whose passes should_stop ended early
             "ast_forwards": g1["ast_forwards"] - g0["ast_forwards"],
             "ast_forwards_separation": g1["ast_forwards"] - g0["ast_forwards"] - residual_forwards - query_forwards,
             "ast_forwards_residual": residual_forwards,

@@ -37,6 +37,7 @@ loud one.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -325,6 +326,8 @@ class BatchSeparation:
     silent: torch.Tensor  # (B,) bool: window below the silence level, no AST forward
     traces: list[PassTrace] = field(default_factory=list)
     labels: list[list[str]] = field(default_factory=list)
+    passes_run: int = 0  # passes that ran (for any window of the batch)
+    cut: bool = False  # ``should_stop`` ended the passes early (see :meth:`Separator.separate_batch`)
 
 
 @dataclass
@@ -359,7 +362,13 @@ class Separator:
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def separate_batch(self, x: torch.Tensor, keep_traces: bool = False) -> BatchSeparation:
+    def separate_batch(self, x: torch.Tensor, keep_traces: bool = False,
+                       should_stop: Callable[[], bool] | None = None) -> BatchSeparation:
+        """Separate ``x`` ``(B, N)``. ``should_stop``, when given, is asked before every pass after
+        the first: True ends the passes there (``cut``), with the sources found so far and the rest
+        in the residual, as if ``max_passes`` had been reached. Live mode uses it so that a window
+        gives way to a newer one waiting instead of that one being dropped; without it (files, the
+        default) the result depends on the audio and the config only."""
         sc, st = self.cfg.separator, self.cfg.stft
         if x.dim() == 1:
             x = x.unsqueeze(0)
@@ -389,11 +398,16 @@ class Separator:
         t5p = torch.zeros(B, K, TOP_K, device=dev)
         embs = torch.zeros(B, K, Hd, device=dev)
         traces: list[PassTrace] = []
+        passes_run, cut = 0, False
 
         for k in range(K):
             idx = running.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
+            if k > 0 and should_stop is not None and should_stop():
+                cut = True
+                break
+            passes_run += 1
             warm = None if nmf_state is None else (nmf_state[0][idx], nmf_state[1][idx])
             res = self._pass(k, N, cur[idx], region[idx], idx, warm)
             M = res.mask
@@ -435,7 +449,7 @@ class Separator:
         residual = x - sources.sum(dim=1)
         labels = [[self.guide.labels[int(c)] if c >= 0 else "" for c in row] for row in class_ids.tolist()]
         return BatchSeparation(sources, residual, masks, kept, class_ids, confs, t5i, t5p, embs, silent, traces,
-                               labels)
+                               labels, passes_run, cut)
 
     # ------------------------------------------------------------------------------------------
     def _pass(self, k: int, n_samples: int, cur: torch.Tensor, region: torch.Tensor, rows: torch.Tensor,

@@ -143,7 +143,8 @@ def run_stream(pipe: Pipeline, x: np.ndarray, lcfg: LiveConfig,
 
 def live_config(args, **kw) -> LiveConfig:
     return LiveConfig(alert_stage=not args.no_alert_stage, alert_sec=args.alert_sec, alert_hop_sec=args.alert_hop,
-                      alert_post_trigger_sec=min(0.5, args.alert_sec), **kw)
+                      alert_post_trigger_sec=min(0.5, args.alert_sec),
+                      cut_passes_when_behind=not args.all_passes, **kw)
 
 
 def latency_case(pipe: Pipeline, name: str, args) -> dict:
@@ -171,6 +172,8 @@ def latency_case(pipe: Pipeline, name: str, args) -> dict:
                   "sec_per_excerpt": round(per_excerpt, 3), "busy_share": round(st.alert_real_time_factor, 3)},
         "separation": {"reported": len(lat["separation"]), "latency": _stats(lat["separation"]),
                        "windows_analysed": st.windows_analysed, "windows_dropped": st.windows_dropped,
+                       "windows_cut": st.windows_cut,
+                       "passes_per_window": round(st.passes_run / max(1, st.windows_analysed), 2),
                        "sec_per_window": round(per_window, 3), "busy_share": round(st.real_time_factor, 3),
                        "rtf_window": round(per_window / lcfg.window_sec, 3), "ast_forwards": st.ast_forwards,
                        "max_queue_wait_sec": round(st.max_queue_wait_sec, 3)},
@@ -196,7 +199,9 @@ def hop_case(pipe: Pipeline, hop: float, windows: int, args) -> dict:
     per_window = st.analysis_sec / max(1, st.windows_analysed)
     out = {"case": f"fast, hop trigger {hop} s", "stream_sec": round(st.stream_sec, 1),
            "windows_queued": st.windows_queued, "windows_analysed": st.windows_analysed,
-           "windows_dropped": st.windows_dropped, "analysis_sec_per_window": round(per_window, 3),
+           "windows_dropped": st.windows_dropped, "windows_cut": st.windows_cut,
+           "passes_per_window": round(st.passes_run / max(1, st.windows_analysed), 2),
+           "analysis_sec_per_window": round(per_window, 3),
            "max_queue_wait_sec": round(st.max_queue_wait_sec, 3), "rtf_hop": round(per_window / hop, 3),
            "alert_excerpts_analysed": st.alert_windows_analysed, "alert_excerpts_dropped": st.alert_windows_dropped,
            "alert_sec_per_excerpt": round(st.alert_sec / max(1, st.alert_windows_analysed), 3),
@@ -238,6 +243,8 @@ def main() -> None:
     p.add_argument("--alert-hop", type=float, default=1.0, help="alert stage: seconds between excerpts while loud")
     p.add_argument("--no-alert-stage", action="store_true",
                    help="the separation stage alone (as before issue 11's fix)")
+    p.add_argument("--all-passes", action="store_true",
+                   help="every window runs all its passes even when a newer one waits (as before: drops instead of cuts)")
     p.add_argument("--skip-default", action="store_true", help="only --fast")
     p.add_argument("--hops", type=float, nargs="*", default=[0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20],
                    help="hop-trigger hops to choose from for the smallest hop without drops (--fast)")

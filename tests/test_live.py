@@ -290,6 +290,48 @@ class Puts:
         self.events.append(ev)
 
 
+class ClosingPuts(Puts):
+    def close(self) -> dict:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def speech_pipe() -> Pipeline:
+    """Separation that names every source *Speech* (category other: never an alert)."""
+    m = tiny_ast(seed=1)
+    force_class(m, 0)
+    cfg = AstsepConfig()
+    return Pipeline(cfg, ASTGuide.from_model(m, cfg.guide, name="speech tiny AST"))
+
+
+@pytest.mark.parametrize("retract", [True, False])
+def test_an_alert_the_separation_does_not_confirm_is_retracted_on_the_device_not_resent(
+        siren_pipe, speech_pipe, shared, retract):
+    """The alert stage hears *Siren*; the separation of the window holding that excerpt finds only
+    *Speech* (category other). The alert is retracted: same ``event_id``, ``update_of``, revision 1,
+    ``retracted: true``, to the callback only (the backend got the alert, and its body cannot
+    withdraw one). With ``retract_unconfirmed=False`` (``--no-retract``) the alert stands alone."""
+    pipe = SlowPipe(speech_pipe, 0.0)
+    pipe.guide = siren_pipe.guide  # the alert stage's forward says Siren
+    got: list[dict] = []
+    lst = LiveListener(pipe, LiveConfig(retract_unconfirmed=retract), on_event=got.append)
+    lst.delivery = puts = ClosingPuts()
+    stats = lst.run(ArraySource(siren_stream(), realtime=True))
+    alert = got[0]
+    assert alert["stage"] == "alert" and alert["label"] == "Siren" and abs(alert["start_sec"] - SIREN_AT) <= 0.5
+    assert [e["event_id"] for e in puts.events] == [alert["event_id"]]  # the backend got the alert only
+    if not retract:
+        assert len(got) == 1 and stats.retractions == 0, got
+        return
+    assert len(got) == 2 and stats.retractions == 1 and stats.updates == 0, got
+    r = got[1]
+    assert r["retracted"] is True and r["provisional"] is False and r["stage"] == "separation"
+    assert r["event_id"] == r["update_of"] == alert["event_id"] and r["revision"] == 1
+    assert (r["label"], r["start_sec"]) == (alert["label"], alert["start_sec"])
+    w0, w1 = r["retracted_by_window"]
+    assert w0 <= alert["window_start_sec"] and alert["window_end_sec"] <= w1  # it held the whole excerpt
+
+
 def test_an_update_goes_to_the_backend_only_when_it_changes_what_the_backend_shows(siren_pipe):
     lst = LiveListener(siren_pipe, LiveConfig())
     lst.close()  # no threads needed: the occurrence bookkeeping only
@@ -353,9 +395,9 @@ class SlowPipe:
     def __init__(self, pipe: Pipeline, delay: float):
         self.pipe, self.delay, self.guide, self.cfg = pipe, delay, pipe.guide, pipe.cfg
 
-    def run(self, x, name):
+    def run(self, x, name, **kwargs):
         time.sleep(self.delay)
-        return self.pipe.run(x, name)
+        return self.pipe.run(x, name, **kwargs)
 
 
 def test_slow_analysis_never_blocks_capture_and_dropped_windows_are_counted(siren_pipe, shared, caplog):
@@ -371,6 +413,46 @@ def test_slow_analysis_never_blocks_capture_and_dropped_windows_are_counted(sire
     assert stats.windows_dropped > 5
     assert stats.windows_queued == stats.windows_analysed + stats.windows_dropped
     assert "analysis is behind: dropped" in caplog.text
+
+
+class SlowGuide:
+    """A guide whose every call (an AST forward: one per separation pass, one per residual) takes
+    ``delay`` seconds more, cached or not: a slow device, the same for every run."""
+
+    def __init__(self, guide, delay: float):
+        self.guide, self.delay = guide, delay
+
+    def __getattr__(self, name):
+        return getattr(self.guide, name)
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.guide(*args, **kwargs)
+
+
+def test_a_window_behind_runs_fewer_passes_instead_of_a_window_being_dropped(siren_pipe, shared):
+    """Real-time stream, hop trigger every 1 s, every forward 0.3 s slower: a window of 3 passes and
+    its residual (≥ 1.2 s) cannot keep up. With the pass cut (default) a window stops after the pass
+    in progress once the next one waits: none is dropped, the siren is still reported. With
+    ``cut_passes_when_behind=False`` (``--all-passes``) every window runs all its passes and windows
+    are dropped."""
+    from astsep.capture import ArraySource
+
+    slow = Pipeline(siren_pipe.cfg, SlowGuide(siren_pipe.guide, 0.3))
+    x = siren_stream(7.0, sirens=(1.0,), siren_sec=5.0)
+    runs = {}
+    for cut in (True, False):
+        got = []
+        lcfg = LiveConfig(trigger="hop", hop_sec=1.0, align_sec=0.1, alert_stage=False, cut_passes_when_behind=cut)
+        lst = LiveListener(slow, lcfg, on_event=got.append)
+        runs[cut] = (lst.run(ArraySource(x, block_sec=0.032, realtime=True)), got)
+    cut_stats, cut_events = runs[True]
+    full_stats, _ = runs[False]
+    assert cut_stats.windows_dropped == 0 and cut_stats.windows_cut >= 2, cut_stats
+    assert cut_stats.passes_run < 3 * cut_stats.windows_analysed
+    assert any(e["label"] == "Siren" for e in cut_events)
+    assert full_stats.windows_dropped >= 1 and full_stats.windows_cut == 0, full_stats
+    assert full_stats.passes_run > cut_stats.passes_run / cut_stats.windows_analysed * full_stats.windows_analysed
 
 
 class SlowAlertGuide:
@@ -405,7 +487,7 @@ def test_a_slow_alert_stage_never_blocks_capture_or_separation_and_its_drops_are
 
 
 class BrokenPipe(SlowPipe):
-    def run(self, x, name):
+    def run(self, x, name, **kwargs):
         raise RuntimeError("analysis exploded")
 
 

@@ -56,6 +56,22 @@ def test_three_passes_cost_at_most_three_forwards_per_window(shared):
     assert guide.forwards <= 3
 
 
+def test_should_stop_ends_the_passes_with_the_sources_found_so_far(sep, batch, result):
+    """Asked before every pass after the first: True keeps pass 1's sources exactly and leaves the
+    rest in the residual; a callback that never says stop changes nothing."""
+    asked = []
+    cut = sep.separate_batch(batch, should_stop=lambda: asked.append(1) or True)
+    assert cut.cut and cut.passes_run == 1 and len(asked) == 1
+    assert not bool(cut.kept[:, 1:].any())
+    assert torch.equal(cut.kept[:, 0], result.kept[:, 0])
+    assert torch.allclose(cut.sources[:, 0], result.sources[:, 0], atol=1e-6)
+    assert torch.allclose(cut.residual, batch - cut.sources[:, 0], atol=1e-6)
+    never = sep.separate_batch(batch, should_stop=lambda: False)
+    assert not never.cut and never.passes_run == result.passes_run > 1
+    assert torch.equal(never.sources, result.sources) and torch.equal(never.class_ids, result.class_ids)
+    assert not result.cut
+
+
 def test_batch_equals_one_window_at_a_time(sep, batch, result):
     for b in (0, 4):
         single = sep.separate_batch(batch[b:b + 1])
