@@ -106,7 +106,9 @@ def test_a_silent_or_tiny_source_falls_back_to_the_whole_signal(two_images):
 
 
 def test_live_events_carry_the_array_angle_and_say_where_it_came_from(shared):
-    """4 channels through the live listener: the siren's event has the simulated direction."""
+    """4 channels through the live listener: the siren's event has the simulated direction, the
+    alert's from its excerpt (``doa:srp-phat``), the separation's update's from the bins its
+    separated source dominates (``doa:srp-phat:source``)."""
     geom = load_geometry("respeaker4")
     siren = clip("siren", 1.5).numpy()
     x = room_recording(siren, 225, geom, lead_sec=2.0)[:, : int(6 * SR)]  # (4, N), silence, then the siren
@@ -121,9 +123,36 @@ def test_live_events_carry_the_array_angle_and_say_where_it_came_from(shared):
     lst.run(ArraySource(x.T.astype(np.float32), realtime=False))
     # one occurrence: the alert stage's event (direction from its 2 s excerpt) and the separation's update
     assert len({ev["event_id"] for ev in got}) == 1 and got[0]["stage"] == "alert", got
-    for ev in got:
-        assert ev["angle_source"] == "doa:srp-phat" and angle_error(ev["angle"], 225) <= 10, ev
+    assert [ev["stage"] for ev in got] == ["alert", "separation"], got
+    for ev, how in zip(got, ("doa:srp-phat", "doa:srp-phat:source")):
+        assert ev["angle_source"] == how and angle_error(ev["angle"], 225) <= 10, ev
         assert abs(ev["start_sec"] - 2.0) <= 0.5
+
+
+def test_live_direction_of_a_separation_event_takes_its_source_over_its_span(two_images):
+    """``LiveListener._direction`` with a separated source (here each sound's own image: a perfect
+    separation, which the tiny AST cannot give) cuts the source to the event's span like the
+    channels and gets each of two simultaneous sounds its own angle; a silent source, or none (an
+    alert), gets the span's plain DOA and says so."""
+    from astsep.live import Analysis
+
+    siren, other = two_images
+    x = (0.05 * (siren + other)).astype(np.float32)
+    m = tiny_ast(seed=1)
+    cfg = AstsepConfig()
+    lst = LiveListener(Pipeline(cfg, ASTGuide.from_model(m, cfg.guide, name="tiny")), channels=4,
+                       doa=DOAEstimator(load_geometry("respeaker4")))
+    try:
+        item = Analysis(start=0, audio=x, reason="level", queued_at=0.0)
+        span = {"start_sec": 0.5, "end_sec": 2.5}
+        for image, az in ((siren, SIREN_AZ), (other, OTHER_AZ)):
+            got = lst._direction(item, span, (0.05 * image.mean(axis=0)).astype(np.float32))
+            assert got["angle_source"] == "doa:srp-phat:source" and angle_error(got["angle"], az) <= 10, got
+        plain = lst._direction(item, span)
+        assert plain["angle_source"] == "doa:srp-phat"
+        assert lst._direction(item, span, np.zeros(x.shape[1], np.float32)) == plain
+    finally:
+        lst.close()
 
 
 def test_geometry_presets_yaml_files_and_mistakes(tmp_path):
