@@ -11,13 +11,14 @@ or blocks capture::
           │  "provisional": true), direction from the excerpt
           └─ window (the last window_sec s, every hop_sec while loud; queue, oldest dropped) ──▶
              separation thread (niced): Pipeline.run (separator + classifier, the AST guide shared)
-             → direction → occurrence merging: a sound the alert stage already announced gets an
-             UPDATE (the same event_id, "update_of", "revision": 1, "stage": "separation") instead
-             of a second event; one it missed is a new event. An alert whose whole excerpt the
-             first complete separated window held without confirming it is retracted (an event
-             with "retracted": true, same event_id; not sent to the backend). When a newer window
-             waits, the window in progress stops after its current pass (``windows_cut``) rather
-             than that newer one being dropped
+             → direction (the DOA of the bins the event's separated source dominates, so that
+             overlapping sounds get one each) → occurrence merging: a sound the alert stage already
+             announced gets an UPDATE (the same event_id, "update_of", "revision": 1, "stage":
+             "separation") instead of a second event; one it missed is a new event. An alert whose
+             whole excerpt the first complete separated window held without confirming it is
+             retracted (an event with "retracted": true, same event_id; not sent to the backend).
+             When a newer window waits, the window in progress stops after its current pass
+             (``windows_cut``) rather than that newer one being dropped
         ──events──▶ callback / iterator, and the outbox + backend client (delivery thread: retries,
         idempotency keys; an update goes to the backend only when it changes what the backend's
         body shows, the label or the category, under the key ``<event_id>.r<revision>``)
@@ -645,7 +646,8 @@ class LiveListener:
             # one source may hold two sounds of its class (a window spans more than one); each run
             # of activity apart from the next by more than the hold-off is a detection of its own
             samples = sources.get(ev["file"][:-4]) if ev.get("file") else None
-            runs = (active_runs(samples.numpy(), sc.active_threshold_db, sc.silence_dbfs, self.cfg.hold_off_sec)
+            samples = samples.numpy() if samples is not None else None
+            runs = (active_runs(samples, sc.active_threshold_db, sc.silence_dbfs, self.cfg.hold_off_sec)
                     if samples is not None else [])
             runs = [(a, b) for a, b in runs if b > ev["start_sec"] and a < ev["end_sec"]] or \
                 [(ev["start_sec"], ev["end_sec"])]
@@ -654,7 +656,7 @@ class LiveListener:
                 runs = [(a, b) for a, b in runs if b - a >= MIN_RUN_SEC or b - a == longest]
             for a, b in runs:
                 part = dict(ev, start_sec=max(a, ev["start_sec"]), end_sec=min(b, ev["end_sec"]))
-                live_ev = self._record(self._live_event(part, item, offset), "separation", item, part)
+                live_ev = self._record(self._live_event(part, item, offset), "separation", item, part, samples)
                 if live_ev is not None:
                     emitted.append(live_ev)
         if self.alert_on and self.cfg.retract_unconfirmed and not result.stats["windows_cut"]:
@@ -718,35 +720,48 @@ class LiveListener:
         })
         return out
 
-    def _direction(self, item: Analysis, ev: dict) -> dict:
-        """``angle`` and ``angle_source``: the array's DOA over the event's span in the window, else the option."""
+    def _direction(self, item: Analysis, ev: dict, source: np.ndarray | None = None) -> dict:
+        """``angle`` and ``angle_source``: the array's DOA over the event's span in the window, else the option.
+
+        ``source``: the separated source's waveform over the whole window (separation events):
+        the DOA then keeps only the span's time-frequency bins where that source dominates the
+        channel mean (``angle_source`` ``doa:<method>:source``), so that a sound overlapping a
+        louder one gets its own direction; when the source dominates too few bins for that, the
+        DOA of the whole span (``doa:<method>``), as for an alert (no separation)."""
         if self.doa is not None:
             # ev: the pipeline's event, in seconds of this window
             s0, s1 = int(round(ev["start_sec"] * SAMPLE_RATE)), int(round(ev["end_sec"] * SAMPLE_RATE))
-            seg = item.audio[:, max(0, s0):max(s1, s0 + 1)]
-            if seg.shape[1] < 4 * self.doa.cfg.nfft:
-                seg = item.audio
+            cut = slice(max(0, s0), max(s1, s0 + 1))
+            if item.audio[:, cut].shape[1] < 4 * self.doa.cfg.nfft:
+                cut = slice(None)
+            if source is not None and source.shape[-1] != item.audio.shape[1]:
+                log.warning("a separated source of %d samples for a window of %d: whole-span direction",
+                            source.shape[-1], item.audio.shape[1])
+                source = None
             try:
-                angle = self.doa.estimate(seg)
+                angle = self.doa.estimate(item.audio[:, cut], None if source is None else source[cut])
+                own = self.doa.used_source
             except Exception as exc:  # noqa: BLE001 - a failed DOA must not lose the alert
                 log.warning("direction of arrival failed: %s", exc)
                 angle = None
             if angle is not None:
-                return {"angle": round(angle, 1), "angle_source": f"doa:{self.doa.name}"}
+                return {"angle": round(angle, 1), "angle_source": f"doa:{self.doa.name}" + (":source" if own else "")}
         if self.angle is not None:
             return {"angle": self.angle, "angle_source": "option"}
         return {"angle_source": "none"}
 
-    def _record(self, ev: dict, stage: str, item: Analysis, span: dict) -> dict | None:
+    def _record(self, ev: dict, stage: str, item: Analysis, span: dict,
+                source: np.ndarray | None = None) -> dict | None:
         """Merge ``ev`` (a live event of ``stage``) into its occurrence; emit it when it is a new
         occurrence or the separation stage's update of an alert. ``span``: the detection in seconds
-        of ``item`` (for the direction). Returns what was emitted (None: merged)."""
+        of ``item`` (for the direction); ``source``: its separated waveform over ``item`` (separation
+        events; for the direction). Returns what was emitted (None: merged)."""
         with self._lock:  # an alert is emitted before any update of it, and never twice
             kind, occ = self.occurrences.observe(ev, stage)
             if kind == "merged":
                 self.stats.merged += 1
                 return None
-            ev.update(self._direction(item, span))
+            ev.update(self._direction(item, span, source))
             ev.update(stage=stage, provisional=stage == "alert", revision=occ["revision"])
             to_backend = True
             if kind == "update":
