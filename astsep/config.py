@@ -383,6 +383,9 @@ class LiveConfig:
     # a provisional alert is retracted (an event with "retracted": true, the alert's event_id) when
     # the first separated window that holds its whole excerpt, every pass run, does not confirm it
     retract_unconfirmed: bool = True
+    # an update goes to the backend again when its direction (its separated source's) is this many
+    # degrees from the alert's (the unseparated excerpt's), as well as when its label or category differ
+    resend_angle_deg: float = 30.0
 
     def __post_init__(self) -> None:
         sec = "live"
@@ -410,6 +413,7 @@ class LiveConfig:
         _int(sec, "separation_nice", self.separation_nice, lo=0, hi=19)
         _bool(sec, "cut_passes_when_behind", self.cut_passes_when_behind)
         _bool(sec, "retract_unconfirmed", self.retract_unconfirmed)
+        _float(sec, "resend_angle_deg", self.resend_angle_deg, lo=0.0, hi=180.0)
 
 
 # What makes two baselines the same: every STFT and separator value and these guide values. The

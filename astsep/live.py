@@ -21,7 +21,8 @@ or blocks capture::
              (``windows_cut``) rather than that newer one being dropped
         ──events──▶ callback / iterator, and the outbox + backend client (delivery thread: retries,
         idempotency keys; an update goes to the backend only when it changes what the backend's
-        body shows, the label or the category, under the key ``<event_id>.r<revision>``)
+        body shows, the label, the category or the angle by more than ``resend_angle_deg``, under
+        the key ``<event_id>.r<revision>``)
 
 Capture never waits for analysis: :meth:`LiveListener.feed` only copies samples, measures levels and
 puts excerpts / windows in queues without blocking. Times: sample ``s`` of the stream is ``s / 16000``
@@ -767,9 +768,14 @@ class LiveListener:
             if kind == "update":
                 first = occ["event"]
                 ev.update(event_id=first["event_id"], update_of=first["event_id"])
-                # the backend's body has no id or revision: resend only what changes what it shows
-                to_backend = (ev["label"], ev["category"]) != (first["label"], first["category"])
+                # the backend's body has no id or revision: resend only what changes what it shows,
+                # the label, the category, or the direction by more than resend_angle_deg (the alert's
+                # came from the unseparated excerpt: a louder sound beside it can pull it away)
+                moved = _angle_apart(ev.get("angle"), first.get("angle")) > self.cfg.resend_angle_deg
+                to_backend = (ev["label"], ev["category"]) != (first["label"], first["category"]) or moved
                 occ["event"] = dict(first, label=ev["label"], category=ev["category"])
+                if to_backend and ev.get("angle") is not None:
+                    occ["event"]["angle"] = ev["angle"]
             self._emit(ev, to_backend)
             return ev
 
@@ -890,6 +896,13 @@ class LiveListener:
         if self._worker_error is not None:
             raise self._worker_error
         return self.stats
+
+
+def _angle_apart(a: float | None, b: float | None) -> float:
+    """Degrees between two azimuths (0..180); 0 when either is unknown."""
+    if a is None or b is None:
+        return 0.0
+    return abs((float(a) - float(b) + 180.0) % 360.0 - 180.0)
 
 
 def _lower_thread_priority(nice: int) -> None:

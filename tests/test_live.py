@@ -333,6 +333,7 @@ def test_an_alert_the_separation_does_not_confirm_is_retracted_on_the_device_not
 
 
 def test_an_update_goes_to_the_backend_only_when_it_changes_what_the_backend_shows(siren_pipe):
+    """Label, category, or direction by more than ``resend_angle_deg``."""
     lst = LiveListener(siren_pipe, LiveConfig())
     lst.close()  # no threads needed: the occurrence bookkeeping only
     lst.delivery = puts = Puts()
@@ -354,6 +355,16 @@ def test_an_update_goes_to_the_backend_only_when_it_changes_what_the_backend_sho
     assert [e["event_id"] for e in puts.events] == ["a1", "a2", "a2.r1"]
     assert puts.events[-1]["label"] == "Fire alarm" and puts.events[-1]["update_of"] == "a2"
     assert (lst.stats.events, lst.stats.alert_events, lst.stats.updates, lst.stats.updates_sent) == (2, 2, 2, 1)
+    # the direction: the alert's is the excerpt's, the update's its separated source's; a move of more
+    # than resend_angle_deg (30) is resent, a smaller one is not (angles from the listener's option here)
+    for start, eid, alert_angle, update_angle, sent in ((20.0, "a3", 350, 10, False), (30.0, "a4", 350, 90, True)):
+        lst.angle = alert_angle
+        lst._record(ev("Siren", 396, start, eid, "mixture"), "alert", item, {"start_sec": 0, "end_sec": 1})
+        lst.angle = update_angle
+        w = lst._record(ev("Siren", 396, start, "s"), "separation", item, {"start_sec": 0, "end_sec": 1})
+        assert w["update_of"] == eid and w["angle"] == update_angle
+        assert (puts.events[-1]["event_id"] == f"{eid}.r1") is sent, puts.events[-1]
+    assert puts.events[-1]["angle"] == 90 and lst.stats.updates_sent == 2
 
 
 def test_two_sirens_further_apart_than_the_hold_off_are_two_events(siren_pipe, shared):
