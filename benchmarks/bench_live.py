@@ -22,6 +22,7 @@ run too, and stops at its first drop).
 
     python benchmarks/bench_live.py [--device cpu|cuda] [--sounds 20] [--spacing 3.5] [--threads 2]
                                     [--skip-default] [--max-passes N] [--hop-windows 6] [--no-alert-stage]
+                                    [--all-passes]
                                     [--alert-sec 1] [--alert-hop 1] [--json out.json]
 
 ``--device cuda`` runs the AST in bfloat16 (the guide's precision for a GPU; ``--fast`` adds the
@@ -166,6 +167,7 @@ def latency_case(pipe: Pipeline, name: str, args) -> dict:
     out = {
         "case": name, "device": args.device, "stream_sec": round(st.stream_sec, 1), "sounds": len(onsets),
         "occurrences": st.events, "updates": st.updates, "updates_sent": st.updates_sent,
+        "retractions": st.retractions,
         "latency_first": _stats(lat["first"]),
         "alert": {"reported": len(lat["alert"]), "latency": _stats(lat["alert"]),
                   "excerpts_analysed": st.alert_windows_analysed, "excerpts_dropped": st.alert_windows_dropped,

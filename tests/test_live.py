@@ -229,6 +229,10 @@ def test_alert_stage_options_reach_the_live_config():
     assert cfg.alert_post_trigger_sec == 0.4  # bounded by the excerpt
     assert not live_config(build_parser().parse_args(["--live", "--no-alert-stage"])).alert_stage
     assert LiveConfig().alert_stage  # on by default
+    default = live_config(build_parser().parse_args(["--live"]))
+    assert default.cut_passes_when_behind and default.retract_unconfirmed  # both on by default
+    off = live_config(build_parser().parse_args(["--live", "--all-passes", "--no-retract"]))
+    assert not off.cut_passes_when_behind and not off.retract_unconfirmed
 
 
 # --- sources ----------------------------------------------------------------------------------
