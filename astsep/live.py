@@ -5,8 +5,8 @@ or blocks capture::
 
     source (sound card / stdin / array) ──blocks──▶ capture (caller's thread): ring buffer + level
         meter + triggers
-          ├─ alert excerpt (the last alert_sec s, every alert_hop_sec while loud; queue, oldest
-          │  dropped) ──▶ alert thread: ONE AST forward, padding trimmed, no separation → an
+          ├─ alert excerpt (the last alert_sec s, after an onset and every alert_hop_sec while loud,
+          │  whatever the trigger; queue, oldest dropped) ──▶ alert thread: ONE AST forward, padding trimmed, no separation → an
           │  alertable class at or above alert_threshold → event at once ("stage": "alert",
           │  "provisional": true), direction from the excerpt
           └─ window (the last window_sec s, every hop_sec while loud; queue, oldest dropped) ──▶
@@ -459,17 +459,16 @@ class LiveListener:
             self._due = due + self.hop if (self.cfg.trigger == "hop" or self._loud) else None
 
     def _schedule_alerts(self, end: int) -> None:
-        """Alert excerpts due by ``end``: every alert hop (hop trigger), or after an onset and then
-        every alert hop while the sound lasts (level trigger)."""
-        hop_trigger = self.cfg.trigger == "hop"
-        if hop_trigger and self._alert_due is None:
-            self._alert_due = self.alert_hop
+        """Alert excerpts due by ``end``: after an onset, then every alert hop while the sound lasts,
+        with either trigger. The alert stage is the fast path for what is loud enough to trigger; an
+        excerpt of quiet is not classified (with ``trigger: hop`` the separation stage still
+        analyses every window, quiet or not)."""
         while self._alert_due is not None and end >= self._alert_due:
             due = self._alert_due
-            if hop_trigger or self._alert_onset_pending or self._loud:
-                self._submit_alert(due, "hop" if hop_trigger else "level")
+            if self._alert_onset_pending or self._loud:
+                self._submit_alert(due, "level")
             self._alert_onset_pending = False
-            self._alert_due = due + self.alert_hop if (hop_trigger or self._loud) else None
+            self._alert_due = due + self.alert_hop if self._loud else None
 
     def _meter(self, mono: np.ndarray) -> None:
         """Level trigger on 50 ms frames: a rise above ``trigger_dbfs`` schedules an analysis whose
@@ -493,14 +492,14 @@ class LiveListener:
                         if self._due is None or due < self._due:
                             self._due = due
                         self._onset_pending = True
-                        if self.alert_on:
-                            due = pos + int(round(cfg.alert_post_trigger_sec * SAMPLE_RATE))
-                            due = -(-due // self.align) * self.align
-                            if self._alert_due is None or due < self._alert_due:
-                                self._alert_due = due
-                            self._alert_onset_pending = True
                         log.debug("level %.1f dBFS at %.2f s: analysis at %.2f s", db, pos / SAMPLE_RATE,
                                   due / SAMPLE_RATE)
+                    if self.alert_on:  # the alert stage follows the level whatever the trigger
+                        due = pos + int(round(cfg.alert_post_trigger_sec * SAMPLE_RATE))
+                        due = -(-due // self.align) * self.align
+                        if self._alert_due is None or due < self._alert_due:
+                            self._alert_due = due
+                        self._alert_onset_pending = True
             elif db < cfg.trigger_dbfs - cfg.release_db and self._loud:
                 if self._quiet_since is None:
                     self._quiet_since = pos
