@@ -431,11 +431,12 @@ def test_slow_analysis_never_blocks_capture_and_dropped_windows_are_counted(sire
 
 
 class SlowGuide:
-    """A guide whose every call (an AST forward: one per separation pass, one per residual) takes
-    ``delay`` seconds more, cached or not: a slow device, the same for every run."""
+    """A guide whose AST forwards take longer, cached or not (a slow device, the same for every run):
+    ``delay`` seconds more per call (the separation's: one per pass, one per residual),
+    ``alert_delay`` per ``forward_features`` (the alert stage's excerpts)."""
 
-    def __init__(self, guide, delay: float):
-        self.guide, self.delay = guide, delay
+    def __init__(self, guide, delay: float = 0.0, alert_delay: float = 0.0):
+        self.guide, self.delay, self.alert_delay = guide, delay, alert_delay
 
     def __getattr__(self, name):
         return getattr(self.guide, name)
@@ -443,6 +444,10 @@ class SlowGuide:
     def __call__(self, *args, **kwargs):
         time.sleep(self.delay)
         return self.guide(*args, **kwargs)
+
+    def forward_features(self, *args, **kwargs):
+        time.sleep(self.alert_delay)
+        return self.guide.forward_features(*args, **kwargs)
 
 
 def test_a_window_behind_runs_fewer_passes_instead_of_a_window_being_dropped(siren_pipe, shared):
@@ -470,23 +475,9 @@ def test_a_window_behind_runs_fewer_passes_instead_of_a_window_being_dropped(sir
     assert full_stats.passes_run > cut_stats.passes_run / cut_stats.windows_analysed * full_stats.windows_analysed
 
 
-class SlowAlertGuide:
-    """The pipeline's guide, with an alert-stage forward that takes ``delay`` seconds."""
-
-    def __init__(self, guide, delay: float):
-        self.guide, self.delay = guide, delay
-
-    def __getattr__(self, name):
-        return getattr(self.guide, name)
-
-    def forward_features(self, *args, **kwargs):
-        time.sleep(self.delay)
-        return self.guide.forward_features(*args, **kwargs)
-
-
 def test_a_slow_alert_stage_never_blocks_capture_or_separation_and_its_drops_are_counted(siren_pipe, shared):
     pipe = SlowPipe(siren_pipe, 0.0)
-    pipe.guide = SlowAlertGuide(siren_pipe.guide, 0.5)  # the separation keeps the real guide (pipe.pipe)
+    pipe.guide = SlowGuide(siren_pipe.guide, alert_delay=0.5)  # the separation keeps the real guide (pipe.pipe)
     lst = LiveListener(pipe, LiveConfig(trigger="hop", hop_sec=1.0, alert_hop_sec=0.1, queue_size=16))
     feed_times = []
     x = siren_stream(4.0, sirens=(1.0,))
