@@ -37,8 +37,8 @@ loud one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
