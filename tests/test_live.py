@@ -451,14 +451,14 @@ class SlowGuide:
 
 
 def test_a_window_behind_runs_fewer_passes_instead_of_a_window_being_dropped(siren_pipe, shared):
-    """Real-time stream, hop trigger every 1 s, every forward 0.3 s slower: a window of 3 passes and
-    its residual (≥ 1.2 s) cannot keep up. With the pass cut (default) a window stops after the pass
+    """Real-time stream, hop trigger every 1 s, every forward 0.45 s slower: a window of 3 passes
+    (≥ 1.35 s) cannot keep up. With the pass cut (default) a window stops after the pass
     in progress once the next one waits: none is dropped, the siren is still reported. With
     ``cut_passes_when_behind=False`` (``--all-passes``) every window runs all its passes and windows
     are dropped."""
     from astsep.capture import ArraySource
 
-    slow = Pipeline(siren_pipe.cfg, SlowGuide(siren_pipe.guide, 0.3))
+    slow = Pipeline(siren_pipe.cfg, SlowGuide(siren_pipe.guide, 0.45))
     x = siren_stream(7.0, sirens=(1.0,), siren_sec=5.0)
     runs = {}
     for cut in (True, False):

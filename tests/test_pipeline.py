@@ -89,6 +89,22 @@ def test_residual_is_not_classified_when_it_holds_too_little_energy(shared):
     assert res.stats["ast_forwards"] == res.stats["ast_forwards_separation"] <= 3
 
 
+def test_a_window_behind_runs_its_first_pass_and_names_its_residual(shared):
+    """``should_stop`` (live mode: a newer window waits) ends the passes after the first; the rest
+    is in the residual, which is still classified. Asked and False, everything runs as without it."""
+    cfg = AstsepConfig()
+    cfg.separator.residual_min_share = 0.0  # the residual is always classified
+    x = mixture("siren", "dog", seconds=4.0)
+    full = Pipeline(cfg, ASTGuide(tiny_ast(seed=0))).run(x, "full", should_stop=lambda: False).stats
+    assert full["windows_cut"] == 0 and full["passes_run"] > 1 and full["ast_forwards_residual"] == 1
+    cut = Pipeline(cfg, ASTGuide(tiny_ast(seed=0))).run(x, "cut", should_stop=lambda: True)
+    st = cut.stats
+    assert st["windows_cut"] == 1 and st["passes_run"] == 1
+    assert (st["ast_forwards_separation"], st["ast_forwards_residual"]) == (1, 1)
+    residual = [e for e in cut.events if e["kind"] == "residual"]
+    assert residual and residual[0]["class_id"] is not None and residual[0]["class_id"] >= 0, residual
+
+
 def test_same_audio_again_runs_no_forward_in_process_or_with_a_disk_cache(tmp_path, shared):
     model = tiny_ast(seed=0)
     cfg = AstsepConfig()
