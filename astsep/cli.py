@@ -126,7 +126,7 @@ def _add_live_options(p: argparse.ArgumentParser) -> None:
                    help="the same class again within this many seconds is the same sound (default 2)")
     g.add_argument("--alert-hop", type=float, default=None, metavar="SEC",
                    help="fast alert stage: seconds between classifications of the latest excerpt while loud "
-                        "(hop trigger: always) (default 1)")
+                        "(above --trigger-dbfs, with either trigger) (default 1)")
     g.add_argument("--alert-sec", type=float, default=None, metavar="SEC",
                    help="fast alert stage: seconds of audio per excerpt, one AST forward without separation "
                         "(default 1)")

@@ -362,7 +362,7 @@ class LiveConfig:
     record_max_mb: float = 200.0  # oldest recordings are deleted to stay under this size
     # The fast alert stage (astsep.live): one AST forward on the last alert_sec seconds (padding
     # trimmed, no separation) alert_post_trigger_sec after an onset, then every alert_hop_sec while
-    # loud (every alert_hop_sec with the hop trigger). An alertable class (danger / help / warning)
+    # loud (above trigger_dbfs, with either trigger). An alertable class (danger / help / warning)
     # among its top 5 at or above alert_threshold (softmax probability) is sent at once, marked
     # provisional; the separation stage's result for the same sound updates that event.
     alert_stage: bool = True

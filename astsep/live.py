@@ -6,9 +6,9 @@ or blocks capture::
     source (sound card / stdin / array) ──blocks──▶ capture (caller's thread): ring buffer + level
         meter + triggers
           ├─ alert excerpt (the last alert_sec s, after an onset and every alert_hop_sec while loud,
-          │  whatever the trigger; queue, oldest dropped) ──▶ alert thread: ONE AST forward, padding trimmed, no separation → an
-          │  alertable class at or above alert_threshold → event at once ("stage": "alert",
-          │  "provisional": true), direction from the excerpt
+          │  whatever the trigger; queue, oldest dropped) ──▶ alert thread: ONE AST forward,
+          │  padding trimmed, no separation → an alertable class at or above alert_threshold →
+          │  event at once ("stage": "alert", "provisional": true), direction from the excerpt
           └─ window (the last window_sec s, every hop_sec while loud; queue, oldest dropped) ──▶
              separation thread (niced): Pipeline.run (separator + classifier, the AST guide shared)
              → direction (the DOA of the bins the event's separated source dominates, so that
@@ -466,7 +466,7 @@ class LiveListener:
         while self._alert_due is not None and end >= self._alert_due:
             due = self._alert_due
             if self._alert_onset_pending or self._loud:
-                self._submit_alert(due, "level")
+                self._submit_alert(due)
             self._alert_onset_pending = False
             self._alert_due = due + self.alert_hop if self._loud else None
 
@@ -526,13 +526,14 @@ class LiveListener:
         if self._put_newest(self._q, item, "windows"):
             self.stats.windows_queued += 1
 
-    def _submit_alert(self, end: int, reason: str) -> None:
+    def _submit_alert(self, end: int) -> None:
         if end <= self._alert_last_end:
             return
         self._alert_last_end = end
         start = max(0, end - self.alert_len)
         onset = next((o for o in reversed(self._onsets) if start <= o < end), None)
-        item = Analysis(start, self.ring.read(start, end), reason, time.monotonic(), onset)
+        # the alert stage follows the level trigger whatever the separation's trigger
+        item = Analysis(start, self.ring.read(start, end), "level", time.monotonic(), onset)
         if self._put_newest(self._alert_q, item, "alert_windows"):
             self.stats.alert_windows_queued += 1
 
@@ -590,8 +591,10 @@ class LiveListener:
         the most probable alertable class of its top 5 at or above ``alert_threshold`` is an event."""
         import torch
 
+        from .audio import dbfs
         from .events import class_records
         from .guide import top_classes
+        from .pipeline import _round_db  # the separation events' level_dbfs, the same way
 
         t0 = time.perf_counter()
         self.stats.alert_max_queue_wait_sec = max(self.stats.alert_max_queue_wait_sec,
@@ -610,11 +613,10 @@ class LiveListener:
                 break
         if found is not None:
             a, b = self._alert_span(item, mono)
-            seg = mono[int(a * SAMPLE_RATE):int(b * SAMPLE_RATE)].astype(np.float64)
-            ms = float(np.mean(seg ** 2)) if seg.size else 0.0
+            level = dbfs(torch.from_numpy(mono[int(a * SAMPLE_RATE):int(b * SAMPLE_RATE)]))
             ev = {"label": labels[found[1]], "class_id": found[1], "confidence": round(found[0], 6),
                   "top5": class_records(top_i[0], top_p[0], labels), "category": cats.category(found[1]),
-                  "level_dbfs": round(10 * math.log10(ms), 2) if ms > 0 else None, "kind": "mixture",
+                  "level_dbfs": _round_db(level), "kind": "mixture",
                   "start_sec": a, "end_sec": b}
             self._record(self._live_event(ev, item, item.start / SAMPLE_RATE), "alert", item, ev)
         self.stats.alert_windows_analysed += 1

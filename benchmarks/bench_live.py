@@ -16,13 +16,14 @@ Per configuration (default, ``--fast``), for each stage (alert: one forward of t
   (seconds of work per second of stream: the real-time factor; > 1 is behind);
 - occurrences (should equal the sounds: one per sound) and updates;
 then, with ``--fast`` and the hop trigger (the alert stage beside it at its own hop while the
-level is above the trigger; ``--hop-background-dbfs`` above -40 keeps it busy), the smallest separation hop in ``--hops`` with no dropped window over ``--hop-windows`` analyses
-(starting from the first hop not under the measured seconds per window; the next smaller hop is
-run too, and stops at its first drop).
+level is above the trigger; ``--hop-background-dbfs`` above -40 keeps it busy), the smallest
+separation hop in ``--hops`` with no dropped window over ``--hop-windows`` analyses (starting
+from the first hop not under the measured seconds per window; the next smaller hop is run too,
+and stops at its first drop).
 
     python benchmarks/bench_live.py [--device cpu|cuda] [--sounds 20] [--spacing 3.5] [--threads 2]
                                     [--skip-default] [--max-passes N] [--hop-windows 6] [--no-alert-stage]
-                                    [--all-passes]
+                                    [--all-passes] [--hops 2 2.5 ...] [--hop-background-dbfs -55]
                                     [--alert-sec 1] [--alert-hop 1] [--json out.json]
 
 ``--device cuda`` runs the AST in bfloat16 (the guide's precision for a GPU; ``--fast`` adds the
