@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import sys
 
-from lightning.pytorch.cli import LightningCLI
+from astsep.deps import require_when_main
 
-from astsep.data import AudioCapsDataModule
-from astsep.errors import AstsepError
-from astsep.lit import RefinerModule, check_logger_packages
+require_when_main(__name__, ("torch", "torchaudio", "transformers", "soundfile", "lightning"))
+
+from lightning.pytorch.cli import LightningCLI  # noqa: E402  (after the dependency check)
+
+from astsep.data import AudioCapsDataModule  # noqa: E402
+from astsep.errors import AstsepError  # noqa: E402
+from astsep.lit import RefinerModule, check_logger_packages  # noqa: E402
 
 DESCRIPTION = ("astsep: train the FiLM mask refiner that sits on the AST-guided sound separator "
                "(fit, then validate/test; every hyper-parameter in a YAML config, e.g. configs/refiner_tiny.yaml). "

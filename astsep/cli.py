@@ -516,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
         print("astsep: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not a bad input: still one line unless -v
+        from .deps import diagnose
+
+        dep = diagnose(exc)  # torch / torchaudio / transformers / soundfile that cannot be loaded: exit 3
+        if dep is not None:
+            print(f"astsep: error: {dep}", file=sys.stderr)
+            return dep.exit_code
         if args.verbose:
             raise
         print(f"astsep: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",

@@ -17,6 +17,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from .deps import require_when_main
+
+require_when_main(__name__)  # python -m: a dependency that cannot be loaded is one line, exit 3
+
 import torch
 
 from .config import DEFAULT_MODEL

@@ -45,6 +45,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .deps import require_when_main
+
+require_when_main(__name__)  # python -m: a dependency that cannot be loaded is one line, exit 3
+
 import torch
 
 from .audio import load_audio, write_bytes_atomic

@@ -40,6 +40,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .deps import require_when_main
+
+require_when_main(__name__)  # python -m: a dependency that cannot be loaded is one line, exit 3
+
 import numpy as np
 import torch
 
