@@ -1,5 +1,6 @@
 """Regression vectors of the separator: what it makes of the seed recording with ``tiny_ast(seed=0)``
-(as it is, and three times over for two cross-faded windows).
+(as it is, and three times over for two cross-faded windows), and how well it separates four dev
+mixtures guided by the oracle (exact, and blurred + noisy): per-pass SI-SDR, labels and spans.
 
     python tests/make_regression.py          # rewrites tests/data/separator_regression.json
 
@@ -11,7 +12,9 @@ commit. The vectors hold:
 - ``anchors``: per event, where the source sits and how much it holds: ``start_sec``, ``end_sec``,
   ``energy_share``, ``level_dbfs``;
 - ``masks``: per window and pass, whether it ran and was kept, its class id, and checksums of its
-  mask ``(F, T)`` (sum, mean, quantiles) plus its trust and energy ratio.
+  mask ``(F, T)`` (sum, mean, quantiles) plus its trust and energy ratio;
+- ``oracle``: per dev mixture and oracle guide, each pass's class, kept flag and the SI-SDR of its
+  source against the target and the interferer (held to 0.05 dB), and the events' labels and spans.
 
 Floats are stored to 6 significant digits; the test compares them with a relative tolerance (see
 ``RTOL`` there), so float noise across machines and thread counts does not break it.
@@ -49,7 +52,55 @@ def regression_vectors() -> dict[str, Any]:
     from astsep.audio import load_audio
 
     x, _ = load_audio(SEED_RECORDING)
-    return {"seed": summarise(x), "seed_x3": summarise(x.repeat(3))}
+    return {"seed": summarise(x), "seed_x3": summarise(x.repeat(3)), "oracle": oracle_vectors()}
+
+
+#: Dev mixtures (``astsep.devset.dev_mixtures`` indices) whose separation quality is pinned: two ESC-50
+#: pairs at 0 and -5 dB, speech over a sound, a sound over music.
+ORACLE_ITEMS = (0, 29, 32, 41)
+#: Guides: the exact oracle, and one spoiled the way a real attention map is (blur 1 patch, 10 dB noise).
+ORACLE_GUIDES = {"exact": "", "blur1_noise10": "blur=1,noise_db=10"}
+
+
+def oracle_vectors() -> dict[str, Any]:
+    """Per dev mixture and guide: each pass's label, kept flag and SI-SDR (dB) of its source against the
+    target and the interferer, and the events' labels and spans. A random AST picks one class whatever
+    it hears, so those vectors pin arithmetic; these pin what the separator achieves with real guidance."""
+    from astsep.config import AstsepConfig
+    from astsep.devset import dev_mixtures, label_id
+    from astsep.metrics import si_sdr
+    from astsep.oracle import Degradation, OracleGuide
+    from astsep.pipeline import Pipeline
+    from astsep.testing import audioset_labels
+
+    names = audioset_labels()
+    labels = [names[i] for i in range(527)]
+    cfg = AstsepConfig()
+    cfg.guide.device = "cpu"
+    items = dev_mixtures(SHARED_DATA)
+    out: dict[str, Any] = {}
+    for index in ORACLE_ITEMS:
+        it = items[index]
+        ids = [label_id(labels, it.target_label), label_id(labels, it.interferer_label)]
+        per_guide = {}
+        for gname, spec in ORACLE_GUIDES.items():
+            guide = OracleGuide(it.mixture, torch.stack([it.target, it.interferer]), ids, labels,
+                                Degradation.parse(spec), cfg.stft)
+            res = Pipeline(cfg, guide).run(it.mixture, it.name, keep_traces=True)
+            item = res.traces[0][2]
+            passes = []
+            for tr, src in zip(item["traces"], item["sources"]):
+                if not bool(tr["ran"]):
+                    continue
+                silent = float(src.abs().max()) == 0.0
+                passes.append({"pass": tr["index"], "class_id": int(tr["class_id"]), "kept": bool(tr["kept"]),
+                               "si_sdr_target": None if silent else _num(si_sdr(src, it.target)),
+                               "si_sdr_interferer": None if silent else _num(si_sdr(src, it.interferer))})
+            events = [{"label": e["label"], "kind": e["kind"], "start_sec": _num(e["start_sec"]),
+                       "end_sec": _num(e["end_sec"])} for e in res.events]
+            per_guide[gname] = {"passes": passes, "events": events}
+        out[it.name] = per_guide
+    return out
 
 
 def summarise(x: torch.Tensor) -> dict[str, Any]:

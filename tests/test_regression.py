@@ -18,7 +18,8 @@ from make_regression import VECTORS, regression_vectors
 
 RTOL = 1e-3
 ATOL = 1e-5  # energy shares are stored to 6 decimals
-ATOL_BY_KEY = {"start_sec": 0.011, "end_sec": 0.011, "level_dbfs": 0.011}  # stored to 10 ms, 0.01 dB
+ATOL_BY_KEY = {"start_sec": 0.011, "end_sec": 0.011, "level_dbfs": 0.011,  # stored to 10 ms, 0.01 dB
+               "si_sdr_target": 0.05, "si_sdr_interferer": 0.05}  # a change in quality, not float noise
 REGENERATE = "if the change is deliberate, run `python tests/make_regression.py` and commit the new vectors"
 
 
@@ -48,6 +49,23 @@ def test_the_tolerant_comparison_catches_a_moved_anchor_and_a_new_class_but_not_
     moved = {"anchors": [{"end_sec": 2.40, "energy_share": 0.952218}], "classes": [{"class_id": 511}]}
     assert differences(base, moved) == ["anchors[0].end_sec: 2.37 expected, 2.4 got",
                                         "classes[0].class_id: 134 expected, 511 got"]
+
+
+def test_a_quality_change_of_a_tenth_of_a_db_fails_but_float_noise_does_not():
+    base = {"passes": [{"si_sdr_target": 12.3456}]}
+    assert differences(base, {"passes": [{"si_sdr_target": 12.37}]}) == []
+    assert differences(base, {"passes": [{"si_sdr_target": 12.45}]}) == [
+        "passes[0].si_sdr_target: 12.3456 expected, 12.45 got"]
+
+
+def test_the_oracle_vectors_record_real_separation(shared):
+    """The pinned quality is a separation worth pinning: pass 1 finds the target under the exact oracle."""
+    vectors = json.loads(VECTORS.read_text())["oracle"]
+    assert len(vectors) == 4
+    for name, guides in vectors.items():
+        first = guides["exact"]["passes"][0]
+        assert first["kept"] and first["si_sdr_target"] > 5.0, (name, first)
+        assert first["si_sdr_target"] > (first["si_sdr_interferer"] or -99.0) + 10.0, (name, first)
 
 
 def test_the_separator_gives_the_recorded_classes_anchors_and_mask_checksums_on_the_seed_recording(shared):
