@@ -317,20 +317,22 @@ def new_dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def write_wav_atomic(path: str | os.PathLike, x: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write mono float32 WAV to a temporary file in the same folder, fsync, then rename.
+def write_wav_atomic(path: str | os.PathLike, x: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE,
+                     container: str = "WAV", subtype: str = "FLOAT") -> None:
+    """Write mono audio (float32 WAV by default) to a temporary file in the same folder, fsync, then rename.
 
     Float WAV keeps the samples exactly (no clipping, no quantisation), so files add back up
-    to the input.
+    to the input; ``container``/``subtype`` are soundfile's (``"FLAC"``, ``"PCM_24"``…) for the
+    other output formats of :mod:`astsep.export`.
     """
     path = Path(path)
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     arr = arr.astype(np.float32, copy=False).reshape(-1)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav.tmp", dir=str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), new_file_mode())  # mkstemp makes 0600; other tools honour the umask
-            sf.write(fh, arr, sample_rate, subtype="FLOAT", format="WAV")
+            sf.write(fh, arr, sample_rate, subtype=subtype, format=container)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

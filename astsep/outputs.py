@@ -36,6 +36,7 @@ from filelock import FileLock, Timeout
 from .audio import new_dir_mode, write_bytes_atomic, write_wav_atomic
 from .durable import fsync_path
 from .errors import OutputError
+from .export import FORMATS, Export, ExportOptions, export_tracks, rename_in_events
 
 if TYPE_CHECKING:
     from .config import AstsepConfig
@@ -133,20 +134,22 @@ def recover_output(out_dir: Path) -> None:
 
 
 def write_outputs(result: SeparationResult, out_dir: str | os.PathLike, debug: bool = False,
-                  config: AstsepConfig | None = None) -> Path:
-    """Write every track as float32 WAV (and, with ``debug``, the figures) and ``events.json`` into
-    ``out_dir``, all or nothing (see the module docstring). Files in ``out_dir`` that the previous
-    run's ``events.json`` does not list (the user's) are carried into the new folder as hard links;
-    a non-empty folder without an astsep ``events.json`` is refused with :class:`OutputError`.
-    Returns the path of ``events.json``.
+                  config: AstsepConfig | None = None, export: Export | None = None) -> Path:
+    """Write every track (float32 WAV at 16 kHz, or as ``export`` made them: see :mod:`astsep.export`)
+    (and, with ``debug``, the figures) and ``events.json`` into ``out_dir``, all or nothing (see the
+    module docstring). Files in ``out_dir`` that the previous run's ``events.json`` does not list (the
+    user's) are carried into the new folder as hard links; a non-empty folder without an astsep
+    ``events.json`` is refused with :class:`OutputError`. Returns the path of ``events.json``.
     """
+    if export is None:
+        export = export_tracks(result, ExportOptions())
     out_dir = _real_path(out_dir)
     with output_lock(out_dir):
         keep = _foreign_entries(out_dir) if out_dir.is_dir() else []
         t0 = time.perf_counter()
         if _holds_cwd(out_dir):  # `-o .`: a swap would leave the user's shell in a deleted folder
             log.info("%s is (or holds) the working directory: writing in place", out_dir)
-            return _write_in_place(result, out_dir, debug, config, t0)
+            return _write_in_place(result, out_dir, debug, config, t0, export)
         # mkdtemp makes 0700; the swapped-in folder keeps the old one's mode, a new one the umask's
         mode = stat.S_IMODE(out_dir.stat().st_mode) if out_dir.is_dir() else new_dir_mode()
         try:
@@ -156,7 +159,7 @@ def write_outputs(result: SeparationResult, out_dir: str | os.PathLike, debug: b
         try:
             os.chmod(stage, mode)
             _checkpoint("staging")
-            manifest = _write_folder(result, stage, debug, config, t0)
+            manifest = _write_folder(result, stage, debug, config, t0, export)
             for name in keep:
                 _link_tree(out_dir / name, stage / name)
             write_bytes_atomic(stage / MANIFEST, manifest)
@@ -168,7 +171,7 @@ def write_outputs(result: SeparationResult, out_dir: str | os.PathLike, debug: b
             except OSError as exc:  # a mount point, a busy folder, …: nothing moved, or put back now
                 recover_output(out_dir)
                 log.info("cannot swap %s (%s): writing in place", out_dir, exc.strerror or exc)
-                return _write_in_place(result, out_dir, debug, config, t0)
+                return _write_in_place(result, out_dir, debug, config, t0, export)
             _checkpoint("swapped")
         except OSError as exc:
             raise OutputError(f"cannot write outputs to {out_dir}: {exc.strerror or exc}") from exc
@@ -190,15 +193,15 @@ def _holds_cwd(out_dir: Path) -> bool:
 
 
 def _write_folder(result: SeparationResult, folder: Path, debug: bool, config: AstsepConfig | None,
-                  t0: float) -> bytes:
+                  t0: float, export: Export) -> bytes:
     """Write the tracks (and figures) into ``folder``; return ``events.json``'s bytes (not written)."""
     new_files = []
-    for tr in result.tracks:
-        samples = result.residual if tr.kind == "residual" else tr.render(result.num_samples)
-        write_wav_atomic(folder / tr.filename, samples)
-        del samples
-        new_files.append(tr.filename)
-        _checkpoint(f"wrote:{tr.filename}")
+    container, subtype, _ = FORMATS[export.options.format]
+    for track in export.tracks():
+        write_wav_atomic(folder / track.filename, track.samples, track.sample_rate, container, subtype)
+        new_files.append(track.filename)
+        del track
+        _checkpoint(f"wrote:{new_files[-1]}")
     if debug:
         from .viz import debug_figures
 
@@ -206,11 +209,14 @@ def _write_folder(result: SeparationResult, folder: Path, debug: bool, config: A
     result.stats["seconds"]["write"] = round(time.perf_counter() - t0, 4)
     manifest = result.manifest()
     manifest["files"] = new_files
+    if not export.options.is_default:
+        manifest["events"] = rename_in_events(manifest["events"], export)
+        manifest["output"] = export.manifest_entry()
     return json.dumps(manifest, indent=2, allow_nan=False).encode()
 
 
 def _write_in_place(result: SeparationResult, out_dir: Path, debug: bool, config: AstsepConfig | None,
-                    t0: float) -> Path:
+                    t0: float, export: Export) -> Path:
     """Stage inside ``out_dir``, rename file by file, ``events.json`` last, then remove the previous
     run's outputs this run did not write (each file is atomic; the set is not)."""
     try:
@@ -219,7 +225,7 @@ def _write_in_place(result: SeparationResult, out_dir: Path, debug: bool, config
     except OSError as exc:
         raise OutputError(f"cannot write outputs to {out_dir}: {exc.strerror or exc}") from exc
     try:
-        manifest = _write_folder(result, stage, debug, config, t0)
+        manifest = _write_folder(result, stage, debug, config, t0, export)
         new_files = json.loads(manifest)["files"]
         old = _old_files(out_dir)
         for name in new_files:
@@ -255,7 +261,7 @@ def _foreign_entries(out_dir: Path) -> list[str]:
 
 def _is_temp(name: str) -> bool:
     """Temporary names of :func:`write_wav_atomic`/:func:`write_bytes_atomic` and in-place staging."""
-    return name.startswith(IN_PLACE_STAGE) or (name.startswith(".") and name.endswith((".wav.tmp", ".json.tmp")))
+    return name.startswith(IN_PLACE_STAGE) or (name.startswith(".") and name.endswith((".wav.tmp", ".flac.tmp", ".json.tmp")))
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -38,6 +38,7 @@ from .audio import AudioInfo, dbfs, load_audio, rms_db, samples_to_mono_16k
 from .config import SAMPLE_RATE, AstsepConfig, apply_overrides, load_config
 from .errors import AudioError, ConfigError
 from .events import active_span, class_records, content_key, event_id, merge_window_events, safe_name
+from .export import ExportOptions, export_tracks, read_mono_at
 from .guide import TOP_K, ASTGuide, top_classes, use_fast_settings
 from .outputs import write_outputs
 from .separator import BatchSeparation, Separator
@@ -153,9 +154,20 @@ class SeparationResult:
         return {"astsep_version": __version__, "files": [tr.filename for tr in self.tracks], "events": self.events,
                 "stats": self.stats}
 
-    def write(self, out_dir: str | os.PathLike, debug: bool = False, config: AstsepConfig | None = None) -> Path:
-        """Write the files and ``events.json`` into ``out_dir`` (see :func:`write_outputs`)."""
-        return write_outputs(self, Path(out_dir), debug=debug, config=config)
+    def write(self, out_dir: str | os.PathLike, debug: bool = False, config: AstsepConfig | None = None,
+              options: ExportOptions | None = None) -> Path:
+        """Write the files and ``events.json`` into ``out_dir`` (see :func:`write_outputs`), as ``options``
+        asks (rate, sample format, cropping: :mod:`astsep.export`; default 16 kHz float32, full length).
+        Writing at the input's rate reads the input file again (``self.input``)."""
+        options = options or ExportOptions()
+        reference = rate = None
+        if options.sample_rate != SAMPLE_RATE:
+            if not os.path.isfile(self.input):
+                raise ConfigError(f"writing at {options.sample_rate} Hz needs the input file; {self.input!r} is not "
+                                  "one (samples were given): resample the written 16 kHz files instead")
+            reference, rate = read_mono_at(self.input, options.sample_rate)
+        export = export_tracks(self, options, reference, rate)
+        return write_outputs(self, Path(out_dir), debug=debug, config=config, export=export)
 
 
 # --- the pipeline -----------------------------------------------------------------------------

@@ -253,7 +253,7 @@ def test_a_failing_write_leaves_the_previous_folder(tmp_path, monkeypatch):
     write_outputs(_result(label="Dog"), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def disk_full(path, x, sample_rate=16000):
+    def disk_full(path, *args, **kwargs):
         raise OutputError(f"cannot write {path}: No space left on device")
 
     monkeypatch.setattr(outputs, "write_wav_atomic", disk_full)
