@@ -3,7 +3,7 @@
 
 import sys
 
-from astsep.cli import main
+from astsep.frontends.infer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@ A deterministic, AST-guided, cached multi-pass separator (no training) and a sma
 FiLM-conditioned mask refiner fine-tuned with Lightning.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["separate", "SeparationResult", "__version__"]
 

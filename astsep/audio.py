@@ -95,7 +95,7 @@ def effective_rate(orig: int, new: int = SAMPLE_RATE) -> int:
     return orig
 
 
-class _StreamResampler:
+class StreamResampler:
     """``torchaudio.functional.resample`` applied block by block, with the same output.
 
     The sinc kernel of output frame ``f`` reads input samples ``[f*O - width, f*O + width + O)``
@@ -149,7 +149,7 @@ def resample_blocks(blocks, sample_rate: int) -> torch.Tensor:
     parts: list[torch.Tensor] = []
     if effective_rate(sample_rate) == SAMPLE_RATE:  # 16001 Hz is 16 kHz within _MAX_RATE_ERROR
         sample_rate = SAMPLE_RATE
-    rs = _StreamResampler(sample_rate) if sample_rate != SAMPLE_RATE else None
+    rs = StreamResampler(sample_rate) if sample_rate != SAMPLE_RATE else None
     for b in blocks:
         t = torch.as_tensor(b, dtype=torch.float32)
         parts.append(rs.push(t) if rs is not None else t)

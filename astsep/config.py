@@ -563,6 +563,19 @@ def apply_overrides(cfg: AstsepConfig, overrides: Mapping[str, Any] | None, wher
         raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
 
 
+def shortcut_overrides(*, model: str | None = None, device: str | None = None, cache_dir: str | None = None,
+                       max_passes: int | None = None, min_eratio: float | None = None,
+                       allow_pickle: bool = False) -> dict[str, Any]:
+    """``{"section.key": value}`` for the shortcut options every front end and :func:`astsep.separate`
+    take (``--model``, ``--device``, ``--cache-dir``, ``--max-passes``, ``--min-eratio``,
+    ``--allow-pickle``); those not given (None, False) are left out. ``--fast`` is
+    :func:`astsep.guide.use_fast_settings` (it depends on the device)."""
+    given = {"guide.model": model, "guide.device": device, "guide.cache_dir": cache_dir,
+             "separator.max_passes": max_passes, "separator.min_eratio": min_eratio,
+             "guide.allow_pickle": True if allow_pickle else None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AstsepConfig:
     """Read a YAML config (every key optional) and apply ``{"section.key": value}`` overrides
     (:func:`apply_overrides`; a ``None`` value means "not given" and is skipped)."""

@@ -594,13 +594,13 @@ class LiveListener:
         from .audio import dbfs
         from .events import class_records
         from .guide import top_classes
-        from .pipeline import _round_db  # the separation events' level_dbfs, the same way
+        from .pipeline import round_db  # the separation events' level_dbfs, the same way
 
         t0 = time.perf_counter()
         self.stats.alert_max_queue_wait_sec = max(self.stats.alert_max_queue_wait_sec,
                                                   time.monotonic() - item.queued_at)
         mono = item.audio.mean(axis=0)
-        probs = torch.softmax(_excerpt_logits(self.pipe.guide, torch.from_numpy(mono)).float(), dim=-1)
+        probs = torch.softmax(excerpt_logits(self.pipe.guide, torch.from_numpy(mono)).float(), dim=-1)
         _, _, top_p, top_i = top_classes(probs[None].cpu())
         cats = self.pipe.cfg.categories
         labels = self.pipe.guide.labels
@@ -616,7 +616,7 @@ class LiveListener:
             level = dbfs(torch.from_numpy(mono[int(a * SAMPLE_RATE):int(b * SAMPLE_RATE)]))
             ev = {"label": labels[found[1]], "class_id": found[1], "confidence": round(found[0], 6),
                   "top5": class_records(top_i[0], top_p[0], labels), "category": cats.category(found[1]),
-                  "level_dbfs": _round_db(level), "kind": "mixture",
+                  "level_dbfs": round_db(level), "kind": "mixture",
                   "start_sec": a, "end_sec": b}
             self._record(self._live_event(ev, item, item.start / SAMPLE_RATE), "alert", item, ev)
         self.stats.alert_windows_analysed += 1
@@ -918,7 +918,7 @@ def _lower_thread_priority(nice: int) -> None:
         log.debug("could not lower the separation thread's priority: %s", exc)
 
 
-def _excerpt_logits(guide, x) -> "torch.Tensor":
+def excerpt_logits(guide, x) -> "torch.Tensor":
     """The AST's logits ``(C,)`` for one excerpt ``x`` ``(N,)``: the guide's model with the zero
     padding trimmed (merged as ``guide.cfg.pad_merge`` says) whatever the guide's own setting,
     uncached (an excerpt is seen once). A guide without a model of its own (an oracle) is called."""
@@ -938,9 +938,9 @@ class _Resampler:
     """Per-channel streaming resampling to 16 kHz (``astsep.audio``'s, exact block by block)."""
 
     def __init__(self, rate: int, channels: int):
-        from .audio import _StreamResampler
+        from .audio import StreamResampler
 
-        self.rs = [_StreamResampler(rate) for _ in range(channels)]
+        self.rs = [StreamResampler(rate) for _ in range(channels)]
 
     def _stack(self, parts) -> np.ndarray:
         n = min(p.numel() for p in parts)
@@ -989,121 +989,3 @@ def listen(source, pipeline, cfg: LiveConfig | None = None, **kwargs: Any) -> It
         t.join()
     if error:
         raise error[0]
-
-
-# --- the command line: python infer.py --live [-] ----------------------------------------------
-def live_config(args) -> LiveConfig:
-    """:class:`LiveConfig` from ``infer.py --live`` options (each checked by the dataclass)."""
-    import dataclasses
-
-    values = {"trigger": args.trigger, "trigger_dbfs": args.trigger_dbfs, "hop_sec": args.hop,
-              "window_sec": args.window, "hold_off_sec": args.hold_off, "record_dir": args.record,
-              "record_max_mb": args.record_max_mb, "alert_sec": args.alert_sec, "alert_hop_sec": args.alert_hop,
-              "alert_threshold": args.alert_threshold}
-    if args.no_alert_stage:
-        values["alert_stage"] = False
-    if args.all_passes:
-        values["cut_passes_when_behind"] = False
-    if args.no_retract:
-        values["retract_unconfirmed"] = False
-    base = LiveConfig()
-    if args.window is not None:  # post_trigger_sec is bounded by the window
-        base = dataclasses.replace(base, window_sec=args.window,
-                                   post_trigger_sec=min(base.post_trigger_sec, args.window))
-    if args.alert_sec is not None:  # and alert_post_trigger_sec by the excerpt
-        base = dataclasses.replace(base, alert_sec=args.alert_sec,
-                                   alert_post_trigger_sec=min(base.alert_post_trigger_sec, args.alert_sec))
-    if args.hop is not None and args.hop < base.align_sec:
-        base = dataclasses.replace(base, hop_sec=args.hop, align_sec=args.hop)
-    return dataclasses.replace(base, **{k: v for k, v in values.items() if v is not None})
-
-
-def open_source(args, block_sec: float):
-    """The capture source of ``--live``: stdin (``-``) or a sound card."""
-    import sys
-
-    from .capture import SoundDeviceSource, StreamSource
-
-    if args.live == "-":
-        return StreamSource(sys.stdin.buffer, args.raw_format, block_sec)
-    if args.live != "mic":
-        raise ConfigError(f"--live takes no value or '-' (stdin), got {args.live!r}; a sound card is "
-                          "chosen with --device-in")
-    if args.raw_format:
-        raise ConfigError("--raw-format describes stdin: use it with --live -")
-    device: int | str | None = args.device_in
-    if isinstance(device, str) and device.isdigit():
-        device = int(device)
-    return SoundDeviceSource(device, args.channels, SAMPLE_RATE, block_sec)
-
-
-def run_cli(args) -> int:
-    """``infer.py --live``: events as JSON lines on stdout, a summary on stderr; Ctrl-C / SIGTERM stop
-    capture, finish the window in progress, flush the outbox and exit 0."""
-    import signal
-    import sys
-
-    from .cli import _config, _legacy_default_outbox, default_outbox
-    from .pipeline import Pipeline
-
-    cfg = _config(args)
-    lcfg = live_config(args)
-    if args.live == "mic":  # before the model loads: a missing extra is one line at once
-        from .capture import check_sound_card_support
-
-        check_sound_card_support()
-    doa = None
-    geometry = None
-    if args.mic_geometry:
-        from .doa import DOAConfig, DOAEstimator, load_geometry
-
-        geometry = load_geometry(args.mic_geometry)
-        doa_cfg = DOAConfig(method=args.doa_method)
-    client = outbox = None
-    if args.backend_url:
-        from .delivery import BackendClient, Outbox
-
-        client = BackendClient(args.backend_url, timeout=args.backend_timeout)
-        outbox = Outbox(args.outbox) if args.outbox else Outbox(default_outbox(), migrate_from=_legacy_default_outbox())
-
-    def on_signal(signum, frame) -> None:  # SIGTERM behaves as Ctrl-C: a clean stop
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, on_signal)
-    try:
-        pipe = Pipeline(cfg)  # before capture starts: a stream must not wait in a pipe while the model loads
-        source = open_source(args, lcfg.block_sec)
-        if geometry is not None:
-            if geometry.shape[1] != source.channels:
-                source.close()
-                raise ConfigError(f"--mic-geometry {args.mic_geometry} has {geometry.shape[1]} mics but the input "
-                                  f"has {source.channels} channel(s)")
-            doa = DOAEstimator(geometry, doa_cfg)
-        elif source.channels > 1:
-            log.warning("%d channels without --mic-geometry: no direction of arrival, the channels are averaged",
-                        source.channels)
-        if not args.quiet:
-            print(f"astsep live: listening to {source.name} ({source.channels} channel(s) at {source.sample_rate} Hz"
-                  f"{', DOA ' + doa.name if doa else ''}); model {cfg.guide.model} on {pipe.guide.device}; "
-                  "Ctrl-C stops", file=sys.stderr, flush=True)
-
-        def print_event(ev: dict) -> None:
-            sys.stdout.write(json.dumps(ev, allow_nan=False) + "\n")
-            sys.stdout.flush()
-
-        listener = LiveListener(pipe, lcfg, channels=source.channels, doa=doa, angle=args.angle,
-                                on_event=print_event, client=client, outbox=outbox, user_id=args.user_id)
-        stats = listener.run(source)
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-    if not args.quiet:
-        d = stats.delivery
-        sent = f"; delivery: {d['this_run']}, outbox pending {d['final_flush']['outbox_pending']}" if d else ""
-        alerts = (f"alert stage: {stats.alert_windows_analysed} excerpt(s) analysed, {stats.alert_windows_dropped} "
-                  f"dropped, {stats.alert_events} alert(s), {stats.updates} updated by separation; "
-                  if lcfg.alert_stage else "")
-        print(f"astsep live: {stats.stream_sec:.1f} s listened; {alerts}separation: {stats.windows_analysed} "
-              f"window(s) analysed ({stats.windows_cut} cut short), {stats.windows_dropped} dropped; "
-              f"{stats.events} event(s)"
-              f"{' (stopped)' if stats.interrupted else ''}{sent}", file=sys.stderr)
-    return 0

@@ -29,7 +29,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 from filelock import FileLock, Timeout
 
@@ -40,7 +40,6 @@ from .export import FORMATS, Export, ExportOptions, export_tracks, rename_in_eve
 
 if TYPE_CHECKING:
     from .config import AstsepConfig
-    from .pipeline import SeparationResult
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,22 @@ IN_PLACE_STAGE = ".astsep-stage-"  # staging folder inside out/ when it is writt
 OLD_INNER_LOCK = ".astsep.lock"  # earlier versions also locked a file inside out/: never carried over
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
+
+
+class SeparationResult(Protocol):
+    """What :func:`write_outputs` writes (:class:`astsep.pipeline.SeparationResult` is one); named
+    here, not imported, so that this module stays below the pipeline that calls it."""
+
+    tracks: list[Any]  # each with ``filename``, ``kind`` and ``render(num_samples)``
+    stats: dict[str, Any]
+
+    @property
+    def residual(self) -> Any: ...
+
+    @property
+    def num_samples(self) -> int: ...
+
+    def manifest(self) -> dict[str, Any]: ...
 
 
 def _checkpoint(name: str) -> None:

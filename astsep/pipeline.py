@@ -33,15 +33,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__
 from .audio import AudioInfo, dbfs, load_audio, rms_db, samples_to_mono_16k
-from .config import SAMPLE_RATE, AstsepConfig, apply_overrides, load_config
+from .config import SAMPLE_RATE, AstsepConfig, WindowConfig, apply_overrides, load_config, shortcut_overrides
 from .errors import AudioError, ConfigError
 from .events import active_span, class_records, content_key, event_id, merge_window_events, safe_name
 from .export import ExportOptions, export_tracks, read_mono_at
 from .guide import TOP_K, ASTGuide, top_classes, use_fast_settings
 from .outputs import write_outputs
 from .separator import BatchSeparation, Separator
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,13 @@ def window_starts(n: int, win: int, overlap: int) -> list[int]:
     hop = max(1, win - overlap)
     count = math.ceil((n - win) / hop) + 1
     return [round(i * (n - win) / (count - 1)) for i in range(count)]
+
+
+def window_layout(cfg: WindowConfig, n: int) -> tuple[list[int], int, int]:
+    """``(starts, win, overlap)`` in samples: the windows :meth:`Pipeline.run` cuts ``n`` samples into."""
+    win = int(round(cfg.window_sec * SAMPLE_RATE))
+    ovl = int(round(cfg.overlap_sec * SAMPLE_RATE))
+    return window_starts(n, win, ovl), win, ovl
 
 
 def window_weight(i: int, starts: list[int], win: int, n: int, ramp: int) -> torch.Tensor:
@@ -234,9 +241,7 @@ class Pipeline:
         g0 = dict(self.guide.stats())
         x = audio.float().cpu()
         n = x.numel()
-        win = int(round(cfg.window.window_sec * SAMPLE_RATE))
-        ovl = int(round(cfg.window.overlap_sec * SAMPLE_RATE))
-        starts = window_starts(n, win, ovl)
+        starts, win, ovl = window_layout(cfg.window, n)
         length = min(win, n)
         total_energy = float(x.double().pow(2).sum())
         # the same audio gives the same event ids wherever it comes from (idempotent delivery);
@@ -425,7 +430,7 @@ class Pipeline:
             "confidence": round(float(out.confidences[j, k]), 6),
             "top5": class_records(out.top5_ids[j, k], out.top5_probs[j, k], self.guide.labels),
             "category": self.cfg.categories.category(cid),
-            "level_dbfs": _round_db(dbfs(seg)),
+            "level_dbfs": round_db(dbfs(seg)),
             "energy_share": round(float(seg.double().pow(2).sum()) / max(total_energy, 1e-30), 6),
             "model": self.model_name,
         }
@@ -453,13 +458,14 @@ class Pipeline:
             "classified": cls is not None,
             "confident": bool(confident),
             "silent": bool(silent),
-            "level_dbfs": _round_db(dbfs(seg)),
+            "level_dbfs": round_db(dbfs(seg)),
             "energy_share": round(float(seg.double().pow(2).sum()) / max(total_energy, 1e-30), 6),
             "model": self.model_name,
         }
 
 
-def _round_db(v: float) -> float | None:
+def round_db(v: float) -> float | None:
+    """A level in dB as events carry it: 2 decimals, None for -inf (silence)."""
     return round(v, 2) if math.isfinite(v) else None
 
 
@@ -522,10 +528,9 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
         writes the files.
     """
     base = config if isinstance(config, AstsepConfig) else load_config(config)
-    overrides = {"separator.max_passes": max_passes, "separator.min_eratio": min_eratio, "guide.model": model,
-                 "guide.device": device, "guide.cache_dir": cache_dir}
     # a new, checked config: the caller's object stays as it was
-    cfg = apply_overrides(base, {k: v for k, v in overrides.items() if v is not None})
+    cfg = apply_overrides(base, shortcut_overrides(model=model, device=device, cache_dir=cache_dir,
+                                                   max_passes=max_passes, min_eratio=min_eratio))
     if fast:
         if guide is not None:
             raise ConfigError("fast=True sets how the model is loaded; with guide=..., build the guide with "

@@ -52,7 +52,7 @@ from astsep.audio import load_audio  # noqa: E402
 from astsep.capture import ArraySource  # noqa: E402
 from astsep.config import SAMPLE_RATE, AstsepConfig, LiveConfig  # noqa: E402
 from astsep.guide import ASTGuide, use_fast_settings  # noqa: E402
-from astsep.live import LiveListener, _excerpt_logits  # noqa: E402
+from astsep.live import LiveListener, excerpt_logits  # noqa: E402
 from astsep.pipeline import Pipeline  # noqa: E402
 from astsep.testing import SHARED_DATA, force_class, full_ast  # noqa: E402
 
@@ -109,7 +109,7 @@ def pipeline(fast: bool, threads: int, max_passes: int | None = None, device: st
     pipe = Pipeline(cfg, ASTGuide(model, cfg.guide, name="full-size random AST (Siren)"))
     noise = torch.zeros(int(4.096 * SAMPLE_RATE)).uniform_(-0.1, 0.1)
     pipe.run(noise, "warm-up")
-    _excerpt_logits(pipe.guide, noise[: int(alert_sec * SAMPLE_RATE)])  # the alert stage's shape
+    excerpt_logits(pipe.guide, noise[: int(alert_sec * SAMPLE_RATE)])  # the alert stage's shape
     return pipe
 
 

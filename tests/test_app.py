@@ -1,4 +1,4 @@
-"""``python -m astsep.app``: the web demo, driven in a real headless Chromium, and its core without a page."""
+"""``python -m astsep.frontends.app``: the web demo, driven in a real headless Chromium, and its core without a page."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def server(tmp_path_factory, tiny_model_dir):
     port = _free_port()
     env = dict(os.environ, GRADIO_TEMP_DIR=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     log = (cache.parent / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "astsep.app", "--model", str(tiny_model_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "astsep.frontends.app", "--model", str(tiny_model_dir), "--port", str(port),
                              "--max-passes", "2", "-v"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT
@@ -338,7 +338,7 @@ def test_closing_the_page_stops_its_separation(server, tmp_path, shared):
 
 
 def test_app_refuses_a_missing_model_in_one_line_with_the_clis_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "astsep.app", "--model", str(tmp_path / "nowhere"), "--port", "0"],
+    proc = subprocess.run([sys.executable, "-m", "astsep.frontends.app", "--model", str(tmp_path / "nowhere"), "--port", "0"],
                           cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr
@@ -348,9 +348,10 @@ def test_app_refuses_a_missing_model_in_one_line_with_the_clis_exit_code(tmp_pat
 
 def test_demo_reports_window_progress_and_zips_every_file(tmp_path, tiny_model_dir, shared):
     """The page's progress bar and zip come from Demo.run: checked here without a browser."""
-    from astsep.app import Demo, _args_namespace
+    from astsep.frontends.app import Demo
+    from astsep.runtime import RunOptions
 
-    demo = Demo(_args_namespace(model=str(tiny_model_dir), max_passes=1))
+    demo = Demo(RunOptions(model=str(tiny_model_dir), max_passes=1))
     path = tmp_path / "long.wav"
     x = np.concatenate([mixture("dog", "rain", seconds=5.0).numpy()] * 5)  # 25 s: three 10.24 s windows
     sf.write(path, x, 16000)
@@ -368,7 +369,7 @@ def test_demo_reports_window_progress_and_zips_every_file(tmp_path, tiny_model_d
 
 def test_an_upload_another_open_session_sent_too_is_kept_until_that_session_closes(tmp_path):
     """Gradio stores uploads by content: two users sending the same file share one path."""
-    from astsep.app import Sessions
+    from astsep.frontends.app import Sessions
 
     upload = tmp_path / "cache" / "sha" / "same.wav"
     upload.parent.mkdir(parents=True)
@@ -385,10 +386,11 @@ def test_an_upload_another_open_session_sent_too_is_kept_until_that_session_clos
 
 
 def test_demo_without_a_refiner_refuses_a_query_with_the_clis_message(tmp_path, tiny_model_dir, shared):
-    from astsep.app import Demo, _args_namespace
+    from astsep.frontends.app import Demo
+    from astsep.runtime import RunOptions
     from astsep.errors import AstsepError
 
-    demo = Demo(_args_namespace(model=str(tiny_model_dir)))
+    demo = Demo(RunOptions(model=str(tiny_model_dir)))
     with pytest.raises(AstsepError, match=r"^--query/--query-audio/--negative need a trained refiner"):
         demo.run(next(ESC.glob("dog__*.flac")), tmp_path / "out", query="a dog barking")
     assert not (tmp_path / "out").exists()
@@ -397,13 +399,14 @@ def test_demo_without_a_refiner_refuses_a_query_with_the_clis_message(tmp_path, 
 @pytest.mark.slow
 def test_demo_with_a_refiner_extracts_the_queried_sound_and_names_bad_queries_by_file_name(
         tmp_path, tiny_model_dir, shared):
-    from astsep.app import Demo, _args_namespace
+    from astsep.frontends.app import Demo
+    from astsep.runtime import RunOptions
     from astsep.errors import AstsepError
     from test_refined_inference import _train_and_save
 
     ckpt = tmp_path / "audio_query.ckpt"
     _train_and_save(ckpt, "target_audio", 32)  # tiny AST: 32-dim pooled embeddings
-    demo = Demo(_args_namespace(model=str(tiny_model_dir), refiner=str(ckpt)))
+    demo = Demo(RunOptions(model=str(tiny_model_dir), refiner=str(ckpt)))
     mix = tmp_path / "mix.wav"
     sf.write(mix, mixture("dog", "rain", seconds=3.0).numpy(), 16000)
     run = demo.run(mix, tmp_path / "run" / "mix", name="mix.wav", query_audio=next(ESC.glob("dog__*.flac")),
@@ -420,7 +423,7 @@ def test_demo_with_a_refiner_extracts_the_queried_sound_and_names_bad_queries_by
 
 
 def test_runs_older_than_keep_minutes_are_removed_even_while_their_session_is_open(tmp_path):
-    from astsep.app import Sessions
+    from astsep.frontends.app import Sessions
 
     sessions = Sessions(tmp_path / "astsep-sessions", keep_seconds=60)
     old = sessions.new_run_dir("a", "old")

@@ -153,7 +153,7 @@ def test_the_cli_killed_before_the_swap_keeps_the_previous_outputs(tmp_path, tin
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code = ("import os, signal, sys; from astsep import outputs\n"
             "outputs._checkpoint = lambda n: n == 'staged' and os.kill(os.getpid(), signal.SIGKILL)\n"
-            "from astsep.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from astsep.frontends.infer import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "-i", str(SEED_RECORDING), "-o", str(out), "-m",
                            str(tiny_model_dir), "-q"], cwd=str(ROOT), capture_output=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)), timeout=240)

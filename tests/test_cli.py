@@ -217,7 +217,7 @@ def test_a_second_run_into_a_locked_output_folder_is_refused(tmp_path, tiny_mode
 
 # --- issue 12: in-process runs of the same command line (no new interpreter per case) ---------
 def main_in_process(capsys, *args: str) -> tuple[int, str]:
-    from astsep.cli import main
+    from astsep.frontends.infer import main
 
     rc = main(list(args))
     return rc, capsys.readouterr().err
@@ -300,7 +300,7 @@ class _Terminal(io.StringIO):
 
 
 def test_a_short_input_on_a_terminal_gets_a_bar_and_the_summary_after_it(tmp_path, tiny_model_dir, monkeypatch, shared):
-    from astsep.cli import main
+    from astsep.frontends.infer import main
 
     path = tmp_path / "short.wav"
     _write(path, clip("dog", 2.0).numpy())
@@ -314,7 +314,7 @@ def test_a_short_input_on_a_terminal_gets_a_bar_and_the_summary_after_it(tmp_pat
 
 
 def test_user_id_must_be_an_integer(tmp_path, capsys):
-    from astsep.cli import main
+    from astsep.frontends.infer import main
 
     with pytest.raises(SystemExit) as exc:
         main(["-i", "x.wav", "-o", str(tmp_path / "out"), "--user-id", "bob"])

@@ -220,8 +220,8 @@ def test_live_config_checks_its_ranges():
 
 
 def test_alert_stage_options_reach_the_live_config():
-    from astsep.cli import build_parser
-    from astsep.live import live_config
+    from astsep.frontends.infer import build_parser
+    from astsep.frontends.live import live_config
 
     cfg = live_config(build_parser().parse_args(["--live", "-", "--alert-hop", "0.5", "--alert-sec", "0.4",
                                                  "--alert-threshold", "0.3"]))

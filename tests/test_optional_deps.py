@@ -43,7 +43,7 @@ def without_extras(*args: str, timeout: float = 300) -> subprocess.CompletedProc
 
 
 def test_the_package_imports_without_the_extras():
-    code = ("import astsep, astsep.pipeline, astsep.cli, astsep.refiner, astsep.query, astsep.lit, astsep.embed\n"
+    code = ("import astsep, astsep.pipeline, astsep.frontends.infer, astsep.refiner, astsep.query, astsep.lit, astsep.embed\n"
             "import sys\n"
             f"print([m for m in {EXTRAS!r} if sys.modules.get(m) is not None])")
     proc = without_extras("-c", code)

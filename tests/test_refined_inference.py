@@ -138,7 +138,7 @@ def no_negative_ckpt(tmp_path_factory):
 
 
 def _in_process(capsys, *args: str) -> tuple[int, str]:
-    from astsep.cli import main
+    from astsep.frontends.infer import main
 
     rc = main(list(args))
     return rc, capsys.readouterr().err

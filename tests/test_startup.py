@@ -53,7 +53,7 @@ def test_help_bad_options_and_missing_inputs_answer_without_torch_or_transformer
 
 def test_quiet_logging_set_up_leaves_transformers_unimported_but_quiet():
     code = ("import argparse, os, sys\n"
-            "from astsep.cli import _setup_logging\n"
+            "from astsep.frontends.infer import _setup_logging\n"
             "_setup_logging(argparse.Namespace(quiet=False, verbose=0))\n"
             "assert 'transformers' not in sys.modules\n"
             "import transformers\n"

@@ -12,27 +12,17 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, SAMPLE_RATE, apply_overrides, config_keys, load_config, parse_value, type_name
-from .errors import AstsepError, AudioError, ConfigError, OutputError
+from ..config import DEFAULT_MODEL, config_keys, type_name
+from ..errors import AstsepError, AudioError, OutputError
+from ..runtime import (RunOptions, build_config, build_delivery, build_pipeline, build_query, build_refiner,
+                       check_queries, count_windows, default_outbox)
 
 log = logging.getLogger("astsep")
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "separator.yaml"
-
-
-def default_outbox() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "astsep" / "outbox.sqlite3"
-
-
-def _legacy_default_outbox() -> Path:
-    """Where versions with the JSON-lines outbox kept it; migrated into :func:`default_outbox`."""
-    return default_outbox().with_name("outbox.jsonl")
 
 
 def _iso_time(text: str) -> datetime:
     """``--recorded-at``: an ISO-8601 time; ``Z`` or an offset, else UTC."""
-    from .delivery import parse_iso_time
+    from ..delivery import parse_iso_time
 
     try:
         return parse_iso_time(text)
@@ -187,29 +177,6 @@ def _setup_logging(args) -> None:
             sys.modules["transformers"].logging.set_verbosity_error()
 
 
-def _config(args):
-    """The run's config. Precedence, lowest first: the dataclass defaults < the YAML (``--config``,
-    else ``configs/separator.yaml``) < ``--section.key`` options < the shortcut options (``--model``,
-    ``--device``, ``--cache-dir``, ``--max-passes``, ``--min-eratio``, then ``--fast`` and
-    ``--allow-pickle``). Every step goes through :func:`astsep.config.apply_overrides`."""
-    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    cfg = load_config(path)
-    given = getattr(args, "config_keys", None) or {}
-    cfg = apply_overrides(cfg, {k: parse_value(k, v) for k, v in given.items()})  # errors name the key
-    shortcuts = {
-        "guide.model": args.model, "guide.device": args.device, "guide.cache_dir": args.cache_dir,
-        "separator.max_passes": args.max_passes, "separator.min_eratio": args.min_eratio,
-    }
-    cfg = apply_overrides(cfg, {k: v for k, v in shortcuts.items() if v is not None})
-    if args.fast:
-        from .guide import use_fast_settings
-
-        use_fast_settings(cfg.guide)
-    if args.allow_pickle:
-        cfg = apply_overrides(cfg, {"guide.allow_pickle": True})
-    return cfg
-
-
 def output_names(inputs: list[Path]) -> list[str]:
     """One subfolder name per input, unique within the run, also for filesystems that ignore case.
 
@@ -234,32 +201,6 @@ def output_names(inputs: list[Path]) -> list[str]:
     return [n for n in names if n is not None]
 
 
-def _check_queries(args, refiner) -> None:
-    """Refuse, before any audio is decoded, queries this refiner cannot use (one line, exit 2)."""
-    import difflib
-
-    if (args.negative or args.negative_audio) and not refiner.net.cfg.use_negative:
-        raise ConfigError(f"the refiner {refiner.name} was trained without negative queries and would ignore "
-                          "--negative/--negative-audio: leave the option out or use a refiner trained with negatives")
-    if args.query and refiner.query_source == "target_audio":
-        raise ConfigError("this refiner was trained with audio (AST embedding) queries: use --query-audio FILE")
-    texts = [t for t in (args.query, args.negative) if t]
-    if not texts or refiner.text_encoder is not None:
-        return
-    if refiner.table is None:
-        raise ConfigError("a text query needs its embedding: pass --query-table TABLE (python -m astsep.embed) "
-                          "or --clap-ckpt CKPT (laion-clap) to embed new text")
-    from .query import normalise_text
-
-    for text in texts:
-        if text in refiner.table:
-            continue
-        near = difflib.get_close_matches(normalise_text(text), refiner.table.texts, n=3, cutoff=0.5)
-        hint = ("nearest entries: " + ", ".join(repr(t) for t in near)) if near else "no entry is close"
-        raise ConfigError(f"{text!r} is not in the query table {args.query_table} ({len(refiner.table)} entries; "
-                          f"{hint}); use one of them, or pass --clap-ckpt CKPT to embed new text")
-
-
 def _recording_start(args, path: Path, info) -> tuple[datetime | None, str]:
     """When the recording of ``path`` started, and how we know: ``--recorded-at``, else the file's
     modification time minus its duration (a recorder writes the file until it stops)."""
@@ -272,128 +213,148 @@ def _recording_start(args, path: Path, info) -> tuple[datetime | None, str]:
     return datetime.fromtimestamp(mtime - info.duration_sec, tz=timezone.utc), "file_mtime"
 
 
-def run(args) -> int:
-    from .inputs import find_inputs
+def _find_inputs(raw_inputs: list[str], failures: list[int]) -> list[Path]:
+    """Every ``-i`` expanded on its own; a bad one is reported (one line) and skipped like a bad file."""
+    from ..inputs import find_inputs
 
-    cfg = _config(args)
-    if (args.query or args.query_audio or args.negative or args.negative_audio) and not args.refiner:
-        raise AstsepError("--query/--query-audio/--negative need a trained refiner: pass --refiner CKPT")
-    if args.query and args.query_audio:
-        raise AstsepError("give either --query or --query-audio, not both")
-    if (args.negative or args.negative_audio) and not (args.query or args.query_audio):
-        raise AstsepError("--negative/--negative-audio leave a sound out of a query: pass --query or --query-audio")
-
-    # Inputs: every -i is expanded on its own, and a bad one is reported and skipped like a bad file.
-    failures: list[int] = []
     inputs: list[Path] = []
-    for raw in args.input:
+    for raw in raw_inputs:
         try:
             inputs.extend(find_inputs([raw]))
         except AstsepError as exc:
             failures.append(exc.exit_code)
             print(f"astsep: error: {exc}", file=sys.stderr)
-    multi = len(inputs) + len(failures) > 1
+    return inputs
 
+
+class _Progress:
+    """The seconds-of-audio bar on stderr (only where stderr is a terminal, never with ``-q``) and
+    the error lines printed through it."""
+
+    def __init__(self, durations: list[float], quiet: bool):
+        self.bar = None
+        if not quiet and durations:
+            from tqdm import tqdm
+
+            # disable=None: a bar only where stderr is a terminal; -v logs a line per input instead
+            self.bar = tqdm(total=round(sum(durations), 1), unit="s", desc="audio separated", disable=None,
+                            file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]")
+            if self.bar.disable:
+                self.bar = None
+
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+    def update(self, seconds: float) -> None:
+        if self.bar is not None:
+            self.bar.update(seconds)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Batch:
+    """One ``infer.py -i ... -o ...`` run after its options are checked: the model is loaded at the
+    first input that decodes (a bad file fails in milliseconds), each input is separated, written,
+    then its events delivered."""
+
+    def __init__(self, args, opts: RunOptions, cfg, refiner, sink, progress: _Progress):
+        self.args, self.opts, self.cfg, self.refiner, self.sink = args, opts, cfg, refiner, sink
+        self.progress = progress
+        self.pipe = self.query = None
+        self.t_model = 0.0
+
+    def _load_model(self) -> None:
+        t0 = time.perf_counter()
+        self.pipe = build_pipeline(self.opts, self.cfg, self.refiner)
+        self.query = build_query(self.opts, self.pipe)
+        self.t_model = time.perf_counter() - t0
+        log.info("model %s loaded on %s in %.2f s", self.cfg.guide.model, self.pipe.guide.device, self.t_model)
+
+    def separate(self, path: Path, out_dir: Path, duration: float, label: str) -> str:
+        """Separate, write and deliver ``path`` (``duration`` seconds on the bar, advanced in full
+        whatever happens); returns the summary line."""
+        done = [0.0]
+        try:
+            return self._separate(path, out_dir, duration, label, done)
+        finally:
+            self.progress.update(max(0.0, duration - done[0]))
+
+    def _separate(self, path: Path, out_dir: Path, duration: float, label: str, done: list[float]) -> str:
+        from ..audio import load_audio
+        from ..events import stamp_occurred_at
+
+        t0 = time.perf_counter()
+        x, info = load_audio(path)
+        t_dec = time.perf_counter() - t0
+        if self.pipe is None:
+            self._load_model()
+        total = count_windows(self.cfg, x.numel())
+        log.info("%s: separating %.1f s of audio (%d window(s)) %s", path, info.duration_sec, total, label)
+
+        def advance(windows: int) -> None:
+            step = duration * windows / total
+            done[0] += step
+            self.progress.update(step)
+
+        result = self.pipe.run(x, str(path), info, keep_traces=self.args.debug, progress=advance, query=self.query)
+        result.stats["seconds"]["decode"] = round(t_dec, 4)
+        result.stats["seconds"]["model_load"] = round(self.t_model, 4)
+        stamp_occurred_at(result.events, *_recording_start(self.args, path, info))
+        manifest = result.write(out_dir, debug=self.args.debug, config=self.cfg)
+        if self.sink is not None:
+            _deliver(result, self.sink, manifest)
+        return _summary(path, out_dir, result)
+
+
+def _summary(path: Path, out_dir: Path, result) -> str:
+    counts: dict[tuple[str, str], int] = {}
+    for e in result.events:
+        if e["kind"] == "source":
+            counts[(e["label"], e["category"])] = counts.get((e["label"], e["category"]), 0) + 1
+    summary = ", ".join(f"{lab} ({cat}){f' x{c}' if c > 1 else ''}" for (lab, cat), c in counts.items())
+    log.info("%s: %d source(s)%s -> %s", path, len(result.labels), f": {summary}" if summary else "", out_dir)
+    return f"{path} -> {out_dir}: {summary or 'no separated source'}"
+
+
+def run(args) -> int:
+    """``infer.py -i ... -o ...``: exit code 0, or the one failure's code, or 1 for a mix."""
+    opts = RunOptions.from_values(args)
+    cfg = build_config(opts)
+    check_queries(opts)
+    failures: list[int] = []
+    inputs = _find_inputs(args.input, failures)
+    multi = len(inputs) + len(failures) > 1
     # Output folders are checked before any decoding or model work: a bad one is refused at once.
     out_root = Path(args.output)
     if out_root.exists() and not out_root.is_dir():
         raise OutputError(f"--output {out_root} exists and is not a folder")
     if not inputs:  # every input was bad (each said why): done before torch is even imported
         return failures[0] if len(set(failures)) == 1 else 1
+    from ..outputs import check_output_folder  # torch, transformers: only now that there is work to do
 
-    # torch, transformers: only now that there is work to do
-    from .audio import load_audio
-    from .events import stamp_occurred_at
-    from .outputs import check_output_folder
-    from .pipeline import Pipeline, window_starts
-
-    names = output_names(inputs)
-    out_dirs = [out_root / name for name in names] if multi else [out_root] * len(inputs)
+    out_dirs = [out_root / name for name in output_names(inputs)] if multi else [out_root] * len(inputs)
     for d in dict.fromkeys(out_dirs):
         check_output_folder(d)
-
-    refiner = None
-    if args.refiner:
-        from .refiner import Refiner
-
-        refiner = Refiner.load(args.refiner, table=args.query_table, clap_ckpt=args.clap_ckpt)
-        _check_queries(args, refiner)
-    client = outbox = None
-    if args.backend_url:
-        from .delivery import BackendClient, Outbox
-
-        client = BackendClient(args.backend_url, timeout=args.backend_timeout)
-        outbox = Outbox(args.outbox) if args.outbox else Outbox(default_outbox(), migrate_from=_legacy_default_outbox())
-
+    refiner = build_refiner(opts)
+    sink = build_delivery(opts)
     durations = [_duration(p) for p in inputs]
-    bar = None
-    if not args.quiet and inputs:
-        from tqdm import tqdm
-
-        # disable=None: a bar only where stderr is a terminal; -v logs a line per input instead
-        bar = tqdm(total=round(sum(durations), 1), unit="s", desc="audio separated", disable=None, file=sys.stderr,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]")
-        if bar.disable:
-            bar = None
+    progress = _Progress(durations, args.quiet)
+    batch = _Batch(args, opts, cfg, refiner, sink, progress)
     summaries: list[str] = []  # printed once the bar is closed, never through it
-
-    def say(line: str) -> None:
-        if bar is not None:
-            bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr)
-
-    pipe = query = None
-    t_model = 0.0
     try:
         for n, path in enumerate(inputs):
-            done = [0.0]
             try:
-                t0 = time.perf_counter()
-                x, info = load_audio(path)
-                t_dec = time.perf_counter() - t0
-                if pipe is None:  # after the first good decode: a bad file fails in milliseconds
-                    t0 = time.perf_counter()
-                    pipe = Pipeline(cfg, _refiner_guide(args, cfg, refiner), refiner=refiner)
-                    query = _query(args, pipe) if refiner is not None else None
-                    t_model = time.perf_counter() - t0
-                    log.info("model %s loaded on %s in %.2f s", cfg.guide.model, pipe.guide.device, t_model)
-                win_total = len(window_starts(x.numel(), int(round(cfg.window.window_sec * SAMPLE_RATE)),
-                                              int(round(cfg.window.overlap_sec * SAMPLE_RATE))))
-                log.info("%s: separating %.1f s of audio (%d window(s)) [%d/%d]", path, info.duration_sec,
-                         win_total, n + 1, len(inputs))
-
-                def advance(windows: int, dur=durations[n], done=done, total=win_total) -> None:
-                    if bar is not None:
-                        step = dur * windows / total
-                        done[0] += step
-                        bar.update(step)
-
-                result = pipe.run(x, str(path), info, keep_traces=args.debug, progress=advance, query=query)
-                result.stats["seconds"]["decode"] = round(t_dec, 4)
-                result.stats["seconds"]["model_load"] = round(t_model, 4)
-                stamp_occurred_at(result.events, *_recording_start(args, path, info))
-                out_dir = out_dirs[n]
-                manifest = result.write(out_dir, debug=args.debug, config=cfg)
-                if client is not None:
-                    _deliver(result, client, outbox, args, manifest)
-                counts: dict[tuple[str, str], int] = {}
-                for e in result.events:
-                    if e["kind"] == "source":
-                        counts[(e["label"], e["category"])] = counts.get((e["label"], e["category"]), 0) + 1
-                summary = ", ".join(f"{lab} ({cat}){f' x{c}' if c > 1 else ''}" for (lab, cat), c in counts.items())
-                log.info("%s: %d source(s)%s -> %s", path, len(result.labels), f": {summary}" if summary else "",
-                         out_dir)
-                summaries.append(f"{path} -> {out_dir}: {summary or 'no separated source'}")
+                summaries.append(batch.separate(path, out_dirs[n], durations[n], f"[{n + 1}/{len(inputs)}]"))
             except (AudioError, OutputError) as exc:  # this input only: report, go on with the others
                 failures.append(exc.exit_code)
-                say(f"astsep: error: {exc}")
-            finally:
-                if bar is not None:
-                    bar.update(max(0.0, durations[n] - done[0]))
+                progress.say(f"astsep: error: {exc}")
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     if not args.quiet:
         for line in summaries:
             print(line, file=sys.stderr)
@@ -404,41 +365,23 @@ def run(args) -> int:
     return 1  # some inputs failed (each said why above), the others were written
 
 
-def _refiner_guide(args, cfg, refiner):
-    """With ``--refiner`` and no ``--model``: the AST the refiner was trained on (its baseline masks and
-    query embeddings came from it), built here; otherwise None (the pipeline loads ``cfg.guide.model``)."""
-    if refiner is None or args.model is not None or not refiner.guide_model:
-        return None
-    from .guide import build_guide
-    from .pipeline import quiet_model_loading
-
-    if refiner.guide_model == "tiny":
-        log.warning("refiner %s was trained on a random tiny AST (a smoke-test config): separating with that "
-                    "same random guide, whose labels mean nothing", refiner.name)
-    cfg.guide.model = refiner.guide_model
-    with quiet_model_loading():
-        return build_guide(refiner.guide_model, cfg.guide, refiner.guide_seed)
-
-
-def _deliver(result, client, outbox, args, manifest: Path) -> None:
+def _deliver(result, sink, manifest: Path) -> None:
     """Deliver after the files are written: delivery never blocks or loses separation output."""
-    from .audio import write_bytes_atomic
-    from .delivery import deliver, flush
+    from ..audio import write_bytes_atomic
+    from ..delivery import deliver, flush
+    from ..outputs import output_lock
 
     t0 = time.perf_counter()
-    earlier = flush(outbox, client)
+    earlier = flush(sink.outbox, sink.client)
     # when the flush just found the backend unreachable, queue this run's events without waiting
     # through another round of retries
     backend_down = bool(earlier.pending) and not earlier.busy
-    report = deliver(result.events, client, outbox, user_id=args.user_id,
-                     angle=args.angle if args.angle is not None else 0, send=not backend_down)
+    report = deliver(result.events, sink.client, sink.outbox, user_id=sink.user_id,
+                     angle=sink.angle if sink.angle is not None else 0, send=not backend_down)
     result.stats["delivery"] = {"earlier": earlier.to_dict(), "this_run": report.to_dict(),
                                 "seconds": round(time.perf_counter() - t0, 4)}
     # add the report to this run's events.json, under the folder's lock, and only if no later run
     # has replaced the folder since
-    from .errors import OutputError
-    from .outputs import output_lock
-
     try:
         with output_lock(manifest.parent):
             data = json.loads(manifest.read_text())
@@ -448,41 +391,6 @@ def _deliver(result, client, outbox, args, manifest: Path) -> None:
     except (OutputError, OSError, ValueError) as exc:
         log.warning("delivery report not added to %s: %s", manifest, exc)
     log.info("delivery: %s", report.summary())
-
-
-def _query(args, pipe):
-    """The --query / --query-audio embedding (with its negative), or None."""
-    from .audio import load_audio
-    from .refiner import Query
-
-    ref = pipe.refiner
-    if not (args.query or args.query_audio):
-        return None
-
-    def audio_embedding(path: str):
-        x, _ = load_audio(path)
-        x = x[: int(round(pipe.cfg.window.window_sec * SAMPLE_RATE))].unsqueeze(0)
-        if ref.query_source == "target_audio":
-            return ref._check_dim(pipe.guide.embed(x.to(pipe.guide.device)).cpu()[0], "AST audio")
-        if ref.text_encoder is None:
-            raise AstsepError("this refiner takes CLAP queries: pass --clap-ckpt CKPT to embed an audio query")
-        return ref._check_dim(ref.text_encoder.encode_audio(x)[0], "CLAP audio")
-
-    def text_embedding(text: str):
-        if ref.query_source == "target_audio":
-            raise AstsepError("this refiner was trained with audio (AST embedding) queries: use --query-audio FILE")
-        return ref.embed_text([text])[0]
-
-    if args.query:
-        pos, text = text_embedding(args.query), args.query
-    else:
-        pos, text = audio_embedding(args.query_audio), Path(args.query_audio).stem
-    neg = neg_text = None
-    if args.negative:
-        neg, neg_text = text_embedding(args.negative), args.negative
-    elif args.negative_audio:
-        neg, neg_text = audio_embedding(args.negative_audio), Path(args.negative_audio).stem
-    return Query(pos, text, neg, neg_text)
 
 
 def _duration(path: Path) -> float:
@@ -505,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args)
     try:
         if args.live is not None:
-            from .live import run_cli
+            from .live import run_live
 
-            return run_cli(args)
+            return run_live(args)
         return run(args)
     except AstsepError as exc:
         print(f"astsep: error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``python -m astsep.app``: a web demo (Gradio) over the same pipeline as ``infer.py``.
+"""``python -m astsep.frontends.app``: a web demo (Gradio) over the same pipeline as ``infer.py``.
 
 Upload (or record) a file, optionally give a text or audio query when a refiner is loaded, and get
 every separated source (label, category, confidence, time span; play, download), a zip of all
@@ -16,6 +16,7 @@ are removed when the session ends (tab closed), and ``delete_cache`` removes any
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import secrets
@@ -28,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import DEFAULT_MODEL, SAMPLE_RATE
-from .errors import AstsepError
+from ..config import DEFAULT_MODEL
+from ..errors import AstsepError
+from ..runtime import RunOptions, build_config, build_pipeline, build_query, build_refiner, check_queries, count_windows
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from a local demo
 try:  # at module level: Gradio reads the event functions' annotations (gr.Request) from these globals
@@ -43,7 +45,7 @@ EVENT_COLUMNS = ["kind", "label", "category", "confidence", "start_sec", "end_se
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m astsep.app",
+    p = argparse.ArgumentParser(prog="python -m astsep.frontends.app",
                                 description="Web demo of the astsep separator (Gradio): upload or record a "
                                             "file, listen to and download every separated source.")
     p.add_argument("-m", "--model", default=None,
@@ -107,30 +109,14 @@ class DemoRun:
         return [[e.get(c) for c in EVENT_COLUMNS] for e in self.events]
 
 
-def _args_namespace(**kw) -> argparse.Namespace:
-    """The attributes ``cli._config``/``cli._query``/``cli._check_queries`` read, CLI defaults elsewhere."""
-    base = dict(model=None, config=None, device=None, max_passes=None, min_eratio=None, fast=False, cache_dir=None,
-                allow_pickle=False, refiner=None, query=None, query_audio=None, negative=None, negative_audio=None,
-                query_table=None, clap_ckpt=None)
-    base.update(kw)
-    return argparse.Namespace(**base)
-
-
 class Demo:
     """The model (loaded once, as ``infer.py`` loads it) and one separation into a folder."""
 
-    def __init__(self, args: argparse.Namespace):
-        from .cli import _config
-        from .pipeline import Pipeline
-
-        self.args = args
-        self.cfg = _config(args)
-        self.refiner = None
-        if args.refiner:
-            from .refiner import Refiner
-
-            self.refiner = Refiner.load(args.refiner, table=args.query_table, clap_ckpt=args.clap_ckpt)
-        self.pipe = Pipeline(self.cfg, refiner=self.refiner)
+    def __init__(self, opts: RunOptions):
+        self.opts = opts
+        self.cfg = build_config(opts)
+        self.refiner = build_refiner(opts)
+        self.pipe = build_pipeline(opts, self.cfg, self.refiner)
         self.lock = threading.Lock()  # the pipeline (model, cache) serves one separation at a time
 
     def run(self, path: str | os.PathLike, out_dir: Path, name: str | None = None, query: str | None = None,
@@ -144,29 +130,20 @@ class Demo:
         windows. Raises :class:`AstsepError` (one line) for bad input or queries."""
         import time
 
-        from .audio import load_audio
-        from .cli import _check_queries, _query
-        from .events import stamp_occurred_at
-        from .pipeline import window_starts
+        from ..audio import load_audio
+        from ..events import stamp_occurred_at
 
         name = name or Path(path).name
         query = (query or "").strip() or None
-        if (query or query_audio) and self.refiner is None:
-            raise AstsepError("--query/--query-audio/--negative need a trained refiner: pass --refiner CKPT")
-        if query and query_audio:
-            raise AstsepError("give either --query or --query-audio, not both")
-        qargs = _args_namespace(query=query, query_audio=str(query_audio) if query_audio else None,
-                                query_table=self.args.query_table)
+        qopts = dataclasses.replace(self.opts, query=query, query_audio=str(query_audio) if query_audio else None)
+        check_queries(qopts)
         t0 = time.perf_counter()
         try:
             with self.lock:
-                if self.refiner is not None:
-                    _check_queries(qargs, self.refiner)
+                check_queries(qopts, self.refiner)
                 x, info = load_audio(path)
-                q = _query(qargs, self.pipe) if self.refiner is not None else None
-                cfg = self.cfg
-                total = len(window_starts(x.numel(), int(round(cfg.window.window_sec * SAMPLE_RATE)),
-                                          int(round(cfg.window.overlap_sec * SAMPLE_RATE))))
+                q = build_query(qopts, self.pipe)
+                total = count_windows(self.cfg, x.numel())
                 done = [0]
 
                 def advance(windows: int) -> None:
@@ -232,7 +209,7 @@ class Sessions:
 
     def new_run_dir(self, session: str, stem: str) -> Path:
         """A new, not yet existing output folder for one run of ``session``."""
-        from .events import safe_name
+        from ..events import safe_name
 
         self.sweep()
         with self._lock:
@@ -403,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
 
     require()  # torch / torchaudio / transformers / soundfile that cannot be loaded: one line, exit 3
     try:
-        demo = Demo(args)
+        demo = Demo(RunOptions.from_values(args))
     except AstsepError as exc:
         print(f"astsep: error: {exc}", file=sys.stderr)
         return exc.exit_code
