@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if gr is None:
         print('astsep: error: the web demo needs Gradio: pip install -e ".[app]"', file=sys.stderr)
         return 2
-    from .deps import require
+    from ..deps import require
 
     require()  # torch / torchaudio / transformers / soundfile that cannot be loaded: one line, exit 3
     try:

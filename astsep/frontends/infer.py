@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         print("astsep: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not a bad input: still one line unless -v
-        from .deps import diagnose
+        from ..deps import diagnose
 
         dep = diagnose(exc)  # torch / torchaudio / transformers / soundfile that cannot be loaded: exit 3
         if dep is not None:
