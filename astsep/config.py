@@ -320,7 +320,12 @@ def _build(cls, data: dict[str, Any], where: str):
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
-        raise ConfigError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}")
+        def near(key: str) -> str:
+            match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            dotted = match[0] if where == "config" else f"{where}.{match[0]}" if match else ""
+            return f"{key} (did you mean {dotted}?)" if match else key
+
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(near(k) for k in sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
         default = getattr(cls(), name)

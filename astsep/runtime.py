@@ -66,6 +66,10 @@ class RunOptions:
     negative_audio: str | None = None
     query_table: str | None = None
     clap_ckpt: str | None = None
+    # the written files (astsep.export): rate ("input" or Hz), sample format, sources cut to their events
+    sample_rate: int | str = SAMPLE_RATE
+    format: str = "float"
+    crop: bool = False
     # delivery
     backend_url: str | None = None
     backend_timeout: float = 5.0
@@ -109,6 +113,14 @@ def count_windows(cfg: AstsepConfig, num_samples: int) -> int:
     from .pipeline import window_layout
 
     return len(window_layout(cfg.window, num_samples)[0])
+
+
+def build_export(opts: RunOptions):
+    """The :class:`astsep.export.ExportOptions` of the written files (rate, sample format, crop)."""
+    from .export import ExportOptions
+
+    rate = ExportOptions.parse_rate(opts.sample_rate) if isinstance(opts.sample_rate, str) else opts.sample_rate
+    return ExportOptions(sample_rate=rate, format=opts.format, crop=opts.crop)
 
 
 # --- refiner and queries ---------------------------------------------------------------------------

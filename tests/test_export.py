@@ -157,3 +157,24 @@ def test_writing_at_another_rate_needs_the_input_file(tiny_model):
                           config=cfg)
     with pytest.raises(ConfigError, match="needs the input file"):
         res.write("/nonexistent/never", options=ExportOptions(sample_rate=48000))
+
+
+def test_infer_writes_at_the_input_rate_in_wav24_with_cropped_sources(stereo_44k, tiny_model_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(root / "infer.py"), "-i", str(stereo_44k), "-o", str(out), "-m",
+                           str(tiny_model_dir), "--sample-rate", "input", "--format", "wav24", "--crop", "-q"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "events.json").read_text())
+    assert manifest["output"]["sample_rate"] == 44100 and manifest["output"]["format"] == "wav24"
+    for name in manifest["files"]:
+        info = sf.info(out / name)
+        assert info.samplerate == 44100 and info.subtype == "PCM_24" and info.channels == 1
+    residual = next(n for n in manifest["files"] if n.endswith("residual.wav"))
+    assert sf.info(out / residual).frames == sf.info(stereo_44k).frames

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ..config import DEFAULT_MODEL, config_keys, type_name
 from ..errors import AstsepError, AudioError, OutputError
-from ..runtime import (RunOptions, build_config, build_delivery, build_pipeline, build_query, build_refiner,
-                       check_queries, count_windows, default_outbox)
+from ..runtime import (RunOptions, build_config, build_delivery, build_export, build_pipeline, build_query,
+                       build_refiner, check_queries, count_windows, default_outbox)
 
 log = logging.getLogger("astsep")
 
@@ -30,8 +30,25 @@ def _iso_time(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r} (e.g. 2026-01-31T08:15:00Z)") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a mistyped option is one line with the nearest option, not the usage."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            import difflib
+
+            unknown = [t for t in message.split(":", 1)[1].split() if t.startswith("-")]
+            if unknown:
+                word = unknown[0].split("=", 1)[0]
+                known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+                near = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                self.exit(2, f"astsep: error: unknown option {word}{hint}; {self.prog} -h lists them\n")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="infer.py",
         description="Separate recordings into sources with the AST-guided separator, classify each source "
                     "(AudioSet label; danger / help / warning / other) and deliver the events to a backend.",
@@ -58,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickle (pytorch_model.bin) model weights; only for folders you trust")
     p.add_argument("--debug", action="store_true", help="write debug_pass_K.png figures per pass")
+    w = p.add_argument_group("written files")
+    w.add_argument("--sample-rate", default=None, metavar="input|HZ",
+                   help="rate of the written files: 'input' (the input's own, full band: what lies above 8 kHz "
+                        "stays in the residual) or a rate in Hz (default 16000, the analysis rate)")
+    w.add_argument("--format", default=None, choices=["float", "wav16", "wav24", "flac"],
+                   help="sample format: float (32-bit float WAV, exact; default), wav16, wav24 or flac (24-bit)")
+    w.add_argument("--crop", action="store_true", default=None,
+                   help="cut each source to the span of its events (offsets in events.json); the residual stays "
+                        "full length and the files still add up placed at their offsets")
     r = p.add_argument_group("trained refiner")
     r.add_argument("--refiner", default=None, metavar="CKPT",
                    help="refine every baseline source with a refiner checkpoint written by train.py; "
@@ -264,6 +290,7 @@ class _Batch:
 
     def __init__(self, args, opts: RunOptions, cfg, refiner, sink, progress: _Progress):
         self.args, self.opts, self.cfg, self.refiner, self.sink = args, opts, cfg, refiner, sink
+        self.export = build_export(opts)
         self.progress = progress
         self.pipe = self.query = None
         self.t_model = 0.0
@@ -280,9 +307,13 @@ class _Batch:
         whatever happens); returns the summary line."""
         done = [0.0]
         try:
-            return self._separate(path, out_dir, duration, label, done)
-        finally:
+            summary = self._separate(path, out_dir, duration, label, done)
+        except (AstsepError, OSError):  # this input failed: its seconds count as handled
             self.progress.update(max(0.0, duration - done[0]))
+            raise
+        # Ctrl-C (KeyboardInterrupt) leaves the bar where the work stopped, never at 100 %
+        self.progress.update(max(0.0, duration - done[0]))
+        return summary
 
     def _separate(self, path: Path, out_dir: Path, duration: float, label: str, done: list[float]) -> str:
         from ..audio import load_audio
@@ -305,7 +336,7 @@ class _Batch:
         result.stats["seconds"]["decode"] = round(t_dec, 4)
         result.stats["seconds"]["model_load"] = round(self.t_model, 4)
         stamp_occurred_at(result.events, *_recording_start(self.args, path, info))
-        manifest = result.write(out_dir, debug=self.args.debug, config=self.cfg)
+        manifest = result.write(out_dir, debug=self.args.debug, config=self.cfg, options=self.export)
         if self.sink is not None:
             _deliver(result, self.sink, manifest)
         return _summary(path, out_dir, result)
@@ -326,6 +357,7 @@ def run(args) -> int:
     opts = RunOptions.from_values(args)
     cfg = build_config(opts)
     check_queries(opts)
+    build_export(opts)  # a bad --sample-rate is one line before any work
     failures: list[int] = []
     inputs = _find_inputs(args.input, failures)
     multi = len(inputs) + len(failures) > 1
