@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 
-from astsep import cli
+from astsep.frontends import infer as cli
+from astsep.runtime import RunOptions, build_config
 from astsep.config import (AstsepConfig, CategoryConfig, GuideConfig, SeparatorConfig, STFTConfig, WindowConfig,
                            load_config)
 from astsep.errors import ConfigError
@@ -180,6 +181,10 @@ def test_config_round_trips_through_a_plain_dict():
         config_from_dict({"separator": {"rounds": 0}}, where="events.json")
 
 
+def _config(args):
+    return build_config(RunOptions.from_values(args))
+
+
 def _args(*argv: str):
     return cli.build_parser().parse_args(["-i", "x.wav", "-o", "out", *argv])
 
@@ -190,21 +195,21 @@ def test_every_config_key_is_an_infer_option_typed_and_checked_by_its_dataclass(
     keys = {f"--{s.name}.{f.name}" for s in dataclasses.fields(AstsepConfig)
             for f in dataclasses.fields(getattr(AstsepConfig(), s.name))}
     assert keys <= options
-    cfg = cli._config(_args("--separator.max_passes", "2", "--guide.dtype", "int8", "--window.overlap_sec", "0.5",
+    cfg = _config(_args("--separator.max_passes", "2", "--guide.dtype", "int8", "--window.overlap_sec", "0.5",
                             "--guide.trim_padding", "true", "--categories.sets", "{danger: [396]}"))
     assert (cfg.separator.max_passes, cfg.guide.dtype, cfg.window.overlap_sec, cfg.guide.trim_padding) == \
         (2, "int8", 0.5, True)
     assert cfg.categories.sets == {"danger": [396]}
-    assert cli._config(_args()).to_dict() == AstsepConfig().to_dict()
+    assert _config(_args()).to_dict() == AstsepConfig().to_dict()
 
 
 def test_precedence_is_defaults_then_yaml_then_dotted_options_then_shortcuts(tmp_path):
     path = _yaml(tmp_path, "separator:\n  max_passes: 2\n  rounds: 2\nguide:\n  dtype: bfloat16\n")
-    cfg = cli._config(_args("--config", str(path)))
+    cfg = _config(_args("--config", str(path)))
     assert (cfg.separator.max_passes, cfg.separator.rounds, cfg.separator.nmf_components) == (2, 2, 32)
-    cfg = cli._config(_args("--config", str(path), "--separator.max_passes", "4", "--guide.dtype", "int8"))
+    cfg = _config(_args("--config", str(path), "--separator.max_passes", "4", "--guide.dtype", "int8"))
     assert (cfg.separator.max_passes, cfg.separator.rounds, cfg.guide.dtype) == (4, 2, "int8")
-    cfg = cli._config(_args("--config", str(path), "--separator.max_passes", "4", "--max-passes", "1",
+    cfg = _config(_args("--config", str(path), "--separator.max_passes", "4", "--max-passes", "1",
                             "--guide.device", "cuda", "--device", "cpu", "--guide.allow_pickle", "false",
                             "--allow-pickle"))
     assert (cfg.separator.max_passes, cfg.guide.device, cfg.guide.allow_pickle) == (1, "cpu", True)
