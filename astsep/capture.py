@@ -16,7 +16,7 @@ import queue
 import struct
 import threading
 import time
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -219,3 +219,60 @@ class ArraySource:
 
     def close(self) -> None:
         self._closed.set()
+
+
+class FileSource:
+    """Blocks of an audio file (anything libsndfile decodes, channels kept), decoded as they are read."""
+
+    def __init__(self, path: str, block_sec: float = 0.032):
+        import soundfile as sf
+
+        try:
+            self._file = sf.SoundFile(path)
+        except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+            raise AudioError(f"cannot decode {path} as audio: {exc}") from exc
+        self.sample_rate, self.channels = int(self._file.samplerate), int(self._file.channels)
+        self.block_frames = max(1, int(round(block_sec * self.sample_rate)))
+        self.name = str(path)
+        self.format = self._file.subtype
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            x = self._file.read(self.block_frames, dtype="float32", always_2d=True)
+            if not len(x):
+                return
+            yield x
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Paced:
+    """``source``'s blocks, each given no earlier than its time in the stream (measured from the first):
+    a file or a pipe played at a microphone's pace. Without it a pipe is read as fast as it comes and
+    live mode, which keeps only the newest window, drops most of it.
+
+    ``monotonic``/``sleep`` are injectable (tests step a fake clock)."""
+
+    def __init__(self, source, monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.source, self._monotonic, self._sleep = source, monotonic, sleep
+        self.sample_rate, self.channels = source.sample_rate, source.channels
+        self.name = getattr(source, "name", "stream")
+        self.block_frames = getattr(source, "block_frames", None)
+        self.format = getattr(source, "format", None)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        t0 = None
+        frames = 0
+        for block in self.source:
+            if t0 is None:
+                t0 = self._monotonic()
+            frames += len(block)
+            wait = t0 + frames / self.sample_rate - self._monotonic()  # the block's last sample "recorded"
+            if wait > 0:
+                self._sleep(wait)
+            yield block
+
+    def close(self) -> None:
+        self.source.close()

@@ -120,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_live_options(p: argparse.ArgumentParser) -> None:
     """``--live``: listen continuously (astsep.live); every value is checked by LiveConfig."""
     g = p.add_argument_group("live mode (listen continuously; events as JSON lines on stdout)")
-    g.add_argument("--live", nargs="?", const="mic", default=None, metavar="-",
-                   help="listen until Ctrl-C: the default microphone, or '-' for a WAV or raw stream on stdin")
+    g.add_argument("--live", nargs="?", const="mic", default=None, metavar="-|FILE",
+                   help="listen until Ctrl-C: the default microphone, '-' for a WAV or raw stream on stdin, or an "
+                        "audio FILE played at real-time pace (as a microphone would hear it)")
+    g.add_argument("--realtime", action="store_true",
+                   help="with --live -: read stdin at its real-time pace (a file piped in arrives faster than "
+                        "it plays; without this, windows that arrive while one is analysed are dropped)")
     g.add_argument("--device-in", default=None, metavar="N", help="sound card input (index or name)")
     g.add_argument("--channels", type=int, default=1, help="sound card channels to capture (default 1)")
     g.add_argument("--mic-geometry", default=None, metavar="NAME|YAML",

@@ -44,17 +44,29 @@ def live_config(args) -> LiveConfig:
     return dataclasses.replace(base, **{k: v for k, v in values.items() if v is not None})
 
 
-def open_source(args, block_sec: float):
-    """The capture source of ``--live``: stdin (``-``) or a sound card."""
-    from ..capture import SoundDeviceSource, StreamSource
-
+def check_source_options(args) -> None:
+    """The capture options that can be refused before the model loads, one line each."""
     if args.live == "-":
-        return StreamSource(sys.stdin.buffer, args.raw_format, block_sec)
-    if args.live != "mic":
-        raise ConfigError(f"--live takes no value or '-' (stdin), got {args.live!r}; a sound card is "
-                          "chosen with --device-in")
+        return
+    if getattr(args, "realtime", False):
+        raise ConfigError("--realtime paces stdin: use it with --live - (a --live FILE is always played in real time)")
     if args.raw_format:
         raise ConfigError("--raw-format describes stdin: use it with --live -")
+    if args.live != "mic" and not os.path.isfile(args.live):
+        raise ConfigError(f"--live takes no value (the microphone), '-' (stdin) or an audio file; "
+                          f"{args.live!r} is not a file (a sound card is chosen with --device-in)")
+
+
+def open_source(args, block_sec: float):
+    """The capture source of ``--live``: stdin (``-``) or a sound card."""
+    from ..capture import FileSource, Paced, SoundDeviceSource, StreamSource
+
+    check_source_options(args)
+    if args.live == "-":
+        source = StreamSource(sys.stdin.buffer, args.raw_format, block_sec)
+        return Paced(source) if getattr(args, "realtime", False) else source
+    if args.live != "mic":
+        return Paced(FileSource(args.live, block_sec))
     device: int | str | None = args.device_in
     if isinstance(device, str) and device.isdigit():
         device = int(device)
@@ -118,6 +130,7 @@ def run_live(args) -> int:
     opts = RunOptions.from_values(args)
     cfg = build_config(opts)
     lcfg = live_config(args)
+    check_source_options(args)
     if args.live == "mic":  # before the model loads: a missing extra is one line at once
         from ..capture import check_sound_card_support
 
