@@ -245,12 +245,15 @@ class WindowConfig:
     # windows processed together (one batched AST forward per pass); 0 = auto: 1 on CPU, where
     # batching buys no speed and intermediate memory would grow with it, 32 on a GPU
     batch_windows: int = 0
+    # events of one class in overlapping windows closer than this (seconds) are one event
+    merge_gap_sec: float = 0.1
 
     def __post_init__(self) -> None:
         _float("window", "window_sec", self.window_sec, lo=0, hi=MAX_WINDOW_SEC, lo_open=True)
         # the hop between windows is window_sec - overlap_sec: it must be positive, or the windows never advance
         _float("window", "overlap_sec", self.overlap_sec, lo=0, hi=self.window_sec, hi_open=True)
         _int("window", "batch_windows", self.batch_windows, lo=0)
+        _float("window", "merge_gap_sec", self.merge_gap_sec, lo=0.0, hi=MAX_WINDOW_SEC)
 
 
 # AudioSet class ids per alert category (DESIGN.md).
@@ -296,56 +299,11 @@ class CategoryConfig:
 
 
 @dataclass
-class AstsepConfig:
-    """Everything ``infer.py`` needs, as one object (``configs/separator.yaml``)."""
-
-    stft: STFTConfig = field(default_factory=STFTConfig)
-    separator: SeparatorConfig = field(default_factory=SeparatorConfig)
-    guide: GuideConfig = field(default_factory=GuideConfig)
-    window: WindowConfig = field(default_factory=WindowConfig)
-    categories: CategoryConfig = field(default_factory=CategoryConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every section by value, in plain types (JSON, YAML, a checkpoint's hyper-parameters):
-        :func:`config_from_dict` builds the same config back."""
-        data = dataclasses.asdict(self)
-        for values in data.values():
-            for key, value in values.items():
-                if isinstance(value, Path):  # guide.cache_dir may be given as a Path
-                    values[key] = str(value)
-        return data
-
-
-def _build(cls, data: dict[str, Any], where: str):
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(known)
-    if unknown:
-        def near(key: str) -> str:
-            match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-            dotted = match[0] if where == "config" else f"{where}.{match[0]}" if match else ""
-            return f"{key} (did you mean {dotted}?)" if match else key
-
-        raise ConfigError(f"unknown key(s) in {where}: {', '.join(near(k) for k in sorted(unknown))}")
-    kwargs = {}
-    for name, value in data.items():
-        default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
-            section = name if where == "config" else f"{where}.{name}"
-            if not isinstance(value, dict):
-                raise ConfigError(f"{section} must be a mapping of keys (or be left out for the defaults), "
-                                  f"got {_describe(value)}")
-            kwargs[name] = _build(type(default), value, section)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-@dataclass
 class LiveConfig:
     """Live mode (``infer.py --live``, :mod:`astsep.live`): capture, trigger, analysis, merging.
 
-    Kept out of :class:`AstsepConfig`: it does not change what a window's separation gives, only
-    which windows are separated and how their events become alerts."""
+    It does not change what a window's separation gives, only which windows are separated and how
+    their events become alerts (YAML section ``live``, options ``--live.KEY``)."""
 
     # seconds of audio per analysis; the reference records 4.096 s after its level trigger
     window_sec: float = 4.096
@@ -391,6 +349,9 @@ class LiveConfig:
     # an update goes to the backend again when its direction (its separated source's) is this many
     # degrees from the alert's (the unseparated excerpt's), as well as when its label or category differ
     resend_angle_deg: float = 30.0
+    # a run of activity of a separated source shorter than this, beside a longer one of that source,
+    # is a fragment of it, not a sound of its own
+    min_run_sec: float = 0.05
 
     def __post_init__(self) -> None:
         sec = "live"
@@ -419,7 +380,105 @@ class LiveConfig:
         _bool(sec, "cut_passes_when_behind", self.cut_passes_when_behind)
         _bool(sec, "retract_unconfirmed", self.retract_unconfirmed)
         _float(sec, "resend_angle_deg", self.resend_angle_deg, lo=0.0, hi=180.0)
+        _float(sec, "min_run_sec", self.min_run_sec, lo=0.0, hi=MAX_WINDOW_SEC)
 
+
+DOA_METHODS = ("SRP", "MUSIC", "NormMUSIC", "TOPS", "CSSM", "WAVES")  # pyroomacoustics.doa's names
+
+
+@dataclass
+class DOAConfig:
+    """How live mode estimates a direction of arrival (:mod:`astsep.doa`; YAML section ``doa``)."""
+
+    method: str = "SRP"  # SRP (SRP-PHAT) | MUSIC | NormMUSIC | TOPS | CSSM | WAVES (pyroomacoustics names)
+    nfft: int = 512  # STFT size of the spatial spectrum (32 ms at 16 kHz)
+    freq_low: float = 300.0  # Hz: below, a small array cannot tell directions apart
+    freq_high: float = 3500.0  # Hz: above about c / (2 · spacing), directions alias
+    grid: int = 360  # candidate azimuths (1° steps)
+
+    def __post_init__(self) -> None:
+        if self.method not in DOA_METHODS:
+            raise ConfigError(f"doa.method must be one of {', '.join(DOA_METHODS)}, got {self.method!r}")
+        if isinstance(self.nfft, bool) or not isinstance(self.nfft, int) or self.nfft < 64 or self.nfft & (self.nfft - 1):
+            raise ConfigError(f"doa.nfft must be a power of two >= 64, got {self.nfft}")
+        _float("doa", "freq_low", self.freq_low)
+        _float("doa", "freq_high", self.freq_high)
+        if not 0 < self.freq_low < self.freq_high <= SAMPLE_RATE / 2:
+            raise ConfigError(f"doa.freq_low/freq_high must satisfy 0 < low < high <= {SAMPLE_RATE // 2} Hz")
+        _int("doa", "grid", self.grid, lo=8)
+
+
+@dataclass
+class DeliveryConfig:
+    """How events are sent to the backend (:class:`astsep.delivery.BackendClient`; YAML section
+    ``delivery``). The URL, user id and outbox path are per run (``--backend-url``, ...)."""
+
+    timeout: float = 5.0  # seconds allowed per request in all, answer included (--backend-timeout)
+    retries: int = 3  # extra requests after the first for retryable failures
+    backoff: float = 0.5  # urllib3 backoff_factor: the n-th retry waits backoff * 2**(n-1) s
+    max_backoff: float = 8.0  # upper bound on any single wait, a Retry-After included
+    verify_tls: bool = True  # verify the server's TLS certificate
+
+    def __post_init__(self) -> None:
+        _float("delivery", "timeout", self.timeout, lo=0.0, lo_open=True)
+        _int("delivery", "retries", self.retries, lo=0, hi=100)
+        _float("delivery", "backoff", self.backoff, lo=0.0)
+        _float("delivery", "max_backoff", self.max_backoff, lo=0.0)
+        _bool("delivery", "verify_tls", self.verify_tls)
+
+
+@dataclass
+class AstsepConfig:
+    """Everything ``infer.py`` needs, as one object (``configs/separator.yaml``)."""
+
+    stft: STFTConfig = field(default_factory=STFTConfig)
+    separator: SeparatorConfig = field(default_factory=SeparatorConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    categories: CategoryConfig = field(default_factory=CategoryConfig)
+    # what infer.py --live, its direction of arrival and delivery to the backend use
+    live: LiveConfig = field(default_factory=LiveConfig)
+    doa: DOAConfig = field(default_factory=DOAConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every section by value, in plain types (JSON, YAML, a checkpoint's hyper-parameters):
+        :func:`config_from_dict` builds the same config back."""
+        data = dataclasses.asdict(self)
+        for values in data.values():
+            for key, value in values.items():
+                if isinstance(value, Path):  # guide.cache_dir may be given as a Path
+                    values[key] = str(value)
+        return data
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        def near(key: str) -> str:
+            match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            dotted = match[0] if where == "config" else f"{where}.{match[0]}" if match else ""
+            return f"{key} (did you mean {dotted}?)" if match else key
+
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(near(k) for k in sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            section = name if where == "config" else f"{where}.{name}"
+            if not isinstance(value, dict):
+                raise ConfigError(f"{section} must be a mapping of keys (or be left out for the defaults), "
+                                  f"got {_describe(value)}")
+            kwargs[name] = _build(type(default), value, section)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+# The sections that shape what a separation gives; a run's events.json records these (stats.config).
+# live, doa and delivery decide which windows are separated and where events go, not the separation.
+SEPARATION_SECTIONS = ("stft", "separator", "guide", "window", "categories")
 
 # What makes two baselines the same: every STFT and separator value and these guide values. The
 # device, cache and model-loading options do not change the masks; ``dtype`` is recorded but not
@@ -570,14 +629,14 @@ def apply_overrides(cfg: AstsepConfig, overrides: Mapping[str, Any] | None, wher
 
 def shortcut_overrides(*, model: str | None = None, device: str | None = None, cache_dir: str | None = None,
                        max_passes: int | None = None, min_eratio: float | None = None,
-                       allow_pickle: bool = False) -> dict[str, Any]:
+                       allow_pickle: bool = False, backend_timeout: float | None = None) -> dict[str, Any]:
     """``{"section.key": value}`` for the shortcut options every front end and :func:`astsep.separate`
     take (``--model``, ``--device``, ``--cache-dir``, ``--max-passes``, ``--min-eratio``,
-    ``--allow-pickle``); those not given (None, False) are left out. ``--fast`` is
+    ``--allow-pickle``, ``--backend-timeout``); those not given (None, False) are left out. ``--fast`` is
     :func:`astsep.guide.use_fast_settings` (it depends on the device)."""
     given = {"guide.model": model, "guide.device": device, "guide.cache_dir": cache_dir,
              "separator.max_passes": max_passes, "separator.min_eratio": min_eratio,
-             "guide.allow_pickle": True if allow_pickle else None}
+             "guide.allow_pickle": True if allow_pickle else None, "delivery.timeout": backend_timeout}
     return {k: v for k, v in given.items() if v is not None}
 
 

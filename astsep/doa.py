@@ -17,12 +17,11 @@ numpy's heavier users) before an estimator is built.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import SAMPLE_RATE
+from .config import DOA_METHODS, SAMPLE_RATE, DOAConfig
 from .errors import ConfigError, MissingExtraError
 
 SPEED_OF_SOUND = 343.0  # m/s at about 20 °C
@@ -46,7 +45,7 @@ PRESETS: dict[str, list[tuple[float, float]]] = {
 # in 0-10 %, k = 64 and more in none; MUSIC is noisier (64: 8-10 %, 128: 0-3 %). 64 bins is about
 # two thirds of one 32 ms frame's band (300..3500 Hz: 102 bins at nfft 512).
 MIN_SOURCE_BINS = 64
-METHODS = ("SRP", "MUSIC", "NormMUSIC", "TOPS", "CSSM", "WAVES")
+METHODS = DOA_METHODS
 
 
 def load_geometry(spec: str) -> np.ndarray:
@@ -71,27 +70,6 @@ def load_geometry(spec: str) -> np.ndarray:
         raise ConfigError(f"--mic-geometry {path}: 'mics' must be a list of at least 2 [x, y] or [x, y, z] "
                           "positions in metres, one per input channel")
     return arr[:, :2].T.copy()  # azimuth only: the array's plane
-
-
-@dataclass
-class DOAConfig:
-    """How the direction is estimated."""
-
-    method: str = "SRP"  # SRP (SRP-PHAT) | MUSIC | NormMUSIC | TOPS | CSSM | WAVES (pyroomacoustics names)
-    nfft: int = 512  # STFT size of the spatial spectrum (32 ms at 16 kHz)
-    freq_low: float = 300.0  # Hz: below, a small array cannot tell directions apart
-    freq_high: float = 3500.0  # Hz: above about c / (2 · spacing), directions alias
-    grid: int = 360  # candidate azimuths (1° steps)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"doa.method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.nfft < 64 or self.nfft & (self.nfft - 1):
-            raise ConfigError(f"doa.nfft must be a power of two >= 64, got {self.nfft}")
-        if not 0 < self.freq_low < self.freq_high <= SAMPLE_RATE / 2:
-            raise ConfigError(f"doa.freq_low/freq_high must satisfy 0 < low < high <= {SAMPLE_RATE // 2} Hz")
-        if self.grid < 8:
-            raise ConfigError(f"doa.grid must be >= 8 candidate angles, got {self.grid}")
 
 
 def _pyroomacoustics():

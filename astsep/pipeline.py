@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from .audio import AudioInfo, dbfs, load_audio, rms_db, samples_to_mono_16k
-from .config import SAMPLE_RATE, AstsepConfig, WindowConfig, apply_overrides, load_config, shortcut_overrides
+from .config import (SAMPLE_RATE, SEPARATION_SECTIONS, AstsepConfig, WindowConfig, apply_overrides, load_config,
+                     shortcut_overrides)
 from .errors import AudioError, ConfigError
 from .events import active_span, class_records, content_key, event_id, merge_window_events, safe_name
 from .export import ExportOptions, export_tracks, read_mono_at
@@ -316,7 +317,7 @@ class Pipeline:
                                                input_key, silent=dbfs(x[s:s + length]) < sc.silence_dbfs))
 
         # overlapping windows see one sound twice: one event per sound (no duplicate alerts)
-        result.events = events = merge_window_events(events)
+        result.events = events = merge_window_events(events, cfg.window.merge_gap_sec)
         g1 = self.guide.stats()
         result.stats = {
             "input": name,
@@ -344,9 +345,9 @@ class Pipeline:
             "cache_hits": g1["cache_hits"] - g0["cache_hits"],
             "sources": len(tracks),
             "silent": bool(all(e.get("silent") for e in events if e["kind"] == "residual")) and not tracks,
-            # every setting of this run by value (astsep.config.config_from_dict rebuilds it); the guide
-            # section is the AST's own (e.g. float32 where bfloat16 was asked for on a CPU without it)
-            "config": self.run_config().to_dict(),
+            # every setting of this separation by value (astsep.config.config_from_dict rebuilds it); the
+            # guide section is the AST's own (e.g. float32 where bfloat16 was asked for on a CPU without it)
+            "config": {k: v for k, v in self.run_config().to_dict().items() if k in SEPARATION_SECTIONS},
             "seconds": {
                 "separate": round(t_sep, 4),
                 "ast": round(g1["ast_seconds"] - g0["ast_seconds"], 4),

@@ -9,7 +9,7 @@ gave into a :class:`RunOptions` and call these builders, in this order::
     refiner = build_refiner(opts)            # None without --refiner; checks the queries it can take
     pipe = build_pipeline(opts, cfg, refiner)
     query = build_query(opts, pipe)          # None without --query / --query-audio
-    sink = build_delivery(opts)              # None without --backend-url: (client, outbox)
+    sink = build_delivery(opts, cfg)         # None without --backend-url: (client, outbox)
 
 Nothing here parses a command line or prints; the front ends (:mod:`astsep.frontends`) do both.
 Importing this module imports neither torch nor transformers: the builders import what they need.
@@ -72,7 +72,7 @@ class RunOptions:
     crop: bool = False
     # delivery
     backend_url: str | None = None
-    backend_timeout: float = 5.0
+    backend_timeout: float | None = None  # shortcut of delivery.timeout
     outbox: str | None = None
     user_id: int = 0
     angle: int | None = None
@@ -93,14 +93,16 @@ class RunOptions:
 def build_config(opts: RunOptions) -> AstsepConfig:
     """The run's config. Precedence, lowest first: the dataclass defaults < the YAML (``opts.config``,
     else ``configs/separator.yaml``) < ``opts.config_keys`` < the shortcut options (``model``,
-    ``device``, ``cache_dir``, ``max_passes``, ``min_eratio``, ``allow_pickle``, then ``fast``). Every
+    ``device``, ``cache_dir``, ``max_passes``, ``min_eratio``, ``allow_pickle``, ``backend_timeout``,
+    then ``fast``). Every
     step goes through :func:`astsep.config.apply_overrides` (errors name the key)."""
     path = opts.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     cfg = load_config(path)
     cfg = apply_overrides(cfg, {k: parse_value(k, v) for k, v in opts.config_keys.items()})
     cfg = apply_overrides(cfg, shortcut_overrides(model=opts.model, device=opts.device, cache_dir=opts.cache_dir,
                                                   max_passes=opts.max_passes, min_eratio=opts.min_eratio,
-                                                  allow_pickle=opts.allow_pickle))
+                                                  allow_pickle=opts.allow_pickle,
+                                                  backend_timeout=opts.backend_timeout))
     if opts.fast:
         from .guide import use_fast_settings
 
@@ -251,13 +253,15 @@ class DeliverySink:
     angle: int | None = None  # degrees sent when an event has none of its own
 
 
-def build_delivery(opts: RunOptions) -> DeliverySink | None:
-    """The backend client and outbox for ``opts.backend_url`` (None without one). The outbox is
-    ``opts.outbox``, else :func:`default_outbox`. The one place both are made."""
+def build_delivery(opts: RunOptions, cfg: AstsepConfig) -> DeliverySink | None:
+    """The backend client (its settings: ``cfg.delivery``) and outbox for ``opts.backend_url`` (None
+    without one). The outbox is ``opts.outbox``, else :func:`default_outbox`. The one place both are made."""
     if not opts.backend_url:
         return None
     from .delivery import BackendClient, Outbox
 
-    client = BackendClient(opts.backend_url, timeout=opts.backend_timeout)
+    d = cfg.delivery
+    client = BackendClient(opts.backend_url, timeout=d.timeout, retries=d.retries, backoff=d.backoff,
+                           max_backoff=d.max_backoff, verify_tls=d.verify_tls)
     outbox = Outbox(opts.outbox) if opts.outbox else Outbox(default_outbox(), migrate_from=legacy_default_outbox())
     return DeliverySink(client, outbox, opts.user_id, opts.angle)

@@ -124,7 +124,8 @@ def test_apply_overrides_returns_a_new_checked_config_and_leaves_the_given_one_a
 @pytest.mark.parametrize("key, hint", [("separator.max_pases", "did you mean separator.max_passes"),
                                        ("max_passes", "did you mean separator.max_passes"), ("zzz", "section.key"),
                                        ("guide.nope", "unknown config key guide.nope"),
-                                       ("live.window_sec", "unknown config key")])
+                                       ("live.windows_sec", "did you mean live.window_sec"),
+                                       ("delivery.token", "unknown config key delivery.token")])
 def test_an_unknown_override_key_is_one_line_naming_it(key, hint):
     from astsep.config import apply_overrides
 

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "array gives it)")
     p.add_argument("--outbox", default=None, metavar="PATH",
                    help=f"undelivered events wait here for a later run (default {default_outbox()})")
-    p.add_argument("--backend-timeout", type=float, default=5.0, help="seconds allowed per request in all, answer included (default 5)")
+    p.add_argument("--backend-timeout", type=float, default=None,
+                   help="seconds allowed per request in all, answer included (delivery.timeout, default 5)")
     _add_live_options(p)
     _add_config_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_live_options(p: argparse.ArgumentParser) -> None:
-    """``--live``: listen continuously (astsep.live); every value is checked by LiveConfig."""
+    """``--live``: listen continuously (astsep.live). Each value is a shortcut of a ``live.*`` (or
+    ``doa.*``) config key, set by :func:`astsep.frontends.live.live_overrides` and checked by the dataclass."""
     g = p.add_argument_group("live mode (listen continuously; events as JSON lines on stdout)")
     g.add_argument("--live", nargs="?", const="mic", default=None, metavar="-|FILE",
                    help="listen until Ctrl-C: the default microphone, '-' for a WAV or raw stream on stdin, or an "
@@ -131,17 +133,19 @@ def _add_live_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mic-geometry", default=None, metavar="NAME|YAML",
                    help="microphone positions for the direction of arrival: respeaker4, respeaker6, linear2 or a "
                         "YAML file with 'mics: [[x, y], ...]' in metres, in channel order")
-    g.add_argument("--doa-method", default="SRP", help="pyroomacoustics DOA algorithm: SRP (SRP-PHAT, default), "
+    g.add_argument("--doa-method", default=None, help="pyroomacoustics DOA algorithm (doa.method): SRP (SRP-PHAT, default), "
                                                        "MUSIC, NormMUSIC, TOPS, CSSM, WAVES")
     g.add_argument("--raw-format", default=None, metavar="TYPE:RATE:CH",
                    help="stdin is raw PCM of this format, e.g. s16le:16000:1 (default: a WAV stream)")
     g.add_argument("--trigger", default=None, choices=["level", "hop"],
-                   help="level: analyse when the level rises above --trigger-dbfs, then every --hop while it "
-                        "stays loud (default); hop: analyse every --hop seconds")
+                   help="level: analyse when the level rises above --trigger-dbfs, then every --live-hop while "
+                        "it stays loud (default); hop: analyse every --live-hop seconds")
     g.add_argument("--trigger-dbfs", type=float, default=None, help="level trigger threshold (default -40 dBFS)")
-    g.add_argument("--hop", type=float, default=None, metavar="SEC", help="seconds between analyses (default 2)")
-    g.add_argument("--window", type=float, default=None, metavar="SEC",
-                   help="seconds of audio per analysis (default 4.096, as the reference records)")
+    # --live-hop / --live-window: live.hop_sec / live.window_sec (--hop / --window: their earlier names)
+    g.add_argument("--live-hop", "--hop", dest="hop", type=float, default=None, metavar="SEC",
+                   help="seconds between analyses (live.hop_sec, default 2)")
+    g.add_argument("--live-window", "--window", dest="window", type=float, default=None, metavar="SEC",
+                   help="seconds of audio per analysis (live.window_sec, default 4.096, as the reference records)")
     g.add_argument("--hold-off", type=float, default=None, metavar="SEC",
                    help="the same class again within this many seconds is the same sound (default 2)")
     g.add_argument("--alert-hop", type=float, default=None, metavar="SEC",
@@ -377,7 +381,7 @@ def run(args) -> int:
     for d in dict.fromkeys(out_dirs):
         check_output_folder(d)
     refiner = build_refiner(opts)
-    sink = build_delivery(opts)
+    sink = build_delivery(opts, cfg)
     durations = [_duration(p) for p in inputs]
     progress = _Progress(durations, args.quiet)
     batch = _Batch(args, opts, cfg, refiner, sink, progress)

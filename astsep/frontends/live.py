@@ -13,15 +13,17 @@ import os
 import signal
 import sys
 
-from ..config import SAMPLE_RATE, LiveConfig
+from ..config import SAMPLE_RATE, AstsepConfig, LiveConfig, apply_overrides
 from ..errors import ConfigError
 from ..runtime import RunOptions, build_config, build_delivery, build_pipeline
 
 log = logging.getLogger("astsep")
 
 
-def live_config(args) -> LiveConfig:
-    """:class:`LiveConfig` from ``infer.py --live`` options (each checked by the dataclass)."""
+def live_overrides(args, live: LiveConfig) -> dict[str, object]:
+    """``{"live.KEY": value, "doa.method": ...}`` for the ``--live`` shortcut options given, on top of
+    ``live`` (the config's section so far): a shorter window or excerpt also bounds how long after an
+    onset its analysis waits, and a hop shorter than the grid makes the grid the hop."""
     values = {"trigger": args.trigger, "trigger_dbfs": args.trigger_dbfs, "hop_sec": args.hop,
               "window_sec": args.window, "hold_off_sec": args.hold_off, "record_dir": args.record,
               "record_max_mb": args.record_max_mb, "alert_sec": args.alert_sec, "alert_hop_sec": args.alert_hop,
@@ -32,16 +34,23 @@ def live_config(args) -> LiveConfig:
         values["cut_passes_when_behind"] = False
     if args.no_retract:
         values["retract_unconfirmed"] = False
-    base = LiveConfig()
     if args.window is not None:  # post_trigger_sec is bounded by the window
-        base = dataclasses.replace(base, window_sec=args.window,
-                                   post_trigger_sec=min(base.post_trigger_sec, args.window))
+        values["post_trigger_sec"] = min(live.post_trigger_sec, args.window)
     if args.alert_sec is not None:  # and alert_post_trigger_sec by the excerpt
-        base = dataclasses.replace(base, alert_sec=args.alert_sec,
-                                   alert_post_trigger_sec=min(base.alert_post_trigger_sec, args.alert_sec))
-    if args.hop is not None and args.hop < base.align_sec:
-        base = dataclasses.replace(base, hop_sec=args.hop, align_sec=args.hop)
-    return dataclasses.replace(base, **{k: v for k, v in values.items() if v is not None})
+        values["alert_post_trigger_sec"] = min(live.alert_post_trigger_sec, args.alert_sec)
+    if args.hop is not None and args.hop < live.align_sec:
+        values["align_sec"] = args.hop
+    out: dict[str, object] = {f"live.{k}": v for k, v in values.items() if v is not None}
+    if args.doa_method is not None:
+        out["doa.method"] = args.doa_method
+    return out
+
+
+def live_config(args) -> AstsepConfig:
+    """The run's config for ``infer.py --live``: :func:`astsep.runtime.build_config`, then the
+    ``--live`` shortcut options (:func:`live_overrides`), each checked by its dataclass."""
+    cfg = build_config(RunOptions.from_values(args))
+    return apply_overrides(cfg, live_overrides(args, cfg.live))
 
 
 def check_source_options(args) -> None:
@@ -73,19 +82,19 @@ def open_source(args, block_sec: float):
     return SoundDeviceSource(device, args.channels, SAMPLE_RATE, block_sec)
 
 
-def _direction(args, geometry, source):
+def _direction(args, geometry, source, cfg: AstsepConfig):
     """The DOA estimator for the ``--mic-geometry`` ``geometry`` (None without one); checks the channels."""
     if geometry is None:
         if source.channels > 1:
             log.warning("%d channels without --mic-geometry: no direction of arrival, the channels are averaged",
                         source.channels)
         return None
-    from ..doa import DOAConfig, DOAEstimator
+    from ..doa import DOAEstimator
 
     if geometry.shape[1] != source.channels:
         raise ConfigError(f"--mic-geometry {args.mic_geometry} has {geometry.shape[1]} mics but the input "
                           f"has {source.channels} channel(s)")
-    return DOAEstimator(geometry, DOAConfig(method=args.doa_method))
+    return DOAEstimator(geometry, cfg.doa)
 
 
 def _print_event(ev: dict) -> None:
@@ -128,8 +137,8 @@ def run_live(args) -> int:
     from ..live import LiveListener
 
     opts = RunOptions.from_values(args)
-    cfg = build_config(opts)
-    lcfg = live_config(args)
+    cfg = live_config(args)
+    lcfg = cfg.live
     check_source_options(args)
     if args.live == "mic":  # before the model loads: a missing extra is one line at once
         from ..capture import check_sound_card_support
@@ -140,14 +149,14 @@ def run_live(args) -> int:
         from ..doa import load_geometry
 
         geometry = load_geometry(args.mic_geometry)
-    sink = build_delivery(opts)
+    sink = build_delivery(opts, cfg)
 
     old = {sig: signal.signal(sig, _StopHandler()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         pipe = build_pipeline(opts, cfg)  # before capture: a stream must not wait in a pipe while the model loads
         source = open_source(args, lcfg.block_sec)
         try:
-            doa = _direction(args, geometry, source)
+            doa = _direction(args, geometry, source, cfg)
         except ConfigError:
             source.close()
             raise

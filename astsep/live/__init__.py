@@ -53,12 +53,12 @@ from .listener import LiveListener, listen
 from .occurrences import Occurrences, angle_apart, apply_update, retraction
 from .recording import Recorder
 from .records import direction, live_event
-from .separation import ALERT_KINDS, MIN_RUN_SEC, SeparationStage, active_runs
+from .separation import ALERT_KINDS, SeparationStage, active_runs
 from .sink import OutboxSink
 from .stats import LiveStats
 from .trigger import Analysis, RingBuffer, Triggers
 
-__all__ = ["ALERT_KINDS", "MIN_RUN_SEC", "AlertStage", "Analysis", "Clock", "LiveListener", "LiveStats",
+__all__ = ["ALERT_KINDS", "AlertStage", "Analysis", "Clock", "LiveListener", "LiveStats",
            "ManualClock", "Occurrences", "OutboxSink", "Recorder", "RingBuffer", "SeparationStage", "SystemClock",
            "Triggers", "active_runs", "angle_apart", "apply_update", "direction", "excerpt_logits", "listen",
            "live_event", "retraction"]

@@ -14,7 +14,6 @@ from ..config import SAMPLE_RATE, LiveConfig
 from .trigger import Analysis
 
 ALERT_KINDS = ("source", "residual")
-MIN_RUN_SEC = 0.05  # a run of activity shorter than this beside a longer one of its source is not a sound
 
 
 def active_runs(x: np.ndarray, threshold_db: float, floor_dbfs: float, join_gap_sec: float,
@@ -75,7 +74,7 @@ class SeparationStage:
             [(ev["start_sec"], ev["end_sec"])]
         if len(runs) > 1:  # a blip of a few frames beside a longer run is a fragment of it, not a sound
             longest = max(b - a for a, b in runs)
-            runs = [(a, b) for a, b in runs if b - a >= MIN_RUN_SEC or b - a == longest]
+            runs = [(a, b) for a, b in runs if b - a >= self.cfg.min_run_sec or b - a == longest]
         return runs
 
     def alertable(self, ev: dict) -> bool:

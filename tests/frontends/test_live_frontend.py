@@ -38,20 +38,38 @@ def slow_backend():
     b.close()
 
 
-def test_alert_stage_options_reach_the_live_config():
+def _live(*argv: str):
     from astsep.frontends.infer import build_parser
     from astsep.frontends.live import live_config
 
-    cfg = live_config(build_parser().parse_args(["--live", "-", "--alert-hop", "0.5", "--alert-sec", "0.4",
-                                                 "--alert-threshold", "0.3"]))
+    return live_config(build_parser().parse_args(["--live", *argv]))
+
+
+def test_alert_stage_options_reach_the_live_config():
+    cfg = _live("-", "--alert-hop", "0.5", "--alert-sec", "0.4", "--alert-threshold", "0.3").live
     assert cfg.alert_stage and (cfg.alert_hop_sec, cfg.alert_sec, cfg.alert_threshold) == (0.5, 0.4, 0.3)
     assert cfg.alert_post_trigger_sec == 0.4  # bounded by the excerpt
-    assert not live_config(build_parser().parse_args(["--live", "--no-alert-stage"])).alert_stage
+    assert not _live("--no-alert-stage").live.alert_stage
     assert LiveConfig().alert_stage  # on by default
-    default = live_config(build_parser().parse_args(["--live"]))
+    default = _live().live
     assert default.cut_passes_when_behind and default.retract_unconfirmed  # both on by default
-    off = live_config(build_parser().parse_args(["--live", "--all-passes", "--no-retract"]))
+    off = _live("--all-passes", "--no-retract").live
     assert not off.cut_passes_when_behind and not off.retract_unconfirmed
+
+
+def test_every_live_doa_and_delivery_key_is_an_option_and_the_yaml_sets_them(tmp_path):
+    """``--live.KEY``, ``--doa.KEY``, ``--delivery.KEY`` and the ``live`` / ``doa`` / ``delivery`` YAML
+    sections; the shortcut options (``--live-window``, ``--window``, ``--doa-method``) win."""
+    path = tmp_path / "c.yaml"
+    path.write_text("live:\n  queue_size: 3\n  hop_sec: 1.5\ndoa:\n  grid: 180\ndelivery:\n  retries: 1\n")
+    cfg = _live("--config", str(path), "--live.min_run_sec", "0.1", "--doa.method", "MUSIC",
+                "--delivery.backoff", "0.25", "--live.level_frame_sec", "0.02")
+    assert (cfg.live.queue_size, cfg.live.hop_sec, cfg.live.min_run_sec, cfg.live.level_frame_sec) == (3, 1.5, 0.1, 0.02)
+    assert (cfg.doa.grid, cfg.doa.method, cfg.delivery.retries, cfg.delivery.backoff) == (180, "MUSIC", 1, 0.25)
+    cfg = _live("--config", str(path), "--live.window_sec", "3", "--live-window", "2", "--doa-method", "TOPS")
+    assert (cfg.live.window_sec, cfg.live.post_trigger_sec, cfg.doa.method) == (2.0, 0.5, "TOPS")
+    assert _live("--window", "1.0", "--hop", "0.5").live.window_sec == 1.0  # the earlier names still work
+    assert _live("--live.align_sec", "0.5", "--hop", "0.3").live.align_sec == 0.3  # a hop shorter than the grid
 
 
 def _events(out: str) -> list[dict]:
