@@ -25,6 +25,7 @@ else of the parameters.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -178,6 +179,26 @@ def load_ast_model(name_or_path: str, *, allow_pickle: bool = False, option: str
             compact = _compact_or_none(snapshot, name_or_path)
             if compact is not None:
                 return compact
+    with _transformers_quiet():
+        return _load_with_transformers(name_or_path, source, kwargs, hint)
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """No "Loading weights" progress bars from transformers while it loads a model (library code
+    prints nothing); its setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _load_with_transformers(name_or_path: str, source: str, kwargs: dict, hint: str):
     from transformers import ASTForAudioClassification
 
     if source == name_or_path:
