@@ -184,3 +184,12 @@ def test_a_hub_id_in_the_local_cache_loads_the_compact_forward(tmp_path):
                           env=env)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert proc.stdout.strip() == "CompactAST"
+
+
+def test_a_corrupt_weight_file_is_a_model_error_not_a_traceback(tmp_path):
+    from astsep.errors import ModelError
+
+    tiny_ast(seed=0).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="cannot load AST model"):
+        load_ast_model(str(tmp_path))
