@@ -25,6 +25,7 @@ else of the parameters.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -110,15 +111,44 @@ def use_fast_settings(cfg: GuideConfig) -> None:
     cfg.trim_padding = True
 
 
+class Int8Linear(torch.nn.Module):
+    """An ``nn.Linear`` as torch.ao's dynamic int8 ``Linear`` runs it: weights quantised per tensor
+    (symmetric min/max, as ``quantize_dynamic``'s default qconfig does), activations per call by
+    the same ``quantized::linear_dynamic`` op, so the numbers are the same (tested). Built with one
+    weight packing where ``quantize_dynamic`` packs three times (two placeholders first; packing the
+    full-size AST took 0.74 s instead of 1.42 s on 2 busy cores), and without copying the model
+    (``quantize_dynamic`` deep-copies it unless ``inplace``: 1.5 s more)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        from torch.ao.quantization.observer import MinMaxObserver
+
+        w = linear.weight.detach().float()
+        observer = MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        observer(w)
+        scale, zero_point = observer.calculate_qparams()
+        qweight = torch.quantize_per_tensor(w, float(scale), int(zero_point), torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype=qint8"
+
+
 def quantize_int8(model):
     """Dynamic int8 quantisation of every ``nn.Linear`` (weights int8 per tensor, activations
-    quantised per batch at run time; attention, layer norms and the patch convolution stay float32).
-    CPU only. Modifies and returns ``model``."""
-    import warnings
-
-    with warnings.catch_warnings():  # torch.ao eager quantisation warns that it will move to torchao
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    quantised per batch at run time; attention, layer norms and the patch convolution stay float32),
+    as ``torch.ao.quantization.quantize_dynamic`` does it (:class:`Int8Linear`). CPU only.
+    Modifies and returns ``model``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, Int8Linear(child))
+    return model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,15 +162,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_ast_model(name_or_path: str, *, allow_pickle: bool = False, option: str = "--model"):
-    """Load ``ASTForAudioClassification`` from a Hub id or a local folder, SDPA attention.
+    """Load the AST (``ASTForAudioClassification``'s network) from a Hub id or a local folder, SDPA attention.
 
     Local folders must hold ``config.json`` and safetensors weights; pickle weights
     (``pytorch_model.bin``) are refused unless ``allow_pickle`` is set, since unpickling runs code.
     Raises :class:`ModelError` with a message naming ``option`` (the command-line option that takes
     the model, ``--model`` for ``infer.py``) when the model cannot be had.
-    """
-    from transformers import ASTForAudioClassification
 
+    Safetensors weights of an AST (a folder, or a Hub id in the local cache) load into
+    :class:`astsep.ast_model.CompactAST`, the same network in plain torch, without importing
+    transformers' modeling stack (seconds of start-up); anything else (pickle weights, a download)
+    loads with transformers.
+    """
     path = Path(name_or_path).expanduser()
     hint = (f"download it on a connected machine (e.g. `hf download MIT/ast-finetuned-audioset-10-10-0.4593 "
             f"--local-dir ast_model`) and pass the folder with {option} ast_model")
@@ -155,6 +188,10 @@ def load_ast_model(name_or_path: str, *, allow_pickle: bool = False, option: str
                 raise ModelError(f"model folder {path} holds only pickle weights (pytorch_model.bin), which can run "
                                  "code when loaded; convert it to safetensors or pass --allow-pickle if you trust it")
             raise ModelError(f"model folder {path} holds no weights (*.safetensors)")
+        if has_st:
+            compact = _compact_or_none(path, name_or_path)
+            if compact is not None:
+                return compact
         kwargs = {"use_safetensors": has_st}
         source = str(path)
     else:
@@ -163,7 +200,37 @@ def load_ast_model(name_or_path: str, *, allow_pickle: bool = False, option: str
             raise ModelError(f"model folder not found: {name_or_path} ({option} takes a Hub id or a local folder)")
         kwargs = {} if allow_pickle else {"use_safetensors": True}
         source = name_or_path
-    if source == name_or_path:  # a Hub id: the local HF cache first, the network only if reachable
+    hub = not path.exists()
+    if hub:  # a Hub id in the local cache: its snapshot folder
+        snapshot = _cached_snapshot(name_or_path)
+        if snapshot is not None and (snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors")):
+            compact = _compact_or_none(snapshot, name_or_path)
+            if compact is not None:
+                return compact
+    with _transformers_quiet():
+        return _load_with_transformers(name_or_path, source, kwargs, hint, hub)
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """No "Loading weights" progress bars from transformers while it loads a model (library code
+    prints nothing); its setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _load_with_transformers(name_or_path: str, source: str, kwargs: dict, hint: str, hub: bool):
+    from safetensors import SafetensorError
+    from transformers import ASTForAudioClassification
+
+    if hub:  # a Hub id: the local HF cache first, the network only if reachable
         try:
             return ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa",
                                                              local_files_only=True, **kwargs)
@@ -173,11 +240,35 @@ def load_ast_model(name_or_path: str, *, allow_pickle: bool = False, option: str
                                  f"cache and the Hub cannot be reached; {hint}") from None
     try:
         model = ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa", **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError, EnvironmentError, SafetensorError) as exc:  # e.g. a torn weight file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load AST model {name_or_path!r} ({first[:160]}); no network or weights here? "
                          f"{hint}") from exc
     return model
+
+
+def _compact_or_none(folder: Path, name: str):
+    """:class:`astsep.ast_model.CompactAST` from a folder with safetensors weights, or None (logged)
+    when it holds something the compact forward does not run; transformers then loads it."""
+    from safetensors import SafetensorError
+
+    from .ast_model import load_compact_ast
+
+    try:
+        return load_compact_ast(folder, name_or_path=name)
+    except (ValueError, KeyError, OSError, SafetensorError) as exc:  # transformers says what is wrong, if anything
+        log.info("loading %s with transformers (the compact AST forward cannot: %s)", name, exc)
+        return None
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of a Hub id, or None (never the network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a valid id): transformers decides what to say
+        return None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -294,7 +385,9 @@ class ASTGuide:
     """
 
     def __init__(self, model, cfg: GuideConfig | None = None, name: str | None = None,
-                 weight_files: list[Path] | None = None):
+                 weight_files: list[Path] | None = None, owns_model: bool = False):
+        """``owns_model``: ``model`` was loaded for this guide alone, so it may be cast and quantised
+        in place (a caller's model is copied first)."""
         self.cfg = cfg or GuideConfig()
         self.device = resolve_device(self.cfg.device)
         check_precision(self.cfg.dtype, self.device)
@@ -306,7 +399,7 @@ class ASTGuide:
         if int(self.cfg.pad_merge) < 0:
             raise ConfigError(f"guide.pad_merge must be >= 0 (0 drops the padding), not {self.cfg.pad_merge}")
         self.dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
-        if next(model.parameters()).dtype != self.dtype or self.cfg.dtype == "int8":
+        if not owns_model and (next(model.parameters()).dtype != self.dtype or self.cfg.dtype == "int8"):
             model = copy.deepcopy(model)  # never change the caller's model in place
         model = model.to(self.device, self.dtype).eval()
         for p in model.parameters():
@@ -337,7 +430,7 @@ class ASTGuide:
     def from_pretrained(cls, cfg: GuideConfig, option: str = "--model") -> "ASTGuide":
         """``option``: the command-line option that names the model, for error messages."""
         model = load_ast_model(cfg.model, allow_pickle=cfg.allow_pickle, option=option)
-        return cls(model, cfg, name=cfg.model, weight_files=_weight_files(cfg.model))
+        return cls(model, cfg, name=cfg.model, weight_files=_weight_files(cfg.model), owns_model=True)
 
     @property
     def fingerprint(self) -> str:

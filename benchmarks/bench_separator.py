@@ -16,10 +16,13 @@ Then what a command-line user waits for: ``python infer.py`` run as a fresh proc
 recording with a full-size random AST saved as a model folder, default and ``--fast``: whole-process
 wall time (interpreter, imports, model load, decoding, processing, writing) beside the processing
 time the run reports, and how long ``infer.py -h`` and a missing input take to answer.
-``--process-only`` prints only these.
+``--process-only`` prints only these. With ``--reference PATH/separator.py`` (a checkout of the
+reference ``Bentlytrucker/ast_source_sep``, outside this repository), the reference runs the same
+recording with the same random AST folder, interleaved, and its own processing time is printed
+beside astsep's whole process.
 
     python benchmarks/bench_separator.py [--runs 5] [--device cpu|cuda] [--skip-long] [--throughput]
-                                         [--process-runs 3] [--process-only]
+                                         [--process-runs 3] [--process-only] [--reference SEPARATOR_PY]
 """
 
 from __future__ import annotations
@@ -155,8 +158,56 @@ def merge_sensitivity(model, device: str, clips) -> None:
                   f"(logit std {a['logit_std']:.3f})")
 
 
-def whole_process(runs: int, device: str) -> None:
-    """``python infer.py`` as a user runs it: a fresh process per run, full-size AST from a folder."""
+# Runs the reference separator (its separator.py, given by path; never part of this repository) as
+# its own command line runs it, with the same full-size random AST folder in place of the Hub
+# download, and prints the processing time it reports itself ("Processing completed in X s": passes,
+# residual classification and its file writes, after the model load) and its AST calls.
+REFERENCE_RUN = r"""
+import contextlib, importlib.util, io, json, re, sys
+import soundfile as sf, torch, torchaudio, transformers
+ref_path, model_dir, wav, out, device = sys.argv[1:6]
+
+def load(path, *a, **k):  # torchaudio.load needs torchcodec, absent here: the same samples via soundfile
+    x, sr = sf.read(path, dtype="float32", always_2d=True)
+    return torch.from_numpy(x.T.copy()), sr
+
+def save(path, w, sr, *a, **k):
+    sf.write(path, w.reshape(-1).numpy(), sr)
+
+torchaudio.load, torchaudio.save = load, save
+calls = [0]
+
+class Extractor:  # the published checkpoint's feature extractor settings are ASTFeatureExtractor's defaults
+    @staticmethod
+    def from_pretrained(*a, **k):
+        return transformers.ASTFeatureExtractor()
+
+class Model:
+    @staticmethod
+    def from_pretrained(name, **k):
+        m = transformers.ASTForAudioClassification.from_pretrained(model_dir, **k)
+        m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        return m
+
+spec = importlib.util.spec_from_file_location("reference_separator", ref_path)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+mod.ASTFeatureExtractor, mod.ASTForAudioClassification = Extractor, Model
+sys.argv = ["separator.py", "--input", wav, "--output", out, "--no-debug", "--device", device]
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+    mod.main()
+m = re.search(r"Processing completed in ([0-9.]+)s", buf.getvalue())
+print(json.dumps({"processing": float(m.group(1)), "ast_calls": calls[0]}))
+"""
+
+
+def whole_process(runs: int, device: str, reference: str | None = None) -> None:
+    """``python infer.py`` as a user runs it: a fresh process per run, full-size AST from a folder.
+
+    With ``reference`` (the path of the reference's ``separator.py``), the reference runs once per
+    round too, interleaved with astsep's paths so that all share the machine's state, and its own
+    processing time is set beside astsep's whole process."""
     import tempfile
 
     print("\n== whole process: python infer.py (fresh process each run, full-size random AST folder) ==")
@@ -174,26 +225,50 @@ def whole_process(runs: int, device: str) -> None:
         for name, args in quick.items():
             times = [wall(args) for _ in range(runs)]
             print(f"infer.py {name}: answered in {fmt(statistics.median(times))} s median (min {fmt(min(times))})")
-        for name, extra in (("default", []), ("--fast", ["--fast"])):
-            walls, stages = [], []
-            for r in range(runs):
+        paths = {"default": [], "--fast": ["--fast"]}
+        walls: dict[str, list[float]] = {name: [] for name in paths}
+        stages: dict[str, list[dict]] = {name: [] for name in paths}
+        ref_runs: list[dict] = []
+        for r in range(runs):  # interleaved: one run of every path per round
+            for name, extra in paths.items():
                 out = Path(tmp) / f"out_{name.strip('-')}_{r}"
                 args = ["-i", str(SEED), "-o", str(out), "-m", str(model_dir), "--device", device, "-q", *extra]
                 t0 = time.perf_counter()
                 proc = subprocess.run(infer + args, capture_output=True, text=True, cwd=tmp)
-                walls.append(time.perf_counter() - t0)
+                walls[name].append(time.perf_counter() - t0)
                 if proc.returncode != 0:
                     raise SystemExit(f"infer.py failed: {proc.stderr.strip()[-500:]}")
-                stages.append(json.loads((out / "events.json").read_text())["stats"]["seconds"])
-            med = statistics.median(walls)
-            i = min(range(runs), key=lambda k: abs(walls[k] - med))  # the run nearest the median: its stages
-            st = stages[i]
+                stages[name].append(json.loads((out / "events.json").read_text())["stats"]["seconds"])
+            if reference:
+                out = Path(tmp) / f"out_reference_{r}"
+                out.mkdir()
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-c", REFERENCE_RUN, reference, str(model_dir), str(SEED),
+                                       str(out), device], capture_output=True, text=True, cwd=tmp)
+                if proc.returncode != 0:
+                    raise SystemExit(f"the reference failed: {proc.stderr.strip()[-800:]}")
+                ref_runs.append({**json.loads(proc.stdout.strip().splitlines()[-1]),
+                                 "wall": time.perf_counter() - t0})
+        for name in paths:
+            med = statistics.median(walls[name])
+            i = min(range(runs), key=lambda k: abs(walls[name][k] - med))  # the run nearest the median
+            st = stages[name][i]
             inside = st["decode"] + st["model_load"] + st["total"] + st.get("write", 0.0)
+            rest = [w - s["total"] for w, s in zip(walls[name], stages[name])]
             print(f"{name}: whole process {fmt(med)} s median of {runs} "
-                  f"(min {fmt(min(walls))}); in that run: processing {fmt(st['total'])} s "
+                  f"(min {fmt(min(walls[name]))}); in that run: processing {fmt(st['total'])} s "
                   f"(AST {fmt(st['ast'])} s), model load {fmt(st['model_load'])} s, decode {fmt(st['decode'])} s, "
-                  f"write {fmt(st.get('write', 0.0))} s, interpreter + imports + rest {fmt(walls[i] - inside)} s; "
-                  f"processing is {100 * st['total'] / walls[i]:.0f} % of the wait")
+                  f"write {fmt(st.get('write', 0.0))} s, interpreter + imports + rest {fmt(walls[name][i] - inside)} s; "
+                  f"processing is {100 * st['total'] / walls[name][i]:.0f} % of the wait; "
+                  f"whole process minus processing {fmt(statistics.median(rest))} s median")
+        if ref_runs:
+            ref_proc = statistics.median(r["processing"] for r in ref_runs)
+            print(f"reference separator: processing {fmt(ref_proc)} s median of {runs} (its own figure; "
+                  f"min {fmt(min(r['processing'] for r in ref_runs))}), {ref_runs[0]['ast_calls']} AST calls, "
+                  f"whole process {fmt(statistics.median(r['wall'] for r in ref_runs))} s")
+            for name in paths:
+                print(f"astsep {name} whole process is {ref_proc / statistics.median(walls[name]):.2f}x faster than "
+                      f"the reference's processing alone")
 
 
 def main() -> None:
@@ -208,10 +283,13 @@ def main() -> None:
     ap.add_argument("--process-runs", type=int, default=3, help="fresh infer.py processes per path")
     ap.add_argument("--process-only", action="store_true",
                     help="only the whole-process figures of python infer.py (start-up, model load, processing)")
+    ap.add_argument("--reference", metavar="SEPARATOR_PY",
+                    help="the reference's separator.py (a checkout of Bentlytrucker/ast_source_sep, kept outside "
+                         "this repository): run it interleaved with infer.py in the whole-process figures")
     args = ap.parse_args()
     if args.process_only:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
-        whole_process(args.process_runs, args.device)
+        whole_process(args.process_runs, args.device, args.reference)
         return
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
@@ -310,7 +388,7 @@ def main() -> None:
         dt = time.perf_counter() - t0
         print(f"\n== throughput ==\n{reps * args.batch / dt:.1f} ten-second windows per second "
               f"(batch {args.batch}, {cfg.guide.dtype}, 3 passes each, {g.forwards} AST window-forwards)")
-    whole_process(args.process_runs, args.device)
+    whole_process(args.process_runs, args.device, args.reference)
     print(f"\nprocess peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -14,7 +14,7 @@ from astsep.config import GuideConfig
 from astsep.errors import ConfigError, ModelError
 from astsep.features import ast_fbank, ast_input, istft, mel_to_linear, stft
 from astsep.config import STFTConfig
-from astsep.guide import ASTGuide, check_precision, fast_precision, load_ast_model
+from astsep.guide import ASTGuide, Int8Linear, check_precision, fast_precision, load_ast_model, quantize_int8
 from astsep.testing import tiny_ast
 
 from conftest import SEED_RECORDING, clip
@@ -121,7 +121,8 @@ def test_int8_guide_is_close_to_float32_and_leaves_the_callers_model_alone(share
     model = tiny_ast(seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ref, q = ASTGuide(model, GuideConfig()), ASTGuide(model, GuideConfig(dtype="int8"))
-    assert any("quantized" in type(m).__module__ for m in q.model.modules())
+    assert any(isinstance(m, Int8Linear) for m in q.model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in q.model.modules())
     assert q.fingerprint == ref.fingerprint  # same weights; the precision is part of the cache key
     assert q._settings() != ref._settings()
     x = torch.stack([clip("siren", 2.0), clip("dog", 2.0)])
@@ -130,6 +131,26 @@ def test_int8_guide_is_close_to_float32_and_leaves_the_callers_model_alone(share
     rel = float((a.logits - b.logits).abs().max() / a.logits.std())
     assert 0 < rel < 0.2, rel  # quantised (not bit-equal), yet close
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_int8_linear_layers_compute_what_torch_quantize_dynamic_computes(shared):
+    import copy
+    import warnings
+
+    model = tiny_ast(seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    ours = quantize_int8(copy.deepcopy(model))
+    feats, _ = ast_input(torch.stack([clip("siren", 3.0), clip("dog", 3.0)]), 1024, -4.27, 4.57)
+    with torch.no_grad():
+        a, b = ref(input_values=feats).logits, ours(input_values=feats).logits
+        assert torch.equal(a, b)  # the same quantised weights and the same op: bit for bit
+        assert not torch.equal(b, model(input_values=feats).logits)  # and quantised indeed
+        x = torch.randn(3, 7, 32)
+        lin = model.audio_spectrogram_transformer.layers[0].mlp.fc1
+        torch.testing.assert_close(Int8Linear(lin)(x), ref.audio_spectrogram_transformer.layers[0].mlp.fc1(x),
+                                   atol=0, rtol=0)
 
 
 def test_int8_guide_refuses_a_gpu_and_unknown_precisions_are_named():
