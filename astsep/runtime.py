@@ -38,11 +38,6 @@ def default_outbox() -> Path:
     return Path(base) / "astsep" / "outbox.sqlite3"
 
 
-def legacy_default_outbox() -> Path:
-    """Where versions with the JSON-lines outbox kept it; migrated into :func:`default_outbox`."""
-    return default_outbox().with_name("outbox.jsonl")
-
-
 @dataclass
 class RunOptions:
     """What a user can choose for one run, whatever the front end. ``None``: not given (the
@@ -259,5 +254,5 @@ def build_delivery(opts: RunOptions) -> DeliverySink | None:
     from .delivery import BackendClient, Outbox
 
     client = BackendClient(opts.backend_url, timeout=opts.backend_timeout)
-    outbox = Outbox(opts.outbox) if opts.outbox else Outbox(default_outbox(), migrate_from=legacy_default_outbox())
+    outbox = Outbox(opts.outbox or default_outbox())
     return DeliverySink(client, outbox, opts.user_id, opts.angle)
