@@ -166,7 +166,7 @@ def _read_mono_16k(path: Path) -> tuple[torch.Tensor, AudioInfo]:
     """Decode ``path`` block by block, downmix each block, resample as a stream."""
     _check_path(path)
     try:
-        f = sf.SoundFile(str(path))
+        f = sf.SoundFile(os.fsencode(path))  # bytes: a name that is not UTF-8 opens too
     except _DECODE_ERRORS as exc:
         raise _decode_error(path, exc) from exc
     with f:
