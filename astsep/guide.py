@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -167,17 +168,41 @@ def load_ast_model(name_or_path: str, *, allow_pickle: bool = False, option: str
         try:
             return ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa",
                                                              local_files_only=True, **kwargs)
+        except _WEIGHTS_REFUSED as exc:
+            raise _weights_refused(name_or_path, exc) from None
         except (OSError, ValueError):
             if not _hub_reachable():
                 raise ModelError(f"cannot load AST model {name_or_path!r}: it is not in the local Hugging Face "
                                  f"cache and the Hub cannot be reached; {hint}") from None
     try:
         model = ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+    except _WEIGHTS_REFUSED as exc:
+        raise _weights_refused(name_or_path, exc) from None
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load AST model {name_or_path!r} ({first[:160]}); no network or weights here? "
                          f"{hint}") from exc
     return model
+
+
+_WEIGHTS_REFUSED = (pickle.UnpicklingError, EOFError, RuntimeError)  # a crafted or torn pytorch_model.bin
+
+
+def _weights_refused(name: str, exc: BaseException) -> ModelError:
+    return ModelError(f"cannot load AST model {name!r}: its weights file was refused ({describe_load_error(exc)})")
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line saying why torch / transformers could not load a weights file: for torch's refusal
+    of a pickle (``Weights only load failed…``), the line naming what it refused; else the first
+    non-empty line of the exception's text. At most 200 characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Weights only load failed"):
+        why = [ln for ln in lines[1:] if not ln.startswith(("Please file an issue", "Check the documentation"))]
+        return f"unpickling refused: {why[0] if why else 'not plain tensors'}"[:200]
+    return lines[0][:200]
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

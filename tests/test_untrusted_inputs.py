@@ -282,3 +282,64 @@ def test_a_good_yaml_file_still_loads(tmp_path: Path) -> None:
     assert load_yaml(path, what="config file") == {"name": "café"}
     (tmp_path / "e.yaml").write_text("")
     assert load_yaml(tmp_path / "e.yaml", what="config file") == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# item 10: crafted checkpoints and pickle weights are one line, and never run
+# --------------------------------------------------------------------------------------------------
+
+
+class _Evil:
+    """A pickle that would write a file when unpickled by a loader that trusts it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"echo PWNED > {self.marker}",))
+
+
+def _run(args: list[str]) -> tuple[int, list[str], str]:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=str(root),
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root)))
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "Writing model shards" not in ln]
+    return proc.returncode, lines, proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["code_running_pickle", "random_bytes"])
+def test_evaluate_refuses_a_crafted_refiner_checkpoint_in_one_line(tmp_path: Path, kind: str) -> None:
+    import torch
+
+    ckpt, marker = tmp_path / "evil.ckpt", tmp_path / "pwned"
+    if kind == "code_running_pickle":
+        torch.save({"state_dict": _Evil(marker)}, ckpt)
+    else:
+        ckpt.write_bytes(np.random.default_rng(0).bytes(4096))
+    rc, lines, err = _run(["-m", "astsep.evaluate", "--mixtures", str(tmp_path / "x.csv"), "--out",
+                           str(tmp_path / "o"), "--refiner", str(ckpt)])
+    assert rc == 3 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"cannot read refiner checkpoint {ckpt}" in lines[0] and "unpickling refused" in lines[0], lines
+    assert not marker.exists()
+
+
+def test_a_crafted_pickle_model_with_allow_pickle_is_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import shutil
+
+    import torch
+
+    model, marker = tmp_path / "model", tmp_path / "pwned"
+    shutil.copytree(tiny_model_dir, model)
+    for f in model.glob("*.safetensors"):
+        f.unlink()
+    torch.save({"weights": _Evil(marker)}, model / "pytorch_model.bin")
+    wav = tmp_path / "in.wav"
+    sf.write(wav, 0.1 * np.ones(16000, np.float32), 16000)
+    rc, lines, err = _run(["infer.py", "-i", str(wav), "-o", str(tmp_path / "out"), "-m", str(model),
+                           "--allow-pickle", "-q"])
+    assert rc == 3 and len(lines) == 1 and "Traceback" not in err and "internal error" not in err, err
+    assert lines[0].startswith("astsep: error: cannot load AST model") and "weights file was refused" in lines[0]
+    assert "posix.system" in lines[0] and not marker.exists()
