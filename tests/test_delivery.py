@@ -955,3 +955,65 @@ def test_a_huge_response_body_is_never_read_whole(status: int) -> None:
     assert result.http_status == status and result.status == ("rejected" if status == 400 else "retryable")
     assert result.error.startswith(f"HTTP {status} Oops: xxx") and len(result.error) <= 500
     assert peak < 2 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB of Python allocations for one post"
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 21: the Dispatcher a front end holds
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_dispatcher_commits_an_event_before_anything_is_sent(server: FakeBackend, tmp_path: Path) -> None:
+    from astsep.delivery import Dispatcher
+
+    box = tmp_path / "ob.sqlite3"
+    dispatcher = Dispatcher(make_client(server.url), box, user_id=6)
+    keys = dispatcher.queue([make_event(0), make_event(1, "other")])
+    assert keys == ["ev-0000-danger"] and server.count() == 0
+    assert rows(box) == [("ev-0000-danger", "pending", None, 0, None)]  # on disk, any reader sees it
+    report = dispatcher.send(keys)
+    assert report.delivered == 1 and Outbox(box).state(keys[0]) == "delivered" and dispatcher.degraded == []
+
+
+def test_an_outbox_that_fails_mid_run_degrades_to_memory_and_loses_nothing(server: FakeBackend, tmp_path: Path) -> None:
+    from astsep.delivery import Dispatcher
+
+    box = tmp_path / "ob.sqlite3"
+    server.default = Action(status=503)
+    dispatcher = Dispatcher(make_client(server.url, retries=0), box, user_id=6)
+    first = dispatcher.queue([make_event(0)])
+    assert dispatcher.send(first).delivered == 0  # the backend is busy: it stays pending
+    for side in tmp_path.glob("ob.sqlite3*"):
+        side.write_bytes(b"this is no longer a database" * 100)  # the file is damaged under the run
+    second = dispatcher.queue([make_event(1)])  # never raises: an in-memory outbox takes over
+    assert dispatcher.outbox.in_memory and len(dispatcher.degraded) == 1 and "\n" not in dispatcher.degraded[0]
+    assert "failed" in dispatcher.degraded[0] and "kept in memory only" in dispatcher.degraded[0]
+    server.default = Action()
+    report = dispatcher.send(second)
+    assert report.delivered == 2  # the new event, and the one the damaged file held
+    assert set(server.processed) == {"ev-0000-danger", "ev-0001-danger"}
+
+
+_FILLS_UP_CHILD = r"""
+import json, os, resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+from astsep.delivery import BackendClient, Dispatcher
+box = sys.argv[3]
+dispatcher = Dispatcher(BackendClient(sys.argv[2], timeout=5, retries=0), box, user_id=6)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))   # from now on the disk is full
+events = [{"event_id": "late-%d" % i, "category": "danger", "label": "Smoke detector",
+           "level_dbfs": -20, "pad": "x"} for i in range(50)]
+delivered = 0
+for ev in events:
+    delivered += dispatcher.deliver([ev]).delivered
+print(json.dumps({"delivered": delivered, "degraded": dispatcher.degraded, "memory": dispatcher.outbox.in_memory}))
+"""
+
+
+def test_an_outbox_on_a_disk_that_fills_up_mid_run_still_delivers(server: FakeBackend, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-c", _FILLS_UP_CHILD, str(REPO), server.url, str(tmp_path / "ob.sqlite3")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert out["delivered"] == 50 and out["memory"] and len(out["degraded"]) == 1, out
+    assert set(server.processed) == {f"late-{i}" for i in range(50)}

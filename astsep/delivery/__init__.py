@@ -13,6 +13,8 @@ From the bottom up:
 * :mod:`.send` – :func:`queue_events` (commit new events), :func:`send_queued` (send them, then
   whatever is due), :func:`deliver` (both) and :func:`flush` (everything pending), with a
   :class:`RetryPolicy` per entry;
+* :mod:`.dispatch` – :class:`Dispatcher`, what a front end holds: events committed the moment they
+  are known, sent from the outbox; outbox trouble degrades to an in-memory outbox, never stops it;
 * ``python -m astsep.delivery flush|status`` – the command line.
 
 The bearer token is read from an environment variable (default ``ASTSEP_BACKEND_TOKEN``) at request
@@ -21,22 +23,37 @@ Nothing here imports torch.
 """
 
 from .client import DEFAULT_TOKEN_ENV, BackendClient, DeliveryResult
+from .dispatch import EXIT_DEGRADED, Dispatcher
 from .outbox import MEMORY, Outbox, OutboxBusy, OutboxUnusable, open_outbox
 from .payload import MIN_DECIBEL, build_payload, parse_iso_time, validate_url
-from .send import DEFAULT_POLICY, DeliveryReport, RetryPolicy, deliver, flush, queue_events, send_queued
+from .send import (
+    DEFAULT_POLICY,
+    DeliveryReport,
+    RetryPolicy,
+    add_batch,
+    build_batch,
+    deliver,
+    flush,
+    queue_events,
+    send_queued,
+)
 
 __all__ = [
     "DEFAULT_POLICY",
     "DEFAULT_TOKEN_ENV",
+    "EXIT_DEGRADED",
     "MEMORY",
     "MIN_DECIBEL",
     "BackendClient",
     "DeliveryReport",
     "DeliveryResult",
+    "Dispatcher",
     "Outbox",
     "OutboxBusy",
     "OutboxUnusable",
     "RetryPolicy",
+    "add_batch",
+    "build_batch",
     "build_payload",
     "deliver",
     "flush",

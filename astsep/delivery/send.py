@@ -177,25 +177,21 @@ def _send(
             log.warning("could not prune outbox %s: %s", outbox.path, exc)
 
 
-def queue_events(
+def build_batch(
     events: Iterable[Mapping[str, Any]],
-    outbox: Outbox,
     *,
     user_id: int | str,
     angle: float,
     occurred_at: datetime | str | float | None = None,
     report: DeliveryReport | None = None,
-) -> list[str]:
-    """Commit every event whose ``category`` is not ``other`` to ``outbox`` (one transaction,
-    fsync'd) under its ``event_id``, with the payload from :func:`build_payload`; send nothing.
+) -> dict[str, dict[str, Any]]:
+    """``{event_id: payload}`` for every event whose ``category`` is not ``other`` (counted in
+    ``report.skipped_other``; a repeated id in ``report.duplicates``), payloads from
+    :func:`build_payload`. ``angle`` in degrees (an event's own ``"angle"`` key wins),
+    ``occurred_at`` as in :func:`build_payload` (an event's own wins). Touches no outbox.
 
-    Returns the keys to send: the events newly added, and those the outbox already held as
-    pending. Events it held as delivered or rejected are counted in ``report.duplicates``.
-    Call it as soon as events are known, before anything else that can fail (writing files,
-    printing): from then on a crash cannot lose them. ``angle`` in degrees (an event's own
-    ``"angle"`` key wins), ``occurred_at`` as in :func:`build_payload` (an event's own wins).
-    Raises :class:`~astsep.errors.BackendError` for an event without an ``event_id`` / ``category`` /
-    ``label`` (before anything is queued) or when the outbox cannot be written.
+    Raises :class:`~astsep.errors.BackendError` for an event without an ``event_id`` /
+    ``category`` / ``label`` or with an angle or time that cannot be read.
     """
     events = list(events)
     report = report if report is not None else DeliveryReport()
@@ -217,6 +213,14 @@ def queue_events(
             continue
         when = ev.get("occurred_at") or occurred_at  # the event's own time (when the sound happened) wins
         batch[key] = build_payload(ev, user_id=user_id, angle=ev.get("angle", angle), occurred_at=when)
+    return batch
+
+
+def add_batch(batch: Mapping[str, Mapping[str, Any]], outbox: Outbox, report: DeliveryReport | None = None) -> list[str]:
+    """Commit ``batch`` (from :func:`build_batch`) to ``outbox`` in one transaction; returns the keys
+    to send: those newly added and those the outbox already held as pending (ones it held as
+    delivered or rejected are counted in ``report.duplicates``). Raises
+    :class:`~astsep.errors.BackendError` when the outbox cannot be written."""
     if not batch:
         return []
     added = outbox.add_many(batch.items())  # committed BEFORE the first request
@@ -225,9 +229,29 @@ def queue_events(
     for key, was_added in zip(batch, added):
         if was_added or key in pending:
             to_send.append(key)
-        else:
+        elif report is not None:
             report.duplicates += 1
     return to_send
+
+
+def queue_events(
+    events: Iterable[Mapping[str, Any]],
+    outbox: Outbox,
+    *,
+    user_id: int | str,
+    angle: float,
+    occurred_at: datetime | str | float | None = None,
+    report: DeliveryReport | None = None,
+) -> list[str]:
+    """Commit every event whose ``category`` is not ``other`` to ``outbox`` (one transaction,
+    on disk) under its ``event_id``; send nothing. :func:`build_batch` then :func:`add_batch`.
+
+    Call it as soon as events are known, before anything else that can fail (writing files,
+    printing): from then on a crash cannot lose them. Returns the keys to send.
+    """
+    report = report if report is not None else DeliveryReport()
+    batch = build_batch(events, user_id=user_id, angle=angle, occurred_at=occurred_at, report=report)
+    return add_batch(batch, outbox, report)
 
 
 def send_queued(
