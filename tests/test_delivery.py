@@ -1017,3 +1017,27 @@ def test_an_outbox_on_a_disk_that_fills_up_mid_run_still_delivers(server: FakeBa
     out = json.loads(res.stdout)
     assert out["delivered"] == 50 and out["memory"] and len(out["degraded"]) == 1, out
     assert set(server.processed) == {f"late-{i}" for i in range(50)}
+
+
+_OPENER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from astsep.delivery import open_outbox
+box, degraded = open_outbox(sys.argv[2])
+box.add("k" + sys.argv[3], {"i": 1})
+print(degraded or "")
+"""
+
+
+def test_processes_creating_one_outbox_at_once_never_take_it_for_an_unusable_one(tmp_path: Path) -> None:
+    """A database another process is creating (SQLite header written, table not yet) is not 'not an
+    astsep outbox': it is waited for, never moved aside."""
+    for round_ in range(6):
+        box = tmp_path / f"ob{round_}.sqlite3"
+        procs = [subprocess.Popen([sys.executable, "-c", _OPENER, str(REPO), str(box), str(i)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+        outs = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        assert all(not out.strip() for out, _ in outs), outs  # nobody degraded
+        assert sorted(Outbox(box).pending_keys()) == ["k0", "k1", "k2", "k3"]
+    assert not [p for p in tmp_path.iterdir() if "unusable" in p.name]

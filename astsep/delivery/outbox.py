@@ -150,7 +150,9 @@ class Outbox:
         head = _head(self.path)
         if head and head != SQLITE_HEADER:
             raise OutboxUnusable(f"outbox {self.path} is not an SQLite database (first bytes {head[:8]!r})")
-        if head != SQLITE_HEADER:  # absent or empty: create it, one process at a time
+        if head != SQLITE_HEADER or not self._tables():
+            # absent, empty, or a database another process is creating right now: create it (or wait
+            # for the other one to finish), one process at a time
             try:
                 with FileLock(str(self.path) + ".lock", timeout=CREATE_LOCK_TIMEOUT_S):
                     self._create()
@@ -165,8 +167,13 @@ class Outbox:
 
     # -- database ----------------------------------------------------------------------------------
 
+    def _tables(self) -> set[str]:
+        """The tables in the database (an empty set for a database still being created)."""
+        with self._connect() as db:
+            return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
     def _create(self) -> None:
-        if _head(self.path) == SQLITE_HEADER:  # another process created it meanwhile
+        if _head(self.path) == SQLITE_HEADER and self._tables():  # created meanwhile, or someone else's
             return
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: readers never wait for the writer
