@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import pickle
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -267,17 +268,21 @@ def _fingerprint(model) -> str:
 
 
 class _Cache:
-    """LRU in memory, content-addressed files on disk (``<dir>/<k[:2]>/<k>.pt``)."""
+    """LRU in memory, content-addressed files on disk (``<dir>/<k[:2]>/<k>.pt``). Thread-safe: one
+    guide may serve two pipelines at once (the web demo's lanes)."""
 
     def __init__(self, size: int, directory: str | None):
         self.size = size
         self.mem: OrderedDict[str, dict] = OrderedDict()
         self.dir = Path(directory).expanduser() if directory else None
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> dict | None:
-        if key in self.mem:
-            self.mem.move_to_end(key)
-            return self.mem[key]
+        with self._lock:
+            item = self.mem.get(key)
+            if item is not None:
+                self.mem.move_to_end(key)
+                return item
         if self.dir is not None:
             f = self.dir / key[:2] / f"{key}.pt"
             if f.is_file():
@@ -305,10 +310,11 @@ class _Cache:
                 log.warning("cannot write AST cache to %s: %s", d, exc)
 
     def _remember(self, key: str, item: dict) -> None:
-        self.mem[key] = item
-        self.mem.move_to_end(key)
-        while len(self.mem) > self.size:
-            self.mem.popitem(last=False)
+        with self._lock:
+            self.mem[key] = item
+            self.mem.move_to_end(key)
+            while len(self.mem) > self.size:
+                self.mem.popitem(last=False)
 
 
 class ASTGuide:
