@@ -102,3 +102,26 @@ def test_an_input_inside_its_own_output_folder_is_refused(tmp_path: Path, tiny_m
     lines = _lines(proc)
     assert proc.returncode == 4 and len(lines) == 1 and "inside the output folder" in lines[0], proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_live_mode_with_an_unusable_outbox_still_delivers_and_exits_5(
+    server: FakeBackend, tmp_path: Path, siren_model_dir: Path
+) -> None:
+    import io
+
+    box = tmp_path / "outbox.sqlite3"
+    box.write_text("not an outbox\n")
+    buf = io.BytesIO()
+    x = 0.3 * np.random.default_rng(3).standard_normal(16000 * 4).astype(np.float32)
+    sf.write(buf, x, 16000, format="WAV", subtype="PCM_16")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--live", "-", "-m", str(siren_model_dir),
+                           "--backend-url", server.url, "--outbox", str(box), "-q"], input=buf.getvalue(),
+                          capture_output=True, timeout=300, env=env, cwd=str(ROOT))
+    err = proc.stderr.decode()
+    assert proc.returncode == 5, err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("astsep: warning: delivery degraded:")]
+    assert len(warnings) == 1 and "moved aside" in warnings[0] and "Traceback" not in err, err
+    printed = [json.loads(ln) for ln in proc.stdout.decode().splitlines() if ln.strip()]
+    sent = {e["event_id"] for e in printed if e.get("category") != "other" and not e.get("update_of")}
+    assert sent and sent <= set(server.processed), (printed, server.processed)
