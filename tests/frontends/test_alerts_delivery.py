@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from test_cli import infer
+from infer_runner import infer
 from test_delivery import FakeBackend, rows, server, start_server  # noqa: F401 - fixtures
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _noise(path: Path, seconds: float, seed: int = 0) -> Path:
