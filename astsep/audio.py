@@ -166,7 +166,7 @@ def _read_mono_16k(path: Path) -> tuple[torch.Tensor, AudioInfo]:
     """Decode ``path`` block by block, downmix each block, resample as a stream."""
     _check_path(path)
     try:
-        f = sf.SoundFile(str(path))
+        f = sf.SoundFile(os.fsencode(path))  # bytes: a name that is not UTF-8 opens too
     except _DECODE_ERRORS as exc:
         raise _decode_error(path, exc) from exc
     with f:
@@ -332,7 +332,14 @@ def write_wav_atomic(path: str | os.PathLike, x: torch.Tensor | np.ndarray, samp
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), new_file_mode())  # mkstemp makes 0600; other tools honour the umask
-            sf.write(fh, arr, sample_rate, subtype=subtype, format=container)
+            sink = _GuardedFile(fh)
+            try:
+                sf.write(sink, arr, sample_rate, subtype=subtype, format=container)
+            except (AssertionError, RuntimeError):  # soundfile's answer to a short write: the OSError says why
+                if sink.error is None:
+                    raise
+            if sink.error is not None:
+                raise sink.error
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -348,6 +355,43 @@ def write_wav_atomic(path: str | os.PathLike, x: torch.Tensor | np.ndarray, samp
         except OSError:
             pass
         raise
+
+
+class _GuardedFile:
+    """A binary file for soundfile's virtual I/O whose methods never raise into libsndfile's C
+    callbacks (cffi would print "Exception ignored from cffi callback" for every call on a full
+    disk): the first ``OSError`` is kept in ``error``, and every later call does nothing."""
+
+    def __init__(self, fh) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def _guard(self, fn, default, *args):
+        if self.error is not None:
+            return default
+        try:
+            return fn(*args)
+        except OSError as exc:
+            self.error = exc
+            return default
+
+    def write(self, data) -> int:
+        return self._guard(self._fh.write, 0, data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._guard(self._fh.read, b"", n)
+
+    def readinto(self, buf) -> int:
+        return self._guard(self._fh.readinto, 0, buf)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._guard(self._fh.seek, -1, offset, whence)
+
+    def tell(self) -> int:
+        return self._guard(self._fh.tell, -1)
+
+    def flush(self) -> None:
+        self._guard(self._fh.flush, None)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 RAW_TYPES: dict[str, tuple[str, float]] = {
     "s16le": ("<i2", 32768.0), "s32le": ("<i4", 2147483648.0), "f32le": ("<f4", 1.0), "u8": ("u1", 128.0),
 }
-MAX_CHANNELS = 32
+MAX_CHANNELS = 64
+MIN_RATE, MAX_RATE = 1000, 384000  # Hz, for WAV headers and --raw-format alike
+MAX_FMT_BYTES = 64  # a fmt chunk is 16, 18 or 40 bytes; more is not a WAV header
+MAX_HEADER_BYTES = 16 * 2**20  # all chunks before the data together (LIST, JUNK, bext… are KiB)
+SKIP_BLOCK = 64 * 1024  # chunks before the data are skipped this many bytes at a time
 
 
 def parse_raw_format(spec: str) -> tuple[str, int, int]:
@@ -41,8 +45,8 @@ def parse_raw_format(spec: str) -> tuple[str, int, int]:
         rate, channels = int(parts[1]), int(parts[2])
     except ValueError:
         raise ConfigError(f"--raw-format {spec!r}: rate and channels must be integers") from None
-    if not 1000 <= rate <= 384000 or not 1 <= channels <= MAX_CHANNELS:
-        raise ConfigError(f"--raw-format {spec!r}: rate must be 1000..384000 Hz and channels 1..{MAX_CHANNELS}")
+    if not MIN_RATE <= rate <= MAX_RATE or not 1 <= channels <= MAX_CHANNELS:
+        raise ConfigError(f"--raw-format {spec!r}: rate must be {MIN_RATE}..{MAX_RATE} Hz and channels 1..{MAX_CHANNELS}")
     return parts[0], rate, channels
 
 
@@ -57,30 +61,68 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
     return bytes(buf)
 
 
+def _skip(stream: BinaryIO, n: int) -> int:
+    """Read and drop ``n`` bytes, :data:`SKIP_BLOCK` at a time (a pipe cannot seek); returns how many
+    were there before the stream ended."""
+    left = n
+    while left > 0:
+        chunk = stream.read(min(SKIP_BLOCK, left))
+        if not chunk:
+            break
+        left -= len(chunk)
+    return n - left
+
+
+def _chunk_name(cid: bytes) -> str:
+    return cid.decode("ascii", "replace") if all(32 <= b < 127 for b in cid) else cid.hex()
+
+
 def read_wav_header(stream: BinaryIO) -> tuple[str, int, int]:
     """Read a RIFF/WAVE header up to its ``data`` chunk from a non-seekable stream.
 
     Returns ``(sample type, rate, channels)`` as :func:`parse_raw_format` does. The data chunk's
-    length is ignored: a recorder streaming to a pipe writes 0 or 0xFFFFFFFF there."""
+    length is ignored: a recorder streaming to a pipe writes 0 or 0xFFFFFFFF there.
+
+    Nothing in the header is trusted: the ``fmt `` chunk must be 16..:data:`MAX_FMT_BYTES` bytes,
+    the rate 1 kHz..384 kHz, the channels 1..:data:`MAX_CHANNELS`; other chunks before the data
+    (``LIST``, ``JUNK``…) are skipped by streaming them :data:`SKIP_BLOCK` bytes at a time, and all
+    of the header together may be :data:`MAX_HEADER_BYTES` at most. Anything else is an
+    :class:`~astsep.errors.AudioError` of one line, read in bounded memory.
+    """
     head = _read_exact(stream, 12)
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         raise AudioError("stdin is not a WAV stream (no RIFF/WAVE header); for raw PCM pass --raw-format "
                          "TYPE:RATE:CHANNELS, e.g. s16le:16000:1")
     fmt = None
+    consumed = 12
     while True:
         ch = _read_exact(stream, 8)
         if len(ch) < 8:
-            raise AudioError("WAV stream on stdin ended before its data chunk")
+            raise AudioError(f"WAV stream on stdin ended before its data chunk (after {consumed + len(ch)} bytes)")
+        consumed += 8
         cid, size = ch[:4], struct.unpack("<I", ch[4:])[0]
         if cid == b"data":
             break
-        body = _read_exact(stream, size + (size & 1))
+        padded = size + (size & 1)
+        if cid == b"fmt " and not 16 <= size <= MAX_FMT_BYTES:
+            raise AudioError(f"WAV stream on stdin: its fmt chunk is {size} bytes (16..{MAX_FMT_BYTES} expected)")
+        if consumed + padded > MAX_HEADER_BYTES:
+            raise AudioError(f"WAV stream on stdin: chunk '{_chunk_name(cid)}' of {size} bytes before the data makes "
+                             f"a header over {MAX_HEADER_BYTES // 2**20} MiB; not a stream astsep reads")
         if cid == b"fmt ":
+            body = _read_exact(stream, padded)
+            if len(body) < size:
+                raise AudioError("WAV stream on stdin ended inside its fmt chunk")
             tag, channels, rate = struct.unpack("<HHI", body[:8])
             bits = struct.unpack("<H", body[14:16])[0]
-            if tag == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the sub-format's first 2 bytes
+            if tag == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the sub-format's first 2 bytes
+                if size < 26:
+                    raise AudioError(f"WAV stream on stdin: extensible fmt chunk of {size} bytes has no sub-format")
                 tag = struct.unpack("<H", body[24:26])[0]
             fmt = (tag, channels, rate, bits)
+        elif _skip(stream, padded) < size:
+            raise AudioError(f"WAV stream on stdin ended inside its '{_chunk_name(cid)}' chunk")
+        consumed += padded
     if fmt is None:
         raise AudioError("WAV stream on stdin has no fmt chunk before its data")
     tag, channels, rate, bits = fmt
@@ -88,8 +130,10 @@ def read_wav_header(stream: BinaryIO) -> tuple[str, int, int]:
     if (tag, bits) not in kinds:
         raise AudioError(f"WAV stream on stdin: format {tag} with {bits} bits is not supported "
                          "(16/32-bit PCM, 8-bit PCM, 32-bit float)")
-    if not 1 <= channels <= MAX_CHANNELS or rate < 1000:
-        raise AudioError(f"WAV stream on stdin: {channels} channel(s) at {rate} Hz is not usable")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"WAV stream on stdin: {rate} Hz is not usable ({MIN_RATE}..{MAX_RATE} Hz)")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"WAV stream on stdin: {channels} channel(s) is not usable (1..{MAX_CHANNELS})")
     return kinds[(tag, bits)], rate, channels
 
 

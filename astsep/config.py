@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .yamlfile import load_yaml
 
 SAMPLE_RATE = 16_000  # Hz; the AST's rate and the rate of every output file
 
@@ -645,15 +646,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     (:func:`apply_overrides`; a ``None`` value means "not given" and is skipped)."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping")
+        data = load_yaml(path, what="config file")
     try:
         cfg = _build(AstsepConfig, data, "config")
     except ConfigError as exc:

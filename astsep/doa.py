@@ -55,12 +55,9 @@ def load_geometry(spec: str) -> np.ndarray:
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"--mic-geometry {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
-    import yaml
+    from .yamlfile import load_yaml
 
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--mic-geometry {path} is not valid YAML: {exc}") from None
+    data = load_yaml(path, what="--mic-geometry")
     mics = data.get("mics") if isinstance(data, dict) else None
     try:
         arr = np.asarray(mics, dtype=float)

@@ -226,7 +226,12 @@ def load_refiner(path: str | Path, device: str = "cpu"):
     p = Path(path).expanduser()
     if not p.is_file():
         raise ModelError(f"refiner checkpoint not found: {p}")
-    module = RefinerModule.load_from_checkpoint(str(p), map_location=device, weights_only=True)
+    try:
+        module = RefinerModule.load_from_checkpoint(str(p), map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a crafted, torn or foreign file: one line, never a traceback
+        from .guide import describe_load_error
+
+        raise ModelError(f"cannot read refiner checkpoint {p}: {describe_load_error(exc)}") from None
     return module.to(device).eval()
 
 

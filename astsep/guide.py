@@ -33,6 +33,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -234,12 +236,16 @@ def _load_with_transformers(name_or_path: str, source: str, kwargs: dict, hint: 
         try:
             return ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa",
                                                              local_files_only=True, **kwargs)
+        except _WEIGHTS_REFUSED as exc:
+            raise _weights_refused(name_or_path, exc) from None
         except (OSError, ValueError):
             if not _hub_reachable():
                 raise ModelError(f"cannot load AST model {name_or_path!r}: it is not in the local Hugging Face "
                                  f"cache and the Hub cannot be reached; {hint}") from None
     try:
         model = ASTForAudioClassification.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+    except _WEIGHTS_REFUSED as exc:
+        raise _weights_refused(name_or_path, exc) from None
     except (OSError, ValueError, EnvironmentError, SafetensorError) as exc:  # e.g. a torn weight file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load AST model {name_or_path!r} ({first[:160]}); no network or weights here? "
@@ -269,6 +275,26 @@ def _cached_snapshot(repo_id: str) -> Path | None:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached (or not a valid id): transformers decides what to say
         return None
+
+
+_WEIGHTS_REFUSED = (pickle.UnpicklingError, EOFError, RuntimeError)  # a crafted or torn pytorch_model.bin
+
+
+def _weights_refused(name: str, exc: BaseException) -> ModelError:
+    return ModelError(f"cannot load AST model {name!r}: its weights file was refused ({describe_load_error(exc)})")
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line saying why torch / transformers could not load a weights file: for torch's refusal
+    of a pickle (``Weights only load failed…``), the line naming what it refused; else the first
+    non-empty line of the exception's text. At most 200 characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Weights only load failed"):
+        why = [ln for ln in lines[1:] if not ln.startswith(("Please file an issue", "Check the documentation"))]
+        return f"unpickling refused: {why[0] if why else 'not plain tensors'}"[:200]
+    return lines[0][:200]
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -333,17 +359,21 @@ def _fingerprint(model) -> str:
 
 
 class _Cache:
-    """LRU in memory, content-addressed files on disk (``<dir>/<k[:2]>/<k>.pt``)."""
+    """LRU in memory, content-addressed files on disk (``<dir>/<k[:2]>/<k>.pt``). Thread-safe: one
+    guide may serve two pipelines at once (the web demo's lanes)."""
 
     def __init__(self, size: int, directory: str | None):
         self.size = size
         self.mem: OrderedDict[str, dict] = OrderedDict()
         self.dir = Path(directory).expanduser() if directory else None
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> dict | None:
-        if key in self.mem:
-            self.mem.move_to_end(key)
-            return self.mem[key]
+        with self._lock:
+            item = self.mem.get(key)
+            if item is not None:
+                self.mem.move_to_end(key)
+                return item
         if self.dir is not None:
             f = self.dir / key[:2] / f"{key}.pt"
             if f.is_file():
@@ -371,10 +401,11 @@ class _Cache:
                 log.warning("cannot write AST cache to %s: %s", d, exc)
 
     def _remember(self, key: str, item: dict) -> None:
-        self.mem[key] = item
-        self.mem.move_to_end(key)
-        while len(self.mem) > self.size:
-            self.mem.popitem(last=False)
+        with self._lock:
+            self.mem[key] = item
+            self.mem.move_to_end(key)
+            while len(self.mem) > self.size:
+                self.mem.popitem(last=False)
 
 
 class ASTGuide:

@@ -48,7 +48,6 @@ LOCK_TAG = ".astsep.lock"  # the lock beside the folder: .<name>.astsep.lock
 STAGE_TAG = ".astsep-new-"  # staging sibling: .<name>.astsep-new-XXXX
 BACKUP_TAG = ".astsep-old"  # the old folder between two renames: .<name>.astsep-old
 IN_PLACE_STAGE = ".astsep-stage-"  # staging folder inside out/ when it is written in place
-OLD_INNER_LOCK = ".astsep.lock"  # earlier versions also locked a file inside out/: never carried over
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
@@ -266,7 +265,7 @@ def _foreign_entries(out_dir: Path) -> list[str]:
         raise OutputError(f"output folder {out_dir} holds an events.json that astsep did not write; "
                           "choose a new or empty --output")
     foreign = sorted(p.name for p in out_dir.iterdir()
-                     if p.name not in ours and p.name not in (MANIFEST, OLD_INNER_LOCK) and not _is_temp(p.name))
+                     if p.name not in ours and p.name != MANIFEST and not _is_temp(p.name))
     if foreign and not has_manifest:
         shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
         raise OutputError(f"output folder {out_dir} is not empty and holds no astsep events.json ({shown}); "

@@ -9,7 +9,7 @@ gave into a :class:`RunOptions` and call these builders, in this order::
     refiner = build_refiner(opts)            # None without --refiner; checks the queries it can take
     pipe = build_pipeline(opts, cfg, refiner)
     query = build_query(opts, pipe)          # None without --query / --query-audio
-    sink = build_delivery(opts, cfg)         # None without --backend-url: (client, outbox)
+    sink = build_delivery(opts, cfg)         # None without --backend-url: (client, dispatcher + outbox)
 
 Nothing here parses a command line or prints; the front ends (:mod:`astsep.frontends`) do both.
 Importing this module imports neither torch nor transformers: the builders import what they need.
@@ -36,11 +36,6 @@ def default_outbox() -> Path:
     """Where undelivered events wait by default: ``$XDG_CACHE_HOME/astsep/outbox.sqlite3``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "astsep" / "outbox.sqlite3"
-
-
-def legacy_default_outbox() -> Path:
-    """Where versions with the JSON-lines outbox kept it; migrated into :func:`default_outbox`."""
-    return default_outbox().with_name("outbox.jsonl")
 
 
 @dataclass
@@ -245,23 +240,36 @@ def build_query(opts: RunOptions, pipe):
 # --- delivery ----------------------------------------------------------------------------------------
 @dataclass
 class DeliverySink:
-    """Where events go: the backend client and the durable outbox every event is committed to first."""
+    """Where events go: the backend client and the :class:`astsep.delivery.Dispatcher` that commits
+    every event to the outbox first (``dispatcher.queue``) and sends from it (``dispatcher.send``)."""
 
     client: Any  # astsep.delivery.BackendClient
-    outbox: Any  # astsep.delivery.Outbox
+    dispatcher: Any  # astsep.delivery.Dispatcher
     user_id: int = 0
     angle: int | None = None  # degrees sent when an event has none of its own
+
+    @property
+    def outbox(self):
+        """The outbox in use (an in-memory one once the file gave out; see ``degraded``)."""
+        return self.dispatcher.outbox
+
+    @property
+    def degraded(self) -> list[str]:
+        """One line per step delivery degraded by (an unusable outbox moved aside, …); empty: none."""
+        return self.dispatcher.degraded
 
 
 def build_delivery(opts: RunOptions, cfg: AstsepConfig) -> DeliverySink | None:
     """The backend client (its settings: ``cfg.delivery``) and outbox for ``opts.backend_url`` (None
-    without one). The outbox is ``opts.outbox``, else :func:`default_outbox`. The one place both are made."""
+    without one). The outbox is ``opts.outbox``, else :func:`default_outbox`, opened so that it cannot
+    stop a run (:func:`astsep.delivery.open_outbox`: an unusable one is moved aside and a fresh one
+    opened). The one place both are made."""
     if not opts.backend_url:
         return None
-    from .delivery import BackendClient, Outbox
+    from .delivery import BackendClient, Dispatcher
 
     d = cfg.delivery
     client = BackendClient(opts.backend_url, timeout=d.timeout, retries=d.retries, backoff=d.backoff,
                            max_backoff=d.max_backoff, verify_tls=d.verify_tls)
-    outbox = Outbox(opts.outbox) if opts.outbox else Outbox(default_outbox(), migrate_from=legacy_default_outbox())
-    return DeliverySink(client, outbox, opts.user_id, opts.angle)
+    dispatcher = Dispatcher(client, opts.outbox or default_outbox(), user_id=opts.user_id, angle=opts.angle)
+    return DeliverySink(client, dispatcher, opts.user_id, opts.angle)

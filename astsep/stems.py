@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from .config import N_AUDIOSET_CLASSES, SAMPLE_RATE
 from .errors import AudioError, ConfigError
+from .yamlfile import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,9 @@ class StemMap:
 
 def load_stem_map(path: str | Path | None = None) -> StemMap:
     p = Path(path).expanduser() if path else DEFAULT_STEM_MAP
-    if not p.is_file():
-        raise ConfigError(f"stem map not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"stem map {p} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    unknown = set(data) - {"stems", "default", "residual"}
-    if not isinstance(data, dict) or unknown:
+    data = load_yaml(p, what="stem map")
+    unknown = {str(k) for k in data} - {"stems", "default", "residual"}
+    if unknown:
         raise ConfigError(f"stem map {p}: unknown keys {', '.join(sorted(unknown))} (stems, default, residual)")
     return StemMap(**data)
 

@@ -26,7 +26,7 @@ import torch
 
 from astsep import outputs
 from astsep.errors import OutputError
-from astsep.outputs import MANIFEST, OLD_INNER_LOCK, output_lock, write_outputs
+from astsep.outputs import MANIFEST, output_lock, write_outputs
 from astsep.pipeline import SeparationResult, Track
 
 from conftest import ROOT, SEED_RECORDING
@@ -181,11 +181,10 @@ def test_a_second_run_while_the_folder_is_locked_is_refused_and_changes_nothing(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_the_lock_lives_beside_the_folder_and_an_old_inner_lock_file_is_not_carried_over(tmp_path):
+def test_the_lock_lives_beside_the_folder(tmp_path):
     """The lock guards the folder's name, so a swap never moves it; it is gone once the run ends."""
     out = tmp_path / "out"
     write_outputs(_result(), out)
-    (out / OLD_INNER_LOCK).write_text("")  # what earlier versions left inside out/
     with output_lock(out):
         assert leftovers(out) == [f".out{outputs.LOCK_TAG}"]
     write_outputs(_result(label="Cat"), out)

@@ -29,12 +29,17 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from astsep.delivery import (
+    MEMORY,
     BackendClient,
     DeliveryReport,
     Outbox,
+    RetryPolicy,
     build_payload,
     deliver,
     flush,
+    open_outbox,
+    queue_events,
+    send_queued,
     validate_url,
 )
 from astsep.errors import BackendError
@@ -78,6 +83,7 @@ class FakeBackend:
     default: Action = field(default_factory=Action)
     requests: list[Request] = field(default_factory=list)
     processed: collections.Counter = field(default_factory=collections.Counter)
+    poison: set = field(default_factory=set)  # keys always answered 500, whatever the script says
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def queue(self, *actions: Action) -> None:
@@ -111,7 +117,7 @@ def _handler(state: FakeBackend) -> type[BaseHTTPRequestHandler]:
             key = self.headers.get("Idempotency-Key")
             with state.lock:
                 state.requests.append(Request(time.monotonic(), self.path, dict(self.headers), body, key))
-            action = state.next_action()
+            action = Action(status=500) if key in state.poison else state.next_action()
             if action.delay:
                 time.sleep(action.delay)
             if 200 <= action.status < 300 and key is not None:
@@ -472,80 +478,14 @@ def test_client_killed_mid_delivery_loses_nothing(server: FakeBackend, tmp_path:
 
 
 # --------------------------------------------------------------------------------------------------
-# 8. migration of the JSON-lines journal of earlier versions
+# 8. files that are no outbox, pruning, the send lock
 # --------------------------------------------------------------------------------------------------
-
-
-def write_legacy_journal(path: Path) -> None:
-    """A journal as the JSON-lines outbox wrote it: adds, a done, a rejected, a compaction tombstone
-    (a done without its add) and, last, the torn half of an add cut by a killed writer."""
-    def payload(i: int) -> dict[str, Any]:
-        return build_payload(make_event(i), user_id=6, angle=0, occurred_at="2026-01-31T08:15:00Z")
-
-    records = [
-        {"op": "done", "key": "old-tombstone", "status": 201, "at": "2026-01-30T10:00:00Z"},
-        {"op": "add", "key": "k0", "payload": payload(0), "at": "2026-01-31T08:15:01Z"},
-        {"op": "add", "key": "k1", "payload": payload(1), "at": "2026-01-31T08:15:02Z"},
-        {"op": "add", "key": "k2", "payload": payload(2), "at": "2026-01-31T08:15:03Z"},
-        {"op": "add", "key": "k3", "payload": payload(3), "at": "2026-01-31T08:15:04Z"},
-        {"op": "done", "key": "k1", "status": 201, "at": "2026-01-31T08:15:05Z"},
-        {"op": "rejected", "key": "k2", "status": 400, "error": "HTTP 400 Bad Request: nope",
-         "at": "2026-01-31T08:15:06Z"},
-    ]
-    text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-    torn = json.dumps({"op": "add", "key": "k4", "payload": payload(4), "at": "2026-01-31T08:15:07Z"})
-    path.write_text(text + torn[: len(torn) // 2])
-
-
-def test_a_json_lines_outbox_migrates_in_place_on_first_open(
-    server: FakeBackend, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = tmp_path / "outbox.jsonl"
-    write_legacy_journal(path)
-    original = path.read_bytes()
-
-    with caplog.at_level(logging.WARNING, logger="astsep.delivery"):
-        outbox = Outbox(path)
-    assert "torn last line" in caplog.text
-    assert path.read_bytes().startswith(b"SQLite format 3\x00")
-    assert (tmp_path / "outbox.jsonl.migrated").read_bytes() == original  # the journal is kept as it was
-    assert rows(path) == [
-        ("old-tombstone", "delivered", 201, 0, None),
-        ("k0", "pending", None, 0, None),
-        ("k1", "delivered", 201, 0, None),
-        ("k2", "rejected", 400, 0, "HTTP 400 Bad Request: nope"),
-        ("k3", "pending", None, 0, None),
-    ]  # the torn k4 was never acknowledged by its writer and is not invented
-    assert [e["key"] for e in outbox.pending()] == ["k0", "k3"]
-    assert outbox.pending()[0]["payload"]["occurred_at"] == "2026-01-31T08:15:00Z"
-    assert outbox.rejected()[0]["payload"]["sound_detail"] == "Siren"
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-
-    # Delivered and rejected keys stay known, and what was pending is delivered once.
-    assert not outbox.add("k1", {"i": 1}) and not outbox.add("old-tombstone", {}) and not outbox.add("k2", {})
-    report = flush(Outbox(path), make_client(server.url))
-    assert (report.delivered, report.outbox_pending) == (2, 0)
-    assert server.keys() == ["k0", "k3"]
-    assert Outbox(path).state("k0") == "delivered"
-    assert not (tmp_path / "outbox.jsonl.migrated.2").exists()  # reopening does not migrate again
-
-
-def test_the_previous_default_journal_migrates_into_a_new_database(tmp_path: Path) -> None:
-    old = tmp_path / "outbox.jsonl"
-    write_legacy_journal(old)
-    new = tmp_path / "outbox.sqlite3"
-    outbox = Outbox(new, migrate_from=old)
-    assert [e["key"] for e in outbox.pending()] == ["k0", "k3"]
-    assert not old.exists() and (tmp_path / "outbox.jsonl.migrated").is_file()
-    write_legacy_journal(old)  # a journal appearing later is not imported over an existing database
-    assert [e["key"] for e in Outbox(new, migrate_from=old).pending()] == ["k0", "k3"] and old.exists()
 
 
 def test_a_file_that_is_no_outbox_is_refused_in_one_line(tmp_path: Path) -> None:
     garbage = tmp_path / "notes.txt"
     garbage.write_text("shopping list\n")
-    with pytest.raises(BackendError, match="neither an SQLite database nor a JSON-lines") as exc:
+    with pytest.raises(BackendError, match="is not an SQLite database") as exc:
         Outbox(garbage)
     assert "\n" not in str(exc.value) and garbage.read_text() == "shopping list\n"
     other_db = tmp_path / "other.db"
@@ -553,16 +493,6 @@ def test_a_file_that_is_no_outbox_is_refused_in_one_line(tmp_path: Path) -> None
         db.execute("CREATE TABLE t (x)")
     with pytest.raises(BackendError, match="not an astsep outbox"):
         Outbox(other_db)
-
-
-def test_cli_flush_migrates_a_json_lines_outbox_and_delivers_it(server: FakeBackend, tmp_path: Path) -> None:
-    box = tmp_path / "ob.jsonl"
-    write_legacy_journal(box)
-    res = _cli("flush", "--outbox", str(box), "--backend-url", server.url, "--timeout", "2")
-    assert res.returncode == 0, res.stderr  # nothing left pending (k2 was rejected before, not by this flush)
-    assert "delivered 2/2" in res.stdout and "Traceback" not in res.stderr
-    assert server.keys() == ["k0", "k3"]
-    assert [r[1] for r in rows(box)] == ["delivered", "delivered", "delivered", "rejected", "delivered"]
 
 
 def test_only_the_most_recent_delivered_rows_are_kept(server: FakeBackend, tmp_path: Path) -> None:
@@ -771,3 +701,343 @@ def test_a_server_dripping_its_answer_cannot_hold_a_request_past_the_timeout(tmp
         listener.close()
     assert result.status == "retryable" and result.http_status is None
     assert "timed out" in result.error
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 21: no head-of-line blocking, parking, status, flush --all
+# --------------------------------------------------------------------------------------------------
+
+
+def _queue(outbox: Outbox, *indices: int) -> list[str]:
+    return queue_events([make_event(i) for i in indices], outbox, user_id=6, angle=0)
+
+
+def test_a_poison_entry_does_not_hold_back_the_others(server: FakeBackend, tmp_path: Path) -> None:
+    """The issue's reproduction: one entry the backend always answers 500 ahead of five others. Before,
+    every flush stopped at it ("delivered 0/1 sent, 5 pending", all requests for the first entry)."""
+    outbox = Outbox(tmp_path / "ob.sqlite3")
+    keys = _queue(outbox, *range(6))
+    server.poison.add(keys[0])
+    with make_client(server.url, retries=1) as client:
+        report = flush(outbox, client)
+    assert (report.sent, report.delivered, report.pending) == (6, 5, 1), report.summary()
+    assert set(server.processed) == set(keys[1:])
+    poison = outbox.entry(keys[0])
+    assert (poison["state"], poison["http_status"], poison["failures"]) == ("pending", 500, 1)
+    assert poison["next_at"] > time.time() and poison["failing_since"] is not None
+    assert "HTTP 500" in poison["reason"]
+
+
+def test_a_new_alert_is_sent_before_an_old_failing_entry_and_that_one_waits_its_own_turn(
+    server: FakeBackend, tmp_path: Path
+) -> None:
+    """A later run with a danger event (the issue: ``attempts=0``): its event goes first; the failing
+    entry is retried only once its own backoff step has passed, so it costs the new alert nothing."""
+    outbox = Outbox(tmp_path / "ob.sqlite3")
+    poison = _queue(outbox, 0)[0]
+    server.poison.add(poison)
+    policy = RetryPolicy(base_delay=0.5, max_delay=10, park_after=3600)
+    with make_client(server.url, retries=0) as client:
+        flush(outbox, client, policy=policy)  # the poison's first failed round
+        assert outbox.entry(poison)["failures"] == 1
+        new = queue_events([make_event(1)], outbox, user_id=6, angle=0)
+        report = send_queued(new, client, outbox, policy=policy)  # new first, then whatever is due
+        assert report.delivered == 1 and outbox.state(new[0]) == "delivered"
+        assert server.keys() == [poison, new[0]]  # the poison was not due: not retried
+        assert report.waiting == 0 and outbox.due_keys() == []
+        # once its step has passed it is due again, and tried after anything that never failed
+        later = outbox.entry(poison)["next_at"] + 0.01
+        newer = _queue(outbox, 2)
+        assert outbox.due_keys(now=later) == [newer[0], poison]
+        while time.time() < later:
+            time.sleep(0.05)
+        report = send_queued(newer, client, outbox, policy=policy)
+    assert server.keys() == [poison, new[0], newer[0], poison]
+    assert outbox.entry(poison)["failures"] == 2
+    # the second step is twice the first
+    entry = outbox.entry(poison)
+    assert entry["next_at"] - time.time() == pytest.approx(1.0, abs=0.3)
+
+
+def test_each_entry_has_its_own_backoff_schedule() -> None:
+    policy = RetryPolicy(base_delay=2, max_delay=60, park_after=10)
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5, 6, 7)] == [2, 4, 8, 16, 32, 60, 60]
+    for bad in (-1, math.nan, math.inf):
+        with pytest.raises(BackendError, match="retry policy"):
+            RetryPolicy(base_delay=bad)
+
+
+def test_an_entry_failing_too_long_is_parked_kept_shown_by_status_and_sent_by_flush_all(
+    server: FakeBackend, tmp_path: Path
+) -> None:
+    box = tmp_path / "ob.sqlite3"
+    outbox = Outbox(box)
+    keys = _queue(outbox, 0, 1)
+    server.poison.add(keys[0])
+    never_wait = RetryPolicy(base_delay=0, max_delay=0, park_after=0)  # parked at its first failure
+    with make_client(server.url, retries=0) as client:
+        report = flush(outbox, client, policy=never_wait)
+    assert (report.delivered, report.parked, report.outbox_pending) == (1, 1, 1)
+    assert "1 parked" in report.summary()
+    assert outbox.state(keys[0]) == "parked" and outbox.parked()[0]["key"] == keys[0]
+    assert outbox.counts() == {"pending": 1, "delivered": 1, "rejected": 0, "parked": 1}
+    with make_client(server.url, retries=0) as client:  # a normal flush leaves it alone, even when due
+        again = flush(outbox, client, policy=never_wait)
+    assert again.sent == 0 and server.count() == 2
+
+    res = _cli("status", "--outbox", str(box))
+    assert res.returncode == 1, res  # something is parked: needs attention
+    lines = res.stdout.strip().splitlines()
+    assert "1 pending (1 parked), 1 delivered, 0 rejected" in lines[0]
+    assert len(lines) == 2 and keys[0] in lines[1] and "parked since" in lines[1] and "HTTP 500" in lines[1]
+    as_json = json.loads(_cli("status", "--outbox", str(box), "--json").stdout)
+    assert as_json["counts"]["parked"] == 1 and as_json["pending"][0]["parked_at"]
+
+    server.poison.clear()
+    res = _cli("flush", "--outbox", str(box), "--backend-url", server.url, "--timeout", "2")
+    assert res.returncode == 1 and "0/0 sent" in res.stdout and "1 parked" in res.stdout, res
+    res = _cli("flush", "--all", "--outbox", str(box), "--backend-url", server.url, "--timeout", "2")
+    assert res.returncode == 0 and "delivered 1/1" in res.stdout, res
+    assert Outbox(box).counts() == {"pending": 0, "delivered": 2, "rejected": 0, "parked": 0}
+    assert _cli("status", "--outbox", str(box)).returncode == 0
+    assert server.processed == collections.Counter({keys[0]: 1, keys[1]: 1})
+
+
+def test_an_outbox_of_the_first_sqlite_schema_gets_the_schedule_columns(server: FakeBackend, tmp_path: Path) -> None:
+    box = tmp_path / "ob.sqlite3"
+    with sqlite3.connect(box) as db:
+        db.execute("CREATE TABLE outbox (key TEXT PRIMARY KEY, payload TEXT, state TEXT NOT NULL DEFAULT 'pending', "
+                   "http_status INTEGER, reason TEXT, attempts INTEGER NOT NULL DEFAULT 0, added_at TEXT, updated_at TEXT)")
+        db.execute("INSERT INTO outbox (key, payload) VALUES (?, ?)",
+                   ("k0", json.dumps(build_payload(make_event(0), user_id=6, angle=0))))
+    assert flush(Outbox(box), make_client(server.url)).delivered == 1 and server.keys() == ["k0"]
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 21: an unusable outbox never stops a run
+# --------------------------------------------------------------------------------------------------
+
+
+def _corrupt_outbox(path: Path) -> None:
+    """A real outbox with rows, whose pages are then overwritten (what a torn disk write leaves)."""
+    outbox = Outbox(path)
+    outbox.add_many((f"k{i}", {"i": i, "pad": "x" * 500}) for i in range(200))
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    for off in range(4096 + 100, len(data), 4096):
+        data[off:off + 64] = b"\xde\xad\xbe\xef" * 16
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["text_file", "other_sqlite_db", "malformed_db"])
+def test_an_unusable_outbox_is_moved_aside_and_a_fresh_one_opened(
+    server: FakeBackend, tmp_path: Path, kind: str
+) -> None:
+    box = tmp_path / "ob.sqlite3"
+    if kind == "text_file":
+        box.write_text("shopping list\n")
+    elif kind == "other_sqlite_db":
+        with sqlite3.connect(box) as db:
+            db.execute("CREATE TABLE t (x)")
+    else:
+        _corrupt_outbox(box)
+    original = box.read_bytes()
+    outbox, degraded = open_outbox(box)
+    assert degraded is not None and "\n" not in degraded and "moved aside" in degraded, degraded
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("ob.sqlite3.unusable-") and not p.name.endswith(("-wal", "-shm"))]
+    assert len(kept) == 1 and kept[0].read_bytes() == original  # kept, never deleted
+    assert outbox.path == box and not outbox.in_memory and outbox.counts()["pending"] == 0
+    report = deliver([make_event(0)], make_client(server.url), outbox, user_id=6, angle=0)
+    assert report.delivered == 1 and Outbox(box).state("ev-0000-danger") == "delivered"
+    again, degraded = open_outbox(box)  # the fresh one is fine from then on
+    assert degraded is None and again.state("ev-0000-danger") == "delivered"
+
+
+def test_a_good_outbox_opens_as_it_is(tmp_path: Path) -> None:
+    box = tmp_path / "ob.sqlite3"
+    Outbox(box).add("k", {"a": 1})
+    outbox, degraded = open_outbox(box)
+    assert degraded is None and outbox.pending_keys() == ["k"]
+    assert [p.name for p in tmp_path.iterdir() if "unusable" in p.name] == []
+
+
+def test_where_no_outbox_file_can_be_made_events_go_through_an_in_memory_one(
+    server: FakeBackend, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("")
+    outbox, degraded = open_outbox(tmp_path / "file" / "ob.sqlite3")  # its folder is a regular file
+    assert outbox.in_memory and degraded and "kept in memory only" in degraded and "\n" not in degraded
+    report = deliver([make_event(0), make_event(1)], make_client(server.url), outbox, user_id=6, angle=0)
+    assert report.delivered == 2 and set(server.processed) == {"ev-0000-danger", "ev-0001-danger"}
+    assert Outbox(MEMORY).pending_keys() == []  # each in-memory outbox is its own
+
+
+_FULL_DISK_CHILD = r"""
+import json, resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # the disk is full: no file can grow
+from astsep.delivery import BackendClient, deliver, open_outbox
+outbox, degraded = open_outbox(sys.argv[3])
+events = [{"event_id": "full-%d" % i, "category": "danger", "label": "Smoke detector", "level_dbfs": -20}
+          for i in range(3)]
+report = deliver(events, BackendClient(sys.argv[2], timeout=5, retries=0), outbox, user_id=6, angle=0)
+print(json.dumps({"degraded": degraded, "in_memory": outbox.in_memory, "delivered": report.delivered}))
+"""
+
+
+def test_an_outbox_on_a_full_disk_does_not_stop_delivery(server: FakeBackend, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(REPO), server.url, str(tmp_path / "ob.sqlite3")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["in_memory"] and out["delivered"] == 3 and "kept in memory only" in out["degraded"], out
+    assert set(server.processed) == {"full-0", "full-1", "full-2"}
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 21: response bodies are read a few KiB at most
+# --------------------------------------------------------------------------------------------------
+
+
+def _huge_body_server(status: int, size: int) -> tuple[socket.socket, threading.Event, list[int]]:
+    """A raw server answering every request with ``status`` and a ``size``-byte body; counts the bytes it
+    managed to send per request."""
+    stop = threading.Event()
+    sent: list[int] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    chunk = b"x" * 65536
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(f"HTTP/1.1 {status} Oops\r\nContent-Length: {size}\r\n"
+                                 "Content-Type: text/plain\r\nConnection: close\r\n\r\n".encode())
+                    n = 0
+                    while n < size and not stop.is_set():
+                        conn.sendall(chunk)
+                        n += len(chunk)
+                except OSError:
+                    pass
+                sent.append(n)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, stop, sent
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_a_huge_response_body_is_never_read_whole(status: int) -> None:
+    import tracemalloc
+
+    size = 50 * 1024 * 1024
+    listener, stop, _ = _huge_body_server(status, size)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/sound-events/"
+    try:
+        with make_client(url, timeout=10.0, retries=1, backoff=0) as client:
+            tracemalloc.start()
+            result = client.post(build_payload(make_event(0), user_id=1, angle=0), "k1")
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+    finally:
+        stop.set()
+        listener.close()
+    assert result.http_status == status and result.status == ("rejected" if status == 400 else "retryable")
+    assert result.error.startswith(f"HTTP {status} Oops: xxx") and len(result.error) <= 500
+    assert peak < 2 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB of Python allocations for one post"
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 21: the Dispatcher a front end holds
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_dispatcher_commits_an_event_before_anything_is_sent(server: FakeBackend, tmp_path: Path) -> None:
+    from astsep.delivery import Dispatcher
+
+    box = tmp_path / "ob.sqlite3"
+    dispatcher = Dispatcher(make_client(server.url), box, user_id=6)
+    keys = dispatcher.queue([make_event(0), make_event(1, "other")])
+    assert keys == ["ev-0000-danger"] and server.count() == 0
+    assert rows(box) == [("ev-0000-danger", "pending", None, 0, None)]  # on disk, any reader sees it
+    report = dispatcher.send(keys)
+    assert report.delivered == 1 and Outbox(box).state(keys[0]) == "delivered" and dispatcher.degraded == []
+
+
+def test_an_outbox_that_fails_mid_run_degrades_to_memory_and_loses_nothing(server: FakeBackend, tmp_path: Path) -> None:
+    from astsep.delivery import Dispatcher
+
+    box = tmp_path / "ob.sqlite3"
+    server.default = Action(status=503)
+    dispatcher = Dispatcher(make_client(server.url, retries=0), box, user_id=6)
+    first = dispatcher.queue([make_event(0)])
+    assert dispatcher.send(first).delivered == 0  # the backend is busy: it stays pending
+    for side in tmp_path.glob("ob.sqlite3*"):
+        side.write_bytes(b"this is no longer a database" * 100)  # the file is damaged under the run
+    second = dispatcher.queue([make_event(1)])  # never raises: an in-memory outbox takes over
+    assert dispatcher.outbox.in_memory and len(dispatcher.degraded) == 1 and "\n" not in dispatcher.degraded[0]
+    assert "failed" in dispatcher.degraded[0] and "kept in memory only" in dispatcher.degraded[0]
+    server.default = Action()
+    report = dispatcher.send(second)
+    assert report.delivered == 2  # the new event, and the one the damaged file held
+    assert set(server.processed) == {"ev-0000-danger", "ev-0001-danger"}
+
+
+_FILLS_UP_CHILD = r"""
+import json, os, resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+from astsep.delivery import BackendClient, Dispatcher
+box = sys.argv[3]
+dispatcher = Dispatcher(BackendClient(sys.argv[2], timeout=5, retries=0), box, user_id=6)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))   # from now on the disk is full
+events = [{"event_id": "late-%d" % i, "category": "danger", "label": "Smoke detector",
+           "level_dbfs": -20, "pad": "x"} for i in range(50)]
+delivered = 0
+for ev in events:
+    delivered += dispatcher.deliver([ev]).delivered
+print(json.dumps({"delivered": delivered, "degraded": dispatcher.degraded, "memory": dispatcher.outbox.in_memory}))
+"""
+
+
+def test_an_outbox_on_a_disk_that_fills_up_mid_run_still_delivers(server: FakeBackend, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-c", _FILLS_UP_CHILD, str(REPO), server.url, str(tmp_path / "ob.sqlite3")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert out["delivered"] == 50 and out["memory"] and len(out["degraded"]) == 1, out
+    assert set(server.processed) == {f"late-{i}" for i in range(50)}
+
+
+_OPENER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from astsep.delivery import open_outbox
+box, degraded = open_outbox(sys.argv[2])
+box.add("k" + sys.argv[3], {"i": 1})
+print(degraded or "")
+"""
+
+
+def test_processes_creating_one_outbox_at_once_never_take_it_for_an_unusable_one(tmp_path: Path) -> None:
+    """A database another process is creating (SQLite header written, table not yet) is not 'not an
+    astsep outbox': it is waited for, never moved aside."""
+    for round_ in range(6):
+        box = tmp_path / f"ob{round_}.sqlite3"
+        procs = [subprocess.Popen([sys.executable, "-c", _OPENER, str(REPO), str(box), str(i)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+        outs = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        assert all(not out.strip() for out, _ in outs), outs  # nobody degraded
+        assert sorted(Outbox(box).pending_keys()) == ["k0", "k1", "k2", "k3"]
+    assert not [p for p in tmp_path.iterdir() if "unusable" in p.name]

@@ -9,6 +9,10 @@ requests' timeout bounds each socket operation, so a server that drips its answe
 could hold one request for ever. A watchdog armed on every request the adapter's pools make (one
 timer per HTTP request, retries included) shuts that request's socket down once ``timeout`` seconds
 have passed; urllib3 then sees a broken connection and retries or gives up as for any other.
+
+A response body is never read whole: at most :data:`MAX_BODY_BYTES` of it (uncompressed: the
+request asks for ``Accept-Encoding: identity``) is kept for the error text, and the connection is
+closed on the rest (a body urllib3 skips before a retry is read in small chunks and discarded).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TOKEN_ENV = "ASTSEP_BACKEND_TOKEN"
 USER_AGENT = "astsep-backend/0.1"
 ERROR_TEXT_LIMIT = 500  # characters of a response body / exception kept as the error text
+MAX_BODY_BYTES = 4096  # bytes of any response body read: a backend answering 50 MB cannot cost 50 MB
 RETRY_STATUSES = frozenset({408, 429, *range(500, 600)})
 
 DeliveryStatus = Literal["delivered", "retryable", "rejected"]
@@ -195,6 +200,18 @@ def _one_line(text: str, limit: int = ERROR_TEXT_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _read_text(resp: requests.Response, limit: int = MAX_BODY_BYTES) -> str:
+    """At most ``limit`` bytes of a streamed response's body, decoded leniently as text."""
+    try:
+        data = resp.raw.read(limit, decode_content=True) or b""
+    except Exception:  # noqa: BLE001 - a broken body only costs the error text its detail
+        return ""
+    try:
+        return data.decode(resp.encoding or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return data.decode("utf-8", "replace")
+
+
 def _causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and the reasons / causes it wraps, outermost first (requests → urllib3 → socket)."""
     chain: list[BaseException] = []
@@ -318,6 +335,7 @@ class BackendClient:
         headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
+            "Accept-Encoding": "identity",
             "User-Agent": USER_AGENT,
             "Idempotency-Key": str(idempotency_key),
         }
@@ -326,12 +344,16 @@ class BackendClient:
         with self._watchdog.call() as call:
             try:
                 resp = self._session.post(self.url, data=body, headers=headers, timeout=self.timeout,
-                                          verify=self.verify_tls, allow_redirects=False)
+                                          verify=self.verify_tls, allow_redirects=False, stream=True)
+                try:
+                    status = resp.status_code
+                    text = _read_text(resp) if not 200 <= status < 300 else ""
+                finally:
+                    resp.close()  # the rest of a long body is never read: the connection goes
             except (requests.RequestException, OSError, ValueError, http.client.HTTPException) as exc:
                 error = self._failure(exc, call.expired, redact)
                 log.warning("giving up on %s for now after %d request(s): %s", idempotency_key, call.attempts, error)
                 return DeliveryResult("retryable", None, error, call.attempts)
-        status = resp.status_code
         attempts = call.attempts
         if 200 <= status < 300:
             log.debug("delivered %s (HTTP %d, %d request(s))", idempotency_key, status, attempts)
@@ -345,7 +367,7 @@ class BackendClient:
                            "the event stays pending: fix --backend-url and flush")
             log.warning("backend redirected %s: %s", idempotency_key, error)
             return DeliveryResult("retryable", status, error, attempts)
-        error = redact(f"HTTP {status} {reason}: {resp.text}".rstrip(": "))
+        error = redact(f"HTTP {status} {reason}: {text}".rstrip(": "))
         if status in RETRY_STATUSES:
             log.warning("giving up on %s for now after %d request(s): %s", idempotency_key, attempts, error)
             return DeliveryResult("retryable", status, error, attempts)

@@ -6,8 +6,10 @@ files with ``events.json``, the debug figure of each pass and the events table.
 
 Two layers: :class:`Demo` is plain Python (model loading as the CLI does it, one separation into a
 folder, the zip) and is tested without a browser; :func:`build_ui` is the Gradio page over it.
-Separations go through Gradio's queue one at a time (the model is shared), so a long file never
-blocks the page of another user: their jobs wait in the queue and say their position. Every
+Separations go through Gradio's queue into two lanes that share the one model: files up to
+``--short-sec`` (30 s) run in the short lane, longer ones in the long lane, one job per lane at a
+time, so a visitor's short file never waits behind another's long one (only behind other short
+ones). A file longer than ``--max-minutes`` (10) is refused at once with one line. Every
 session writes into its own folder inside Gradio's cache; the folder and the session's uploads
 are removed when the session ends (tab closed), and ``delete_cache`` removes anything older than
 ``--keep-minutes`` in any case.
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import DEFAULT_MODEL
-from ..errors import AstsepError
+from ..errors import AstsepError, AudioError
 from ..runtime import RunOptions, build_config, build_pipeline, build_query, build_refiner, check_queries, count_windows
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from a local demo
@@ -42,6 +44,9 @@ except ImportError:  # main() says how to install it
 log = logging.getLogger("astsep.app")
 
 EVENT_COLUMNS = ["kind", "label", "category", "confidence", "start_sec", "end_sec", "pass", "window", "file"]
+DEFAULT_MAX_MINUTES = 10.0
+DEFAULT_SHORT_SEC = 30.0
+QUEUE_WORKERS = 8  # Gradio workers for separations: the lanes, not Gradio, make jobs wait for the model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--max-upload-mb", type=int, default=200, help="largest upload accepted, in MB (default 200)")
+    p.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES,
+                   help=f"longest audio accepted, minutes (default {DEFAULT_MAX_MINUTES:g}): a longer file is "
+                        "refused at once instead of holding its lane for a long time")
+    p.add_argument("--short-sec", type=float, default=DEFAULT_SHORT_SEC,
+                   help=f"files up to this many seconds run in their own lane, never behind a longer one "
+                        f"(default {DEFAULT_SHORT_SEC:g})")
     p.add_argument("--keep-minutes", type=float, default=60.0,
                    help="delete any file of the demo older than this even while its session is open (default 60)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv for debug)")
@@ -112,12 +123,31 @@ class DemoRun:
 class Demo:
     """The model (loaded once, as ``infer.py`` loads it) and one separation into a folder."""
 
-    def __init__(self, opts: RunOptions):
+    def __init__(self, opts: RunOptions, max_seconds: float = DEFAULT_MAX_MINUTES * 60,
+                 short_seconds: float = DEFAULT_SHORT_SEC):
+        from ..pipeline import Pipeline
+
+        if not max_seconds > 0 or not short_seconds >= 0:
+            raise AstsepError(f"--max-minutes must be > 0 and --short-sec >= 0 (got {max_seconds / 60:g}, {short_seconds:g})")
         self.opts = opts
         self.cfg = build_config(opts)
         self.refiner = build_refiner(opts)
         self.pipe = build_pipeline(opts, self.cfg, self.refiner)
-        self.lock = threading.Lock()  # the pipeline (model, cache) serves one separation at a time
+        self.max_seconds, self.short_seconds = float(max_seconds), float(short_seconds)
+        # two lanes over the one model (as live mode's two stages share it): a pipeline each, one job
+        # at a time in each, so a short file never waits behind a long one
+        self.lanes = {"long": (self.pipe, threading.Lock()),
+                      "short": (Pipeline(self.cfg, self.pipe.guide, refiner=self.refiner), threading.Lock())}
+
+    def lane(self, seconds: float) -> str:
+        """``"short"`` for audio up to ``short_seconds`` long, else ``"long"``."""
+        return "short" if seconds <= self.short_seconds else "long"
+
+    def check_duration(self, seconds: float, name: str) -> None:
+        """One :class:`AudioError` line for audio longer than ``max_seconds``."""
+        if seconds > self.max_seconds:
+            raise AudioError(f"{name} is {seconds / 60:.1f} min long; this demo separates at most "
+                             f"{self.max_seconds / 60:g} min (--max-minutes): cut it, or use infer.py")
 
     def run(self, path: str | os.PathLike, out_dir: Path, name: str | None = None, query: str | None = None,
             query_audio: str | os.PathLike | None = None, debug: bool = True,
@@ -139,10 +169,14 @@ class Demo:
         check_queries(qopts)
         t0 = time.perf_counter()
         try:
-            with self.lock:
+            header_seconds = _header_duration(path)
+            self.check_duration(header_seconds, name)  # at once, before the file waits for a lane
+            pipe, lock = self.lanes[self.lane(header_seconds)]
+            with lock:
                 check_queries(qopts, self.refiner)
                 x, info = load_audio(path)
-                q = build_query(qopts, self.pipe)
+                self.check_duration(info.duration_sec, name)  # a header may understate the length
+                q = build_query(qopts, pipe)
                 total = count_windows(self.cfg, x.numel())
                 done = [0]
 
@@ -153,7 +187,7 @@ class Demo:
 
                 if progress is not None:
                     progress(0, total)
-                result = self.pipe.run(x, name, info, keep_traces=debug, progress=advance, query=q)
+                result = pipe.run(x, name, info, keep_traces=debug, progress=advance, query=q)
             # the upload's time is not the recording's: occurred_at stays unknown, as for a queued event
             stamp_occurred_at(result.events, None, "queued")
             manifest_path = result.write(out_dir, debug=debug, config=self.cfg)
@@ -170,6 +204,16 @@ class Demo:
         return DemoRun(out_dir=out_dir, sources=_views(result, out_dir), events=result.events,
                        figures=[out_dir / f for f in manifest["files"] if f.endswith(".png")], zip_path=zip_path,
                        seconds=time.perf_counter() - t0)
+
+
+def _header_duration(path: str | os.PathLike) -> float:
+    """Seconds of audio ``path``'s header announces (0 when it cannot be read: decoding will say why)."""
+    import soundfile as sf
+
+    try:
+        return float(sf.info(os.fsencode(path)).duration)
+    except Exception:  # noqa: BLE001 - any unreadable file is reported by load_audio
+        return 0.0
 
 
 def _rename_paths(message: str, names: dict[str, str]) -> str:
@@ -344,7 +388,7 @@ def build_ui(demo: Demo, sessions: Sessions, keep_seconds: float):
 
         go.click(separate, inputs=[upload, record, query, query_clip, debug],
                  outputs=[status, sources_state, everything, events, figures],
-                 concurrency_limit=1, concurrency_id="separate")
+                 concurrency_limit=QUEUE_WORKERS, concurrency_id="separate")
 
         def end_session(request: gr.Request):
             sessions.close(request.session_hash or "anonymous")
@@ -380,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
 
     require()  # torch / torchaudio / transformers / soundfile that cannot be loaded: one line, exit 3
     try:
-        demo = Demo(RunOptions.from_values(args))
+        demo = Demo(RunOptions.from_values(args), max_seconds=args.max_minutes * 60, short_seconds=args.short_sec)
     except AstsepError as exc:
         print(f"astsep: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -388,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sessions = Sessions(Path(get_upload_folder()) / "astsep-sessions", keep_seconds=args.keep_minutes * 60)
     ui = build_ui(demo, sessions, args.keep_minutes * 60)
-    ui.queue(default_concurrency_limit=1)
+    ui.queue(default_concurrency_limit=QUEUE_WORKERS)
     import signal
 
     def stop(signum, frame):  # a service manager's SIGTERM: stop as on Ctrl-C, removing every session's files

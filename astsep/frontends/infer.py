@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_MODEL, config_keys, type_name
 from ..errors import AstsepError, AudioError, OutputError
+from ..inputs import check_inputs_outside_outputs, output_names
 from ..runtime import (RunOptions, build_config, build_delivery, build_export, build_pipeline, build_query,
                        build_refiner, check_queries, count_windows, default_outbox)
 
@@ -211,30 +212,6 @@ def _setup_logging(args) -> None:
             sys.modules["transformers"].logging.set_verbosity_error()
 
 
-def output_names(inputs: list[Path]) -> list[str]:
-    """One subfolder name per input, unique within the run, also for filesystems that ignore case.
-
-    An input whose stem no other input shares keeps its stem; inputs sharing a stem get
-    ``stem_ext``, and ``_2``, ``_3``, … on top while that is still taken
-    (``a.wav a.flac a_1.wav`` → ``a_wav``, ``a_flac``, ``a_1``)."""
-    stems = [p.stem or p.name or "input" for p in inputs]
-    counts: dict[str, int] = {}
-    for st in stems:
-        counts[st.casefold()] = counts.get(st.casefold(), 0) + 1
-    names: list[str | None] = [st if counts[st.casefold()] == 1 else None for st in stems]
-    used = {n.casefold() for n in names if n is not None}
-    for i, (st, p) in enumerate(zip(stems, inputs)):
-        if names[i] is not None:
-            continue
-        base = f"{st}_{p.suffix.lstrip('.') or 'noext'}"
-        name, k = base, 2
-        while name.casefold() in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name.casefold())
-        names[i] = name
-    return [n for n in names if n is not None]
-
-
 def _recording_start(args, path: Path, info) -> tuple[datetime | None, str]:
     """When the recording of ``path`` started, and how we know: ``--recorded-at``, else the file's
     modification time minus its duration (a recorder writes the file until it stops)."""
@@ -293,8 +270,8 @@ class _Progress:
 
 class _Batch:
     """One ``infer.py -i ... -o ...`` run after its options are checked: the model is loaded at the
-    first input that decodes (a bad file fails in milliseconds), each input is separated, written,
-    then its events delivered."""
+    first input that decodes (a bad file fails in milliseconds), each input is separated, its events
+    committed to the outbox, its files written, then its events sent (whether the writing worked or not)."""
 
     def __init__(self, args, opts: RunOptions, cfg, refiner, sink, progress: _Progress):
         self.args, self.opts, self.cfg, self.refiner, self.sink = args, opts, cfg, refiner, sink
@@ -344,9 +321,18 @@ class _Batch:
         result.stats["seconds"]["decode"] = round(t_dec, 4)
         result.stats["seconds"]["model_load"] = round(self.t_model, 4)
         stamp_occurred_at(result.events, *_recording_start(self.args, path, info))
-        manifest = result.write(out_dir, debug=self.args.debug, config=self.cfg, options=self.export)
-        if self.sink is not None:
-            _deliver(result, self.sink, manifest)
+        if self.sink is None:
+            result.write(out_dir, debug=self.args.debug, config=self.cfg, options=self.export)
+            return _summary(path, out_dir, result)
+        # the events are committed to the outbox as soon as they are known, before the files are
+        # written (a full disk there must not lose them), and sent whatever the writing did
+        t0 = time.perf_counter()
+        keys = self.sink.dispatcher.queue(result.events)
+        manifest = None
+        try:
+            manifest = result.write(out_dir, debug=self.args.debug, config=self.cfg, options=self.export)
+        finally:
+            _deliver(result, self.sink, keys, manifest, t0)
         return _summary(path, out_dir, result)
 
 
@@ -378,6 +364,7 @@ def run(args) -> int:
     from ..outputs import check_output_folder  # torch, transformers: only now that there is work to do
 
     out_dirs = [out_root / name for name in output_names(inputs)] if multi else [out_root] * len(inputs)
+    check_inputs_outside_outputs(inputs, out_dirs)  # a run replaces its output folders as a whole
     for d in dict.fromkeys(out_dirs):
         check_output_folder(d)
     refiner = build_refiner(opts)
@@ -398,28 +385,31 @@ def run(args) -> int:
     if not args.quiet:
         for line in summaries:
             print(line, file=sys.stderr)
+    degraded = sink.degraded if sink is not None else []
+    for line in degraded:  # said even with -q: an alert may not have reached the backend
+        print(f"astsep: warning: delivery degraded: {line}", file=sys.stderr)
     if not failures:
+        if degraded:
+            from ..delivery import EXIT_DEGRADED
+
+            return EXIT_DEGRADED  # every input written; delivery went on without its outbox file
         return 0
     if not summaries and len(set(failures)) == 1:
         return failures[0]  # nothing succeeded, for one reason: its code (2 input, 4 output folder)
     return 1  # some inputs failed (each said why above), the others were written
 
 
-def _deliver(result, sink, manifest: Path) -> None:
-    """Deliver after the files are written: delivery never blocks or loses separation output."""
+def _deliver(result, sink, keys: list[str], manifest: Path | None, t0: float) -> None:
+    """Send this input's queued events (then whatever else in the outbox is due), and add the report
+    to its ``events.json`` when that was written. Never raises for outbox or network trouble."""
     from ..audio import write_bytes_atomic
-    from ..delivery import deliver, flush
     from ..outputs import output_lock
 
-    t0 = time.perf_counter()
-    earlier = flush(sink.outbox, sink.client)
-    # when the flush just found the backend unreachable, queue this run's events without waiting
-    # through another round of retries
-    backend_down = bool(earlier.pending) and not earlier.busy
-    report = deliver(result.events, sink.client, sink.outbox, user_id=sink.user_id,
-                     angle=sink.angle if sink.angle is not None else 0, send=not backend_down)
-    result.stats["delivery"] = {"earlier": earlier.to_dict(), "this_run": report.to_dict(),
-                                "seconds": round(time.perf_counter() - t0, 4)}
+    report = sink.dispatcher.send(keys)
+    result.stats["delivery"] = {"this_run": report.to_dict(), "seconds": round(time.perf_counter() - t0, 4)}
+    log.info("delivery: %s", report.summary())
+    if manifest is None:
+        return
     # add the report to this run's events.json, under the folder's lock, and only if no later run
     # has replaced the folder since
     try:
@@ -430,7 +420,6 @@ def _deliver(result, sink, manifest: Path) -> None:
                 write_bytes_atomic(manifest, json.dumps(data, indent=2, allow_nan=False).encode())
     except (OutputError, OSError, ValueError) as exc:
         log.warning("delivery report not added to %s: %s", manifest, exc)
-    log.info("delivery: %s", report.summary())
 
 
 def _duration(path: Path) -> float:

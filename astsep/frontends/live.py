@@ -173,4 +173,12 @@ def run_live(args) -> int:
             signal.signal(sig, handler)
     if not args.quiet:
         print(_summary(stats, lcfg), file=sys.stderr)
+    degraded = list(sink.degraded) if sink is not None else []
+    degraded += (stats.delivery or {}).get("degraded", [])  # the outbox giving out during the run
+    for line in degraded:  # said even with -q: an alert may not have reached the backend
+        print(f"astsep: warning: delivery degraded: {line}", file=sys.stderr)
+    if degraded:
+        from ..delivery import EXIT_DEGRADED
+
+        return EXIT_DEGRADED
     return 0

@@ -13,7 +13,9 @@ from .trigger import Analysis
 
 class Recorder:
     """Each analysed window and its sources as WAV files under ``root/NNNNNN_<stream sec>/``; the
-    oldest folders are deleted to keep the total under ``max_bytes``."""
+    oldest folders of this run are deleted to keep its total under ``max_bytes``. Numbering goes on
+    after the folders already in ``root`` (an earlier run's), and a folder is never reused, so a
+    second run into the same ``root`` (or two at once) never overwrites the first one's."""
 
     def __init__(self, root: str | Path, max_bytes: int):
         self.root = Path(root)
@@ -21,13 +23,19 @@ class Recorder:
         self.max_bytes = max_bytes
         self.kept: deque[tuple[Path, int]] = deque()
         self.total = 0
-        self.count = 0
+        self.count = 1 + max((int(p.name[:6]) for p in self.root.iterdir()
+                              if p.name[:6].isdigit() and p.name[6:7] == "_"), default=-1)
 
     def save(self, window: Analysis, result, events: list[dict]) -> None:
         from ..audio import write_wav_atomic
 
-        folder = self.root / f"{self.count:06d}_{window.start / SAMPLE_RATE:010.3f}s"
-        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            folder = self.root / f"{self.count:06d}_{window.start / SAMPLE_RATE:010.3f}s"
+            try:
+                folder.mkdir(parents=True)
+                break
+            except FileExistsError:  # another run into the same root took this number
+                self.count += 1
         write_wav_atomic(folder / "window.wav", window.audio.T)
         for stem, samples in result.sources.items():
             write_wav_atomic(folder / f"{stem}.wav", samples)

@@ -7,6 +7,11 @@ or sent. Sending is a separate step that reads from the outbox: the sender threa
 ``retry_sec`` while entries wait. A process killed at any moment (``kill -9``, a second Ctrl-C)
 therefore loses nothing it has shown: what was printed is in the outbox, and the next run (or
 ``python -m astsep.delivery flush``) sends it.
+
+Both go through an :class:`astsep.delivery.Dispatcher`: an outbox that fails mid-run (its disk
+full, the file damaged) gives way to an in-memory one holding the events not yet delivered, so a
+commit never fails for the outbox's sake and the events still go out; ``degraded`` says so. The
+sender thread sends what is due (new entries first, each failing entry on its own schedule).
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ class OutboxSink:
     payload (:func:`astsep.delivery.build_payload`)."""
 
     def __init__(self, client, outbox, user_id: int = 0, angle: float | None = None, retry_sec: float = 5.0):
-        self.client, self.outbox, self.user_id, self.angle = client, outbox, user_id, angle
+        from ..delivery import Dispatcher
+
+        self.client, self.user_id, self.angle = client, user_id, angle
+        self.dispatcher = Dispatcher(client, outbox, user_id=user_id, angle=angle)
         self.retry_sec = retry_sec
         self.committed = 0
         self.reports: list[dict] = []
@@ -34,14 +42,21 @@ class OutboxSink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def commit(self, ev: dict) -> None:
-        """Durably queue ``ev`` (category ``other`` is never queued); raises
-        :class:`~astsep.errors.BackendError` when the outbox cannot be written. Wakes the sender."""
-        from ..delivery import deliver
+    @property
+    def outbox(self):
+        """The outbox in use (an in-memory one once the file gave out; see ``degraded``)."""
+        return self.dispatcher.outbox
 
-        report = deliver([ev], self.client, self.outbox, user_id=self.user_id,
-                         angle=self.angle if self.angle is not None else 0, send=False)
-        self.committed += report.pending
+    @property
+    def degraded(self) -> list[str]:
+        """One line per step delivery degraded by; empty: none."""
+        return self.dispatcher.degraded
+
+    def commit(self, ev: dict) -> None:
+        """Durably queue ``ev`` (category ``other`` is never queued). An outbox that cannot be
+        written gives way to an in-memory one (never an error); raises
+        :class:`~astsep.errors.BackendError` only for an event that is not one. Wakes the sender."""
+        self.committed += len(self.dispatcher.queue([ev]))
         self._wake.set()
 
     def start(self) -> "OutboxSink":
@@ -50,10 +65,19 @@ class OutboxSink:
             self._thread.start()
         return self
 
-    def _flush(self):
+    def _flush(self, everything: bool = False):
+        """Send what is due (``everything``: every pending entry now, as a last flush)."""
         from ..delivery import flush
+        from ..errors import BackendError
 
-        report = flush(self.outbox, self.client)
+        report = None
+        if everything:
+            try:
+                report = flush(self.outbox, self.client)
+            except BackendError as exc:  # the outbox gave out: the dispatcher moves to memory and sends
+                log.warning("final flush of %s failed: %s", self.outbox.path, exc)
+        if report is None:
+            report = self.dispatcher.send()
         self.reports.append(report.to_dict())
         log.info("live delivery: %s", report.summary())
         return report
@@ -76,8 +100,8 @@ class OutboxSink:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        final = self._flush()
+        final = self._flush(everything=True)
         total = {k: sum(r.get(k, 0) for r in self.reports) for k in REPORT_KEYS}
         total["pending"] = final.outbox_pending
         total["committed"] = self.committed
-        return {"this_run": total, "final_flush": final.to_dict()}
+        return {"this_run": total, "final_flush": final.to_dict(), "degraded": list(self.degraded)}
