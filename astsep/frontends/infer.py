@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "array gives it)")
     p.add_argument("--outbox", default=None, metavar="PATH",
                    help=f"undelivered events wait here for a later run (default {default_outbox()})")
+    p.add_argument("--require-delivery", action="store_true",
+                   help="exit 6 when any event of this run was not delivered (the files are still written; "
+                        "the events wait in the outbox)")
     p.add_argument("--backend-timeout", type=float, default=None,
                    help="seconds allowed per request in all, answer included (delivery.timeout, default 5)")
     _add_live_options(p)
@@ -276,6 +279,7 @@ class _Batch:
     def __init__(self, args, opts: RunOptions, cfg, refiner, sink, progress: _Progress):
         self.args, self.opts, self.cfg, self.refiner, self.sink = args, opts, cfg, refiner, sink
         self.export = build_export(opts)
+        self.queued: list[str] = []  # outbox keys of this run's events (delivery's closing line)
         self.progress = progress
         self.pipe = self.query = None
         self.t_model = 0.0
@@ -328,6 +332,7 @@ class _Batch:
         # written (a full disk there must not lose them), and sent whatever the writing did
         t0 = time.perf_counter()
         keys = self.sink.dispatcher.queue(result.events)
+        self.queued += keys
         manifest = None
         try:
             manifest = result.write(out_dir, debug=self.args.debug, config=self.cfg, options=self.export)
@@ -388,15 +393,35 @@ def run(args) -> int:
     degraded = sink.degraded if sink is not None else []
     for line in degraded:  # said even with -q: an alert may not have reached the backend
         print(f"astsep: warning: delivery degraded: {line}", file=sys.stderr)
+    waiting = _undelivered(sink, batch.queued, args.backend_url) if sink is not None else 0
     if not failures:
         if degraded:
             from ..delivery import EXIT_DEGRADED
 
             return EXIT_DEGRADED  # every input written; delivery went on without its outbox file
+        if waiting and args.require_delivery:
+            return EXIT_UNDELIVERED
         return 0
     if not summaries and len(set(failures)) == 1:
         return failures[0]  # nothing succeeded, for one reason: its code (2 input, 4 output folder)
     return 1  # some inputs failed (each said why above), the others were written
+
+
+EXIT_UNDELIVERED = 6  # --require-delivery: every input written, but some of this run's events still wait
+
+
+def _undelivered(sink, keys: list[str], url: str) -> int:
+    """This run's events still waiting in the outbox; one closing line says how many, where and how to
+    send them (even with -q: a script or a person must know an alert has not reached the backend)."""
+    outbox = sink.outbox
+    waiting = [k for k in keys if outbox.state(k) in ("pending", "parked")]
+    if waiting:
+        where = ("memory only (lost at exit: the outbox file was unusable)" if outbox.in_memory
+                 else f"the outbox {outbox.path}")
+        how = "" if outbox.in_memory else (f"; send them later: python -m astsep.delivery flush --outbox "
+                                           f"{outbox.path} --backend-url {url}")
+        print(f"astsep: {len(waiting)} event(s) not delivered yet wait in {where}{how}", file=sys.stderr)
+    return len(waiting)
 
 
 def _deliver(result, sink, keys: list[str], manifest: Path | None, t0: float) -> None:
