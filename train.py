@@ -1,17 +1,23 @@
-"""``python train.py fit|validate|test --config configs/refiner_tiny.yaml``: fine-tune the refiner.
+"""``python train.py fit|validate|test --config configs/refiner_dev.yaml``: train the refiner.
 
-A thin LightningCLI over :class:`astsep.lit.RefinerModule` and
-:class:`astsep.data.AudioCapsDataModule`; every hyper-parameter lives in the YAML config
-(``--print_config`` shows the full, resolved one). See ``docs/training.md``.
+A thin LightningCLI over :class:`astsep.lit.RefinerModule` and a data module named in the config's
+``data.class_path``: :class:`astsep.data.ClassSplitDataModule` (class-split mixtures with oracle
+guidance, ``configs/refiner_dev.yaml``) or :class:`astsep.data.AudioCapsDataModule` (clip lists,
+``configs/refiner_tiny.yaml``, ``configs/refiner_audiocaps.yaml``); every hyper-parameter lives in the
+YAML config (``--print_config`` shows the full, resolved one). Progress goes to stderr as log lines
+(one per validation with its metrics, the best checkpoint at the end), so a run logged to a file
+shows it. See ``docs/training.md``.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
+import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningCLI
 
-from astsep.data import AudioCapsDataModule
 from astsep.errors import AstsepError
 from astsep.lit import RefinerModule, check_logger_packages
 
@@ -35,8 +41,21 @@ class RefinerCLI(LightningCLI):
 
 def cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and with ``run``, execute) the CLI; ``args`` replaces ``sys.argv[1:]``."""
-    return RefinerCLI(RefinerModule, AudioCapsDataModule, args=args, run=run, seed_everything_default=1234,
-                      save_config_kwargs={"overwrite": True}, parser_kwargs={"description": DESCRIPTION})
+    return RefinerCLI(RefinerModule, pl.LightningDataModule, subclass_mode_data=True, args=args, run=run,
+                      seed_everything_default=1234, save_config_kwargs={"overwrite": True},
+                      parser_kwargs={"description": DESCRIPTION})
+
+
+def _progress_to_stderr() -> None:
+    """Send astsep's INFO lines (progress, validation metrics, the best checkpoint) to stderr."""
+    logger = logging.getLogger("astsep")
+    if not any(getattr(h, "_astsep_progress", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler._astsep_progress = True
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
 
 
 def main(args: list[str] | None = None) -> int:
@@ -45,6 +64,8 @@ def main(args: list[str] | None = None) -> int:
         print(f"error: {NO_PREDICT}", file=sys.stderr)
         return 2
     ok = False
+    _progress_to_stderr()
+    torch.set_flush_denormal(True)  # CPU: masks and spectra decay into denormals, which are ~100x slower
     try:
         cli(args)
         ok = True
