@@ -162,6 +162,23 @@ def _pass_sources(result) -> torch.Tensor:
     return result.traces[0][2]["sources"].float()
 
 
+def baseline_sources(result, x: torch.Tensor, stft_cfg: STFTConfig) -> torch.Tensor:
+    """``(K, N)`` the baseline's per-pass sources of a one-window run with traces, refined or not: each
+    kept pass's mask (on what the earlier passes left) times the mixture STFT, as the separator makes
+    them (equal to its own sources up to float rounding). A refined run thus also gives its baseline."""
+    traces = result.traces[0][2]["traces"]
+    X = stft(x.float().view(1, -1), stft_cfg)[0]
+    share = torch.ones_like(X.real)
+    out = torch.zeros(len(traces), x.numel())
+    for k, tr in enumerate(traces):
+        if not bool(tr["ran"]) or not bool(tr["kept"]):
+            continue
+        M = tr["mask"].float().cpu()
+        out[k] = apply_mask(X.unsqueeze(0), (M * share).unsqueeze(0), stft_cfg, x.numel())[0]
+        share = share * (1 - M)
+    return out
+
+
 def separate_item(audio: torch.Tensor, cfg, guide, refiner=None, query=None, name: str = "<item>"):
     """One row through ``infer.py``'s pipeline (:class:`astsep.pipeline.Pipeline`, with the refiner as
     ``infer.py --refiner`` runs it): a :class:`~astsep.pipeline.SeparationResult` with per-pass traces."""
@@ -204,16 +221,15 @@ def evaluate(items: list[EvalItem], config=None, guide=None, refiner=None, oracl
         def make_guide():
             return guide if oracle is None else _oracle_guide(item, oracle, idx, st, hidden)
 
-        def pick(result) -> torch.Tensor:
-            srcs = _pass_sources(result)
+        def pick(srcs: torch.Tensor) -> torch.Tensor:
             if oracle is not None:
                 return srcs[:1]
             kept = srcs.pow(2).sum(dim=-1) > 0
             return best_source(srcs.unsqueeze(0), kept.unsqueeze(0), x, s)[0]
 
         row = {"name": item.name, "caption": item.caption, "seconds": x.shape[-1] / SAMPLE_RATE}
-        if baseline:
-            ests["baseline"] = pick(separate_item(item.mixture, cfg, make_guide(), name=item.name))
+        if baseline and refiner is None:
+            ests["baseline"] = pick(_pass_sources(separate_item(item.mixture, cfg, make_guide(), name=item.name)))
         if refiner is not None:
             query = None
             if refiner.query_source == "table":
@@ -222,7 +238,9 @@ def evaluate(items: list[EvalItem], config=None, guide=None, refiner=None, oracl
                                       "'caption' column")
                 query = Query(table.lookup(item.caption), item.caption)
             res = separate_item(item.mixture, cfg, make_guide(), refiner, query, item.name)
-            ests["refined"] = _pass_sources(res)[:1] if query is not None else pick(res)
+            ests["refined"] = _pass_sources(res)[:1] if query is not None else pick(_pass_sources(res))
+            if baseline:  # the same run's baseline (one separation per row, not two)
+                ests["baseline"] = pick(baseline_sources(res, item.mixture, st))
             total = sum(v.double() for v in res.sources.values())
             err = (item.mixture.double() - total).pow(2).sum().clamp_min(1e-300)
             row["adds_up_db"] = float(10 * torch.log10(item.mixture.double().pow(2).sum().clamp_min(1e-300) / err))
@@ -370,12 +388,16 @@ def main(argv: list[str] | None = None) -> int:
         conditions = [(name, spec, parse_guide_spec(spec)) for name, spec in guide_conditions(args.guide)]
         if args.max_seconds > 10.24 or (args.heldout and args.seconds > 10.24):
             raise ConfigError("evaluate scores one 10.24 s window per row: --max-seconds / --seconds must be <= 10.24")
-        if args.no_baseline and not args.refiner:
-            raise ConfigError("--no-baseline leaves nothing to score but the mixture and the IRM: add --refiner CKPT")
         default_config = DEFAULT_SEPARATOR_CONFIG if DEFAULT_SEPARATOR_CONFIG.is_file() else None
         config_path = args.separator_config or default_config
         cfg = load_config(config_path)
         cfg.guide.device = args.device
+        if args.heldout:
+            items = heldout_items(args.shared_dir, args.num_mixtures, args.seconds)
+            what = f"held-out sounds of the class split, {args.seconds:g} s, SNR -5 to +5 dB"
+        else:
+            items = read_eval_csv(args.mixtures, args.max_seconds)
+            what = str(args.mixtures)
         refiner = Refiner.load(args.refiner, table=args.embedding_table) if args.refiner else None
         table = refiner.table if refiner is not None else None
         if table is None and args.embedding_table:
@@ -384,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             table = EmbeddingTable.load(args.embedding_table)
         guide = None
         model = args.model or ((refiner.guide_model if refiner is not None else None) or DEFAULT_MODEL)
-        if any(d is None for _, _, d in conditions):
+        if any(d is None for _, _, d in conditions) and (refiner is not None or not args.no_baseline):
             from .guide import build_guide
 
             guide = build_guide(model, cfg.guide, refiner.guide_seed if refiner is not None else 0, option="--model")
@@ -392,12 +414,6 @@ def main(argv: list[str] | None = None) -> int:
                 refiner.check_guide(guide)
         if refiner is not None:
             refiner.to(torch.device(args.device))
-        if args.heldout:
-            items = heldout_items(args.shared_dir, args.num_mixtures, args.seconds)
-            what = f"held-out sounds of the class split, {args.seconds:g} s, SNR -5 to +5 dB"
-        else:
-            items = read_eval_csv(args.mixtures, args.max_seconds)
-            what = str(args.mixtures)
         results: dict = {"n": len(items), "mixtures": what, "conditions": {},
                          "estimate": "Baseline and refined: the first pass's source under an oracle guide (it names "
                                      "the target first); under the AST the source closest to the target. IRM: the "

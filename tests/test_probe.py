@@ -113,7 +113,7 @@ def test_refiner_bottleneck_features_depend_on_the_audio(shared, tmp_path, capsy
 
     ckpt = tmp_path / "refiner.ckpt"
     _train_and_save(ckpt, "target_audio", 32)
-    from astsep.evaluate import load_refiner
+    from astsep.probe import load_refiner_module as load_refiner
 
     examples = probe.load_examples(probe.list_dataset(FSDD, FSDD_PATTERN))[:4]
     feats = probe.extract(examples, "refiner", refiner=load_refiner(ckpt))

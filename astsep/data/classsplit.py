@@ -254,19 +254,20 @@ class ClassSplitDataModule(pl.LightningDataModule):
             self.held_out_sounds = split_sounds(self.shared_dir, "held_out")
             log.info("class split: %d training sounds, %d held out", len(self.train_sounds), len(self.held_out_sounds))
 
-    def _dataset(self, sounds: list[Sound], length: int, seed: int) -> ClassSplitMixtures:
+    def _dataset(self, part: str, length: int, seed: int) -> ClassSplitMixtures:
         self.setup()
+        sounds = self.train_sounds if part == "train" else self.held_out_sounds
         return ClassSplitMixtures(sounds, length, seed, self.segment_seconds, self.snr_db, self.gain_db, self.sampler,
                                   self.silence_dbfs)
 
     def train_dataset(self) -> ClassSplitMixtures:
-        return self._dataset(self.train_sounds, self.train_examples, self.seed)
+        return self._dataset("train", self.train_examples, self.seed)
 
     def val_dataset(self) -> ClassSplitMixtures:
-        return self._dataset(self.train_sounds, self.val_mixtures, self.seed + 1)
+        return self._dataset("train", self.val_mixtures, self.seed + 1)
 
     def test_dataset(self) -> ClassSplitMixtures:
-        return self._dataset(self.held_out_sounds, self.test_mixtures, self.seed + 2)
+        return self._dataset("held_out", self.test_mixtures, self.seed + 2)
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

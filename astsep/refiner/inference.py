@@ -200,17 +200,18 @@ class Refiner:
         mixture (Σ ≤ 1 per time-frequency bin), so the residual never has to be negative energy.
         """
         K = baseline_masks.shape[1]
-        masks, spec = self.masks(x, baseline_masks, queries, None, stft_cfg, torch.arange(K))
-        masks = masks * kept[:, :, None, None].to(masks.device, masks.dtype)
-        n_ref = self.net.cfg.refine_passes
-        if n_ref and n_ref < K:
+        n_ref = self.net.cfg.refine_passes if 0 < self.net.cfg.refine_passes < K else K
+        masks, spec = self.masks(x, baseline_masks, queries[:, :n_ref], None, stft_cfg, torch.arange(n_ref))
+        masks = masks * kept[:, :n_ref, None, None].to(masks.device, masks.dtype)
+        if n_ref < K:
             # later passes (not trained on) keep their baseline masks relative to what the refined
             # passes leave: m_k · (1 − Σ refined) / (1 − Σ baseline), so the refined ones are not scaled
             base = baseline_masks.float().to(masks.device)
             left_base = (1 - base[:, :n_ref].sum(dim=1, keepdim=True)).clamp_min(1e-6)
-            left_ref = (1 - masks[:, :n_ref].sum(dim=1, keepdim=True)).clamp_min(0)
+            left_ref = (1 - masks.sum(dim=1, keepdim=True)).clamp_min(0)
             rest = (base[:, n_ref:] / left_base).clamp(0, 1) * left_ref
-            masks = torch.cat([masks[:, :n_ref], rest], dim=1)
+            rest = rest * kept[:, n_ref:, None, None].to(rest.device, rest.dtype)
+            masks = torch.cat([masks, rest], dim=1)
         total = masks.sum(dim=1, keepdim=True)
         masks = masks / total.clamp_min(1.0)
         return apply_mask(spec, masks, stft_cfg, x.shape[-1]).cpu()
