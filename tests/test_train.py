@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -84,8 +85,13 @@ def test_a_short_dev_run_writes_an_offline_wandb_run_with_val_metrics_and_logs_i
     assert code == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    data = b"".join(p.read_bytes() for p in runs[0].glob("run-*.wandb"))
-    for key in (b"val/refined/si_sdri", b"val/baseline/si_sdri", b"train/loss"):
+    keys = (b"val/refined/si_sdri", b"val/baseline/si_sdri", b"train/loss")
+    for _ in range(60):  # wandb's service may still be writing the run file when finish() returns
+        data = b"".join(p.read_bytes() for p in runs[0].glob("run-*.wandb"))
+        if all(k in data for k in keys):
+            break
+        time.sleep(1)
+    for key in keys:
         assert key in data, key
     assert list(runs[0].rglob("*.wav"))  # audio examples
     err = capfd.readouterr().err
