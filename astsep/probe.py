@@ -457,12 +457,12 @@ def main(argv: list[str] | None = None) -> int:
             module = load_refiner_module(args.refiner, args.device)
         progress = sys.stderr.isatty()
         say = _progress_lines(not progress)
-        say(f"{len(examples)} examples ({len(split.train)} train / {len(split.test)} test)")
         features = {}
-        for k in kinds:
+        for k in kinds:  # (lines only once a stage is done: a request refused midway stays one error line)
             t0 = time.perf_counter()
             features[k] = extract(examples, k, guide, module, progress=progress)
-            say(f"features {k}: {features[k].shape[1]} dims in {time.perf_counter() - t0:.1f} s")
+            say(f"features {k} of {len(examples)} examples ({len(split.train)} train / {len(split.test)} test): "
+                f"{features[k].shape[1]} dims in {time.perf_counter() - t0:.1f} s")
         dataset = str(args.data) + (f" (segments of {args.segment:g} s)" if args.segment else "")
         report = run_probes(examples, features, split, cfg, tuple(args.probes), args.shuffled_control, dataset,
                             on_result=lambda r: say(f"probe {r['probe']} on {r['features']} ({r['labels']} labels): "
