@@ -43,7 +43,6 @@ and kept out of checkpoints (which hold only the refiner).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import logging
 import os

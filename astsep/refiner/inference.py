@@ -6,8 +6,10 @@ Two uses, both behind ``infer.py --refiner CKPT``:
   queried with that source's AST label ("The sound of <label>", needs a text encoder: a CLAP
   checkpoint or an embedding table) or with the AST embedding of the pass (refiners trained with
   audio queries); a pass-aware refiner (``own_mask``) is also told which pass it refines, and one
-  with ``refine_passes`` re-estimates only the first passes (the others keep their baseline masks); the refined masks of a window are scaled so they never claim more than the whole
-  mixture, and the residual takes the difference, so the files still add up to the input;
+  with ``refine_passes`` re-estimates only the first passes (the others keep their baseline masks,
+  rescaled to what the refined ones leave); the refined masks of a window are scaled so they never
+  claim more than the whole mixture, and the residual takes the difference, so the files still add
+  up to the input;
 - **extract one queried source** (``--query TEXT`` / ``--query-audio FILE``, optional
   ``--negative``): the refiner's mask for the query, plus the rest.
 
