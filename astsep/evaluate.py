@@ -1,32 +1,37 @@
-"""``python -m astsep.evaluate``: SDR / SDRi / SI-SDR / SI-SDRi on a list of mixtures with references.
+"""``python -m astsep.evaluate``: SDR / SDRi / SI-SDR / SI-SDRi of the baseline and the refiner, beside the IRM.
 
-The list is a CSV in one of two layouts (relative paths are relative to the CSV's folder):
+The mixtures come from a CSV in one of two layouts (relative paths are relative to the CSV's folder):
 
 - ``mixture, target[, caption]``: a recorded or premixed mixture and its target reference;
 - ``target, interferer[, snr_db][, caption]``: the mixture is made here, the interferer rescaled
-  to ``snr_db`` (default 0 dB) below the target's energy.
+  to ``snr_db`` (default 0 dB) below the target's energy;
 
-For every row it scores four estimates of the target:
+or, with ``--heldout``, are made from the held-out sounds of the refiner's class split
+(:mod:`astsep.data.classsplit`): sounds no training step, validation or model selection saw.
+
+Every row goes through ``infer.py``'s pipeline (:class:`astsep.pipeline.Pipeline`), and a refiner is
+loaded with :meth:`astsep.refiner.Refiner.load` and run as ``infer.py --refiner`` runs it (each pass
+queried with its own embedding or label; the written files still add up to the input). Scored:
 
 - ``mixture``: the unprocessed mixture (SDRi = 0 by definition);
-- ``baseline``: the deterministic separator's source with the best SI-SDR against the target
-  (oracle selection among its up to K sources: :func:`astsep.metrics.best_source`). It is always made with the
-  evaluation's own settings (``--separator-config``, default ``configs/separator.yaml``, the ones
-  ``infer.py`` uses) and ``--guide-model``, with or without ``--refiner``, and the report says which;
-  a refiner is still fed the baseline it was trained on (its checkpoint's settings), and the report
-  lists where those differ;
-- ``refined``: the trained refiner (``--refiner best.ckpt``), queried with the caption's embedding
-  (``--embedding-table``) or with the target's AST embedding, as it was trained;
+- ``baseline``: the deterministic separator, with the evaluation's settings (``--separator-config``,
+  default ``configs/separator.yaml``, as ``infer.py``) and ``--model`` (or an oracle guide);
+- ``refined``: the same with the trained refiner (``--refiner CKPT``); a refiner trained on caption
+  queries extracts the row's ``caption`` instead (``--embedding-table``, as ``infer.py --query``);
 - ``oracle_irm``: the ideal ratio mask ``sqrt(|S|² / (|S|² + |N|²))`` on the mixture STFT, an
   upper bound for any mask on this STFT.
 
-``--guide oracle[:blur=1,noise_db=10,…]`` runs the baseline with an oracle guide
-(:mod:`astsep.oracle`) built from each row's target and interferer instead of the AST: what the
-separator makes of a perfect, or deliberately spoiled, guide. Optional ``target_label`` and
-``interferer_label`` columns name the two sounds.
+Under an oracle guide ``baseline`` and ``refined`` are the first pass's source (the oracle names the
+target first); under the AST, the source closest to the target (oracle selection,
+:func:`astsep.metrics.best_source`). With both, the report gives the share of rows the refiner
+improved and how closely the written files add up to the input.
 
-and writes ``report.md`` and ``report.json`` (mean and median per metric, plus every row) to
-``--out``.
+``--guide SPEC [SPEC ...]`` picks the baseline's guide(s), each scored in turn: ``ast`` (default),
+``oracle[:blur=1,noise_db=10,…]`` (:mod:`astsep.oracle`, built from each row's target and
+interferer: what the separator makes of a perfect, or deliberately spoiled, guide; optional
+``target_label`` / ``interferer_label`` columns name the sounds) or ``sweep`` (exact oracle, blur 1,
+noise 10 dB, blur 1 + noise 10 dB, blur 2, random grid: :data:`SWEEP`). It writes ``report.md``
+(a side-by-side table, then one table per guide) and ``report.json`` (every row) to ``--out``.
 
 ``--musdb DIR`` instead scores music stems on a MUSDB18(-HQ) folder: astsep's sources are mapped
 to vocals / drums / bass / other by their AudioSet classes (``--stem-map``, default
@@ -37,6 +42,7 @@ to vocals / drums / bass / other by their AudioSet classes (``--stem-map``, defa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -126,7 +132,8 @@ def oracle_irm(mixture: torch.Tensor, target: torch.Tensor, stft_cfg: STFTConfig
 
 
 def summarise(rows: list[dict]) -> dict:
-    """``{method: {metric: {"mean", "median"}}}`` over rows of ``{method: {metric: float}}``."""
+    """``{method: {metric: {"mean", "median"}}}`` over rows of ``{method: {metric: float}}``; with both
+    ``baseline`` and ``refined`` also ``"improved"``: the share of rows where refined has the higher SI-SDRi."""
     out: dict = {}
     for method in METHODS:
         vals = [r[method] for r in rows if method in r]
@@ -134,54 +141,113 @@ def summarise(rows: list[dict]) -> dict:
             continue
         out[method] = {m: {"mean": statistics.fmean(v[m] for v in vals), "median": statistics.median(v[m] for v in vals)}
                        for m in METRICS}
+    both = [r for r in rows if "baseline" in r and "refined" in r]
+    if both:
+        out["improved"] = sum(r["refined"]["si_sdri"] > r["baseline"]["si_sdri"] for r in both) / len(both)
+    adds = [r["adds_up_db"] for r in rows if "adds_up_db" in r]
+    if adds:
+        out["adds_up_db_min"] = min(adds)
     return out
 
 
-def evaluate(items: list[EvalItem], module=None, separator=None, table=None, stft_cfg: STFTConfig | None = None,
-             progress: bool = True, oracle=None, config=None) -> dict:
-    """Score every item; returns ``{"n", "summary", "rows"}``.
+def _oracle_guide(item: EvalItem, degradation, index: int, stft_cfg: STFTConfig, hidden_size: int):
+    """A fresh oracle guide for ``item`` (its noise seeded by the condition's seed and the row)."""
+    from .oracle import OracleGuide
 
-    ``module``: a trained ``RefinerModule`` (gives ``refined``; and ``baseline`` from its own guide
-    when no ``separator`` is given); ``separator``: a ``Separator`` that makes ``baseline`` (with or
-    without a module); ``table``: an
-    ``EmbeddingTable`` for caption queries when the module was trained on a table; ``oracle``: a
-    :class:`~astsep.oracle.Degradation` for a baseline guided by an oracle built from each item
-    (separator settings from ``config``, an :class:`AstsepConfig`).
+    x, s = item.mixture.unsqueeze(0), item.target.unsqueeze(0)
+    labels = list(dict.fromkeys([item.target_label, item.interferer_label]))
+    deg = dataclasses.replace(degradation, seed=int(degradation.seed) * 100_003 + index)
+    return OracleGuide(x, torch.stack([s, x - s], dim=1), [[0, labels.index(item.interferer_label)]], labels, deg,
+                       stft_cfg, hidden_size=hidden_size)
+
+
+def _pass_sources(result) -> torch.Tensor:
+    """``(K, N)`` per-pass sources of a one-window :class:`~astsep.pipeline.SeparationResult` run with traces."""
+    return result.traces[0][2]["sources"].float()
+
+
+def baseline_sources(result, x: torch.Tensor, stft_cfg: STFTConfig) -> torch.Tensor:
+    """``(K, N)`` the baseline's per-pass sources of a one-window run with traces, refined or not: each
+    kept pass's mask (on what the earlier passes left) times the mixture STFT, as the separator makes
+    them (equal to its own sources up to float rounding). A refined run thus also gives its baseline."""
+    traces = result.traces[0][2]["traces"]
+    X = stft(x.float().view(1, -1), stft_cfg)[0]
+    share = torch.ones_like(X.real)
+    out = torch.zeros(len(traces), x.numel())
+    for k, tr in enumerate(traces):
+        if not bool(tr["ran"]) or not bool(tr["kept"]):
+            continue
+        M = tr["mask"].float().cpu()
+        out[k] = apply_mask(X.unsqueeze(0), (M * share).unsqueeze(0), stft_cfg, x.numel())[0]
+        share = share * (1 - M)
+    return out
+
+
+def separate_item(audio: torch.Tensor, cfg, guide, refiner=None, query=None, name: str = "<item>"):
+    """One row through ``infer.py``'s pipeline (:class:`astsep.pipeline.Pipeline`, with the refiner as
+    ``infer.py --refiner`` runs it): a :class:`~astsep.pipeline.SeparationResult` with per-pass traces."""
+    from .pipeline import Pipeline
+
+    return Pipeline(cfg, guide, refiner=refiner).run(audio, name, keep_traces=True, query=query)
+
+
+def evaluate(items: list[EvalItem], config=None, guide=None, refiner=None, oracle=None, table=None,
+             baseline: bool = True, progress: bool = False) -> dict:
+    """Score every item through ``infer.py``'s pipeline; returns ``{"n", "summary", "rows"}``.
+
+    ``config``: the :class:`~astsep.config.AstsepConfig` of the separator (default: defaults);
+    ``guide``: the AST guide of the baseline, or ``oracle``: a :class:`~astsep.oracle.Degradation`
+    for an oracle guide built per row from its target and interferer (a fresh one per run, its noise
+    seeded by the row); ``refiner``: an :class:`astsep.refiner.Refiner` (``Refiner.load``, the loader
+    and refine path ``infer.py --refiner`` runs) that adds ``refined``; ``table``: an
+    ``EmbeddingTable`` for refiners queried with captions (then ``refined`` is the extracted
+    caption's source, as ``infer.py --query``). Rows must fit one window (≤ ``window_sec``).
+
+    Scored estimates: ``baseline`` and ``refined`` are the first pass's source with an oracle guide
+    (it names the target first), else the source closest to the target (oracle selection,
+    :func:`astsep.metrics.best_source`); ``oracle_irm`` the ideal ratio mask. ``adds_up_db``: with a
+    refiner, the input's energy over that of (input − Σ written sources) in dB.
     """
     from tqdm.auto import tqdm
 
-    stft_cfg = stft_cfg or STFTConfig()
+    from .refiner import Query
+
+    cfg = config or load_config(None)
+    st = cfg.stft
+    if oracle is None and guide is None and (baseline or refiner is not None):
+        raise ConfigError("evaluate needs a guide (an AST) or an oracle degradation")
+    hidden = refiner.query_dim if refiner is not None else 768
     rows = []
-    for item in tqdm(items, desc="evaluating", unit="mix", disable=not progress):
+    for idx, item in enumerate(tqdm(items, desc="evaluating", unit="mix", disable=not progress)):
         x, s = item.mixture.unsqueeze(0), item.target.unsqueeze(0)
-        ests = {"mixture": x, "oracle_irm": oracle_irm(x, s, stft_cfg)}
-        if module is not None:
-            dev = module.device
-            xd, sd = x.to(dev), s.to(dev)
-            if module.hparams.query_source == "target_audio":
-                query = module.query_from_audio(sd)
-            else:
+        ests = {"mixture": x, "oracle_irm": oracle_irm(x, s, st)}
+
+        def make_guide():
+            return guide if oracle is None else _oracle_guide(item, oracle, idx, st, hidden)
+
+        def pick(srcs: torch.Tensor) -> torch.Tensor:
+            if oracle is not None:
+                return srcs[:1]
+            kept = srcs.pow(2).sum(dim=-1) > 0
+            return best_source(srcs.unsqueeze(0), kept.unsqueeze(0), x, s)[0]
+
+        row = {"name": item.name, "caption": item.caption, "seconds": x.shape[-1] / SAMPLE_RATE}
+        if baseline and refiner is None:
+            ests["baseline"] = pick(_pass_sources(separate_item(item.mixture, cfg, make_guide(), name=item.name)))
+        if refiner is not None:
+            query = None
+            if refiner.query_source == "table":
                 if table is None or not item.caption:
                     raise ConfigError("this refiner was trained with caption queries: pass --embedding-table and a "
                                       "'caption' column")
-                query = table.lookup(item.caption).unsqueeze(0).to(dev)
-            out = module.separate(xd, query)
-            ests["refined"] = out["estimate"].float().cpu()
-            if separator is None:
-                ests["baseline"] = best_source(out["sources"].cpu(), out["kept"].cpu(), x, s)[0]
-        if separator is not None:
-            res = separator.separate_batch(x)
-            ests["baseline"] = best_source(res.sources.cpu(), res.kept.cpu(), x, s)[0]
-        elif oracle is not None and module is None:
-            from .oracle import OracleGuide
-            from .separator import Separator
-
-            labels = list(dict.fromkeys([item.target_label, item.interferer_label]))
-            guide = OracleGuide(x, torch.stack([s, x - s], dim=1), [[0, labels.index(item.interferer_label)]],
-                                labels, oracle, stft_cfg)
-            res = Separator(config or load_config(None), guide).separate_batch(x)
-            ests["baseline"] = best_source(res.sources.cpu(), res.kept.cpu(), x, s)[0]
-        row = {"name": item.name, "caption": item.caption, "seconds": x.shape[-1] / SAMPLE_RATE}
+                query = Query(table.lookup(item.caption), item.caption)
+            res = separate_item(item.mixture, cfg, make_guide(), refiner, query, item.name)
+            ests["refined"] = _pass_sources(res)[:1] if query is not None else pick(_pass_sources(res))
+            if baseline:  # the same run's baseline (one separation per row, not two)
+                ests["baseline"] = pick(baseline_sources(res, item.mixture, st))
+            total = sum(v.double() for v in res.sources.values())
+            err = (item.mixture.double() - total).pow(2).sum().clamp_min(1e-300)
+            row["adds_up_db"] = float(10 * torch.log10(item.mixture.double().pow(2).sum().clamp_min(1e-300) / err))
         for method, est in ests.items():
             m = separation_metrics(est, x, s)
             row[method] = {k: float(v) for k, v in m.items()}
@@ -189,23 +255,67 @@ def evaluate(items: list[EvalItem], module=None, separator=None, table=None, stf
     return {"n": len(rows), "summary": summarise(rows), "rows": rows}
 
 
+# the degradations `--guide sweep` scores, in the order of the report
+SWEEP = (("exact oracle", "oracle"), ("blur 1", "oracle:blur=1"), ("noise 10 dB", "oracle:noise_db=10"),
+         ("blur 1 + noise 10 dB", "oracle:blur=1,noise_db=10"), ("blur 2", "oracle:blur=2"),
+         ("random grid", "oracle:random"))
+
+
+def heldout_items(shared_dir: str | Path, n: int = 48, seconds: float = 5.0, seed: int = 2026) -> list[EvalItem]:
+    """``n`` mixtures of the held-out sounds of the class split (:mod:`astsep.data.classsplit`), never
+    seen in training, validation or model selection: either order, SNR −5 to +5 dB, seeded."""
+    from .data.classsplit import ClassSplitMixtures, split_sounds
+
+    ds = ClassSplitMixtures(split_sounds(shared_dir, "held_out"), n, seed, seconds, gain_db=(0.0, 0.0))
+    items = []
+    for i in range(n):
+        e = ds[i]
+        items.append(EvalItem(e["name"], e["mixture"], e["target"], e["caption"], e["target_label"],
+                              e["interferer_label"]))
+    return items
+
+
+def _table(summary: dict) -> list[str]:
+    lines = ["| method | SDR | SDRi | SI-SDR | SI-SDRi |", "| --- | ---: | ---: | ---: | ---: |"]
+    for method in METHODS:
+        vals = summary.get(method)
+        if vals:
+            cells = [f"{vals[m]['mean']:.2f} ({vals[m]['median']:.2f})" for m in METRICS]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: dict, title: str = "Separation quality") -> str:
-    lines = [f"# {title}", "", f"{results['n']} mixtures. Values in dB; mean (median).", "",
-             "| method | SDR | SDRi | SI-SDR | SI-SDRi |", "| --- | ---: | ---: | ---: | ---: |"]
-    for method, vals in results["summary"].items():
-        cells = [f"{vals[m]['mean']:.2f} ({vals[m]['median']:.2f})" for m in METRICS]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    """The report: one table per guide condition, and with several a side-by-side SI-SDRi table."""
+    conds = results["conditions"]
+    lines = [f"# {title}", "", f"{results['n']} mixtures ({results['mixtures']}). Values in dB; mean (median). "
+             f"{results['estimate']}", ""]
+    if len(conds) > 1 or any("refined" in c["summary"] for c in conds.values()):
+        lines += ["| guide | baseline SI-SDRi | refined SI-SDRi | IRM SI-SDRi | refined better | written files add up |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, c in conds.items():
+            sm = c["summary"]
+
+            def cell(method: str) -> str:
+                v = sm.get(method, {}).get("si_sdri")
+                return f"{v['mean']:.2f} ({v['median']:.2f})" if v else "–"
+            better = f"{100 * sm['improved']:.0f} %" if "improved" in sm else "–"
+            adds = f"≥ {sm['adds_up_db_min']:.0f} dB" if "adds_up_db_min" in sm else "–"
+            lines.append(f"| {name} (`{c['spec']}`) | {cell('baseline')} | {cell('refined')} | {cell('oracle_irm')} | "
+                         f"{better} | {adds} |")
+        lines.append("")
+    for name, c in conds.items():
+        lines += [f"## {name} (`{c['spec']}`)", ""] + _table(c["summary"]) + [""]
     base = results.get("baseline")
     if base:
-        g = base["settings"]["guide"]
-        lines += ["", f"Baseline: guide `{base['guide_model']}`, " + ", ".join(f"{k} {v}" for k, v in g.items())
-                  + f"; separator and STFT settings from {base['config']} (every value in report.json)."]
+        lines.append(f"Baseline: guide `{base['guide']}`; separator and STFT settings from {base['config']} "
+                     "(every value in report.json).")
     ref = results.get("refiner")
     if ref:
         diff = ref["baseline_differences"]
-        lines.append(f"Refiner `{ref['checkpoint']}` is fed the baseline it was trained on" + (
-            " (its checkpoint records no settings)." if diff is None else
-            f", which differs in: {'; '.join(diff)}." if diff else ", the same settings."))
+        lines.append(f"Refiner `{ref['checkpoint']}` (loaded and run as `infer.py --refiner` does), trained on a baseline" + (
+            " it does not record." if diff is None else
+            f" that differs in: {'; '.join(diff)}." if diff else " with the same settings."))
     return "\n".join(lines) + "\n"
 
 
@@ -218,21 +328,15 @@ def write_report(results: dict, out_dir: str | Path, title: str = "Separation qu
     return md, js
 
 
-def load_refiner(path: str | Path, device: str = "cpu"):
-    """A trained ``RefinerModule`` from a Lightning checkpoint (refiner weights only, guide rebuilt)."""
-    from .errors import ModelError
-    from .lit import RefinerModule
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ModelError(f"refiner checkpoint not found: {p}")
-    try:
-        module = RefinerModule.load_from_checkpoint(str(p), map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a crafted, torn or foreign file: one line, never a traceback
-        from .guide import describe_load_error
-
-        raise ModelError(f"cannot read refiner checkpoint {p}: {describe_load_error(exc)}") from None
-    return module.to(device).eval()
+def guide_conditions(specs: list[str]) -> list[tuple[str, str]]:
+    """``(name, spec)`` pairs of ``--guide`` values; ``sweep`` stands for :data:`SWEEP`."""
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        if spec == "sweep":
+            out += list(SWEEP)
+        else:
+            out.append((next((n for n, s in SWEEP if s == spec), spec), spec))
+    return list(dict.fromkeys(out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,22 +344,31 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--mixtures", metavar="CSV",
                       help="'mixture,target[,caption]' or 'target,interferer[,snr_db][,caption]' CSV")
+    what.add_argument("--heldout", action="store_true",
+                      help="mixtures of the class split's held-out sounds (astsep/data/classsplit.py), made from "
+                           "--shared-dir; never seen in refiner training")
     what.add_argument("--musdb", metavar="DIR", help="MUSDB18(-HQ) folder: score vocals/drums/bass/other stems")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the reports")
+    p.add_argument("--shared-dir", default="../shared/data", metavar="DIR", help="--heldout: the shared recordings")
+    p.add_argument("-n", "--num-mixtures", type=int, default=48, help="--heldout: how many mixtures (default 48)")
+    p.add_argument("--seconds", type=float, default=5.0, help="--heldout: mixture length (default 5 s)")
     p.add_argument("--subset", choices=["test", "train", "both"], default="test", help="--musdb: which tracks")
     p.add_argument("--tracks", nargs="+", default=None, metavar="NAME", help="--musdb: only these track folders")
     p.add_argument("--stem-map", default=None, metavar="YAML",
                    help="--musdb: AudioSet classes per stem (default configs/musdb.yaml)")
     p.add_argument("--refiner", default=None, metavar="CKPT", help="trained refiner checkpoint (adds 'refined')")
     p.add_argument("--embedding-table", default=None, metavar="PT", help="caption embeddings for table-trained refiners")
-    p.add_argument("--guide-model", default=None,
+    p.add_argument("--model", default=None,
                    help="AST for the baseline: Hub id, local folder, or 'tiny' (default: the refiner's guide with "
                         f"--refiner, else {DEFAULT_MODEL})")
+    p.add_argument("--guide-model", dest="model", default=None, help=argparse.SUPPRESS)  # the former name
     p.add_argument("--separator-config", default=None, metavar="YAML",
                    help="separator and guide settings of the baseline (default configs/separator.yaml, as infer.py)")
-    p.add_argument("--guide", default="ast", metavar="SPEC",
-                   help="guide of the baseline: 'ast' (the AST, default) or 'oracle[:blur=1,noise_db=10,gamma=2,"
-                        "gain=2,floor=0.2,random,seed=0]' (built from each row's known target)")
+    p.add_argument("--guide", nargs="+", default=["ast"], metavar="SPEC",
+                   help="guide(s) of the baseline, each scored in turn: 'ast' (the AST, default), "
+                        "'oracle[:blur=1,noise_db=10,gamma=2,gain=2,floor=0.2,random,seed=0]' (built from each row's "
+                        "known target), or 'sweep': exact oracle, blur 1, noise 10 dB, blur 1 + noise 10 dB, blur 2, "
+                        "random grid")
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline (no AST needed)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="evaluate at most this much of each row (default 10.24) or track (default: all of it)")
@@ -266,56 +379,69 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.musdb:
         return main_musdb(args)
     if args.max_seconds is None:
         args.max_seconds = 10.24
     try:
         from .oracle import parse_guide_spec
+        from .refiner import Refiner
 
-        oracle = parse_guide_spec(args.guide)
-        if oracle is not None and args.refiner:
-            raise ConfigError("--guide oracle scores the baseline separator; it cannot be combined with --refiner")
-        if oracle is not None and args.max_seconds is not None and args.max_seconds > 10.24:
-            raise ConfigError("--guide oracle scores one 10.24 s window per row: --max-seconds must be <= 10.24")
-        module = separator = table = None
+        conditions = [(name, spec, parse_guide_spec(spec)) for name, spec in guide_conditions(args.guide)]
+        if args.max_seconds > 10.24 or (args.heldout and args.seconds > 10.24):
+            raise ConfigError("evaluate scores one 10.24 s window per row: --max-seconds / --seconds must be <= 10.24")
         default_config = DEFAULT_SEPARATOR_CONFIG if DEFAULT_SEPARATOR_CONFIG.is_file() else None
         config_path = args.separator_config or default_config
         cfg = load_config(config_path)
         cfg.guide.device = args.device
-        if args.refiner:
-            module = load_refiner(args.refiner, args.device)
-        guide_model = args.guide_model or (module.hparams.guide_model if module is not None else DEFAULT_MODEL)
-        info: dict = {"guide": args.guide}
-        if not args.no_baseline and oracle is None:
-            # one baseline: the evaluation's settings, whether or not a refiner is scored
-            info["baseline"] = {"guide_model": guide_model, "config": str(config_path or "defaults"),
-                                "settings": baseline_settings(cfg)}
-            same_as_refiner = (module is not None and guide_model == module.hparams.guide_model
-                               and module.hparams.baseline == baseline_settings(cfg))
-            if not same_as_refiner:  # else the refiner's own baseline run is this very baseline
-                from .guide import build_guide
-                from .separator import Separator
-
-                separator = Separator(cfg, build_guide(guide_model, cfg.guide, option="--guide-model"))
-        if module is not None:
-            info["refiner"] = {"checkpoint": str(args.refiner), "guide_model": module.hparams.guide_model,
-                               "baseline": module.hparams.baseline,
-                               "baseline_differences": (settings_differences(module.hparams.baseline, cfg)
-                                                        if module.hparams.baseline else None)}
-        items = read_eval_csv(args.mixtures, args.max_seconds)
-        if args.embedding_table:
+        if args.heldout:
+            items = heldout_items(args.shared_dir, args.num_mixtures, args.seconds)
+            what = f"held-out sounds of the class split, {args.seconds:g} s, SNR -5 to +5 dB"
+        else:
+            items = read_eval_csv(args.mixtures, args.max_seconds)
+            what = str(args.mixtures)
+        refiner = Refiner.load(args.refiner, table=args.embedding_table) if args.refiner else None
+        table = refiner.table if refiner is not None else None
+        if table is None and args.embedding_table:
             from .query import EmbeddingTable
 
             table = EmbeddingTable.load(args.embedding_table)
-        results = evaluate(items, module, separator, table, oracle=None if args.no_baseline else oracle, config=cfg)
-        if args.no_baseline:
-            results["summary"].pop("baseline", None)
-            for row in results["rows"]:
-                row.pop("baseline", None)
-        results.update(info)
-        title = "Separation quality" + (f" (guide: {args.guide})" if oracle is not None else "")
+        guide = None
+        model = args.model or ((refiner.guide_model if refiner is not None else None) or DEFAULT_MODEL)
+        if any(d is None for _, _, d in conditions) and (refiner is not None or not args.no_baseline):
+            from .guide import build_guide
+
+            guide = build_guide(model, cfg.guide, refiner.guide_seed if refiner is not None else 0, option="--model")
+            if refiner is not None:
+                refiner.check_guide(guide)
+        if refiner is not None:
+            refiner.to(torch.device(args.device))
+        results: dict = {"n": len(items), "mixtures": what, "conditions": {},
+                         "estimate": "Baseline and refined: the first pass's source under an oracle guide (it names "
+                                     "the target first); under the AST the source closest to the target. IRM: the "
+                                     "ideal ratio mask on the same STFT."}
+        if not args.no_baseline:
+            results["baseline"] = {"guide": model if guide is not None else "oracle", "config": str(config_path or "defaults"),
+                                   "settings": baseline_settings(cfg)}
+        if refiner is not None:
+            results["refiner"] = {"checkpoint": str(args.refiner), "guide_model": refiner.guide_model,
+                                  "baseline": refiner.baseline,
+                                  "baseline_differences": (settings_differences(refiner.baseline, cfg)
+                                                           if refiner.baseline else None)}
+        for name, spec, deg in conditions:
+            log.info("scoring %d mixtures with guide %s", len(items), spec)
+            res = evaluate(items, cfg, guide if deg is None else None, refiner, deg, table,
+                           baseline=not args.no_baseline, progress=sys.stderr.isatty())
+            results["conditions"][name] = {"spec": spec, **res}
+            if not sys.stderr.isatty():
+                sm = res["summary"]
+                print(f"astsep.evaluate: {name}: " + ", ".join(
+                    f"{m} SI-SDRi {sm[m]['si_sdri']['mean']:.2f}" for m in ("baseline", "refined", "oracle_irm") if m in sm),
+                    file=sys.stderr, flush=True)
+        title = "Separation quality" + (f" (guide: {conditions[0][1]})" if len(conditions) == 1 and conditions[0][2] is not None
+                                        else "")
         md, _ = write_report(results, args.out, title)
     except AstsepError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -327,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 def main_musdb(args: argparse.Namespace) -> int:
     """``--musdb DIR``: separate every track, map sources to stems, score them with museval."""
     try:
-        if args.refiner or args.no_baseline or args.guide != "ast" or args.embedding_table:
+        if args.refiner or args.no_baseline or args.guide != ["ast"] or args.embedding_table or args.heldout:
             raise ConfigError("--musdb scores the AST-guided separator's stems; --refiner, --embedding-table, "
                               "--guide and --no-baseline do not apply")
         if args.max_seconds is not None and args.max_seconds <= 0:
@@ -345,9 +471,9 @@ def main_musdb(args: argparse.Namespace) -> int:
         from .guide import build_guide
         from .pipeline import Pipeline, quiet_model_loading
 
-        guide_model = args.guide_model or DEFAULT_MODEL
+        guide_model = args.model or DEFAULT_MODEL
         with quiet_model_loading():
-            pipe = Pipeline(cfg, build_guide(guide_model, cfg.guide, option="--guide-model"))
+            pipe = Pipeline(cfg, build_guide(guide_model, cfg.guide, option="--model"))
         subsets = ("train", "test") if args.subset == "both" else (args.subset,)
         results = evaluate_musdb(args.musdb, pipe, stem_map, subsets, args.tracks, args.max_seconds, args.out,
                                  progress=sys.stderr.isatty())

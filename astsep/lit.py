@@ -7,9 +7,21 @@ the loss and the baseline's oracle selection (``metrics.py``), the LR schedule
 :meth:`~RefinerModule.common_step` shared by training, validation and test, an injectable
 ``loss``, the schedule's settings in the config:
 
-``mixture (B,N)`` → separator (no gradients, float32, batched) → ``K`` baseline masks ``(B,K,F,T)``
-→ :class:`MaskRefiner` with the query → mask ``(B,F,T)`` → mask · mixture STFT (mixture phase) →
-iSTFT → ``loss(estimate, target)`` (default ``-λ·SDR - (1-λ)·SI-SDR``).
+``mixture (B,N)`` → separator (no gradients, float32; results cached per example,
+:mod:`astsep.refiner.cache`) → ``K`` baseline masks ``(B,K,F,T)`` → :func:`astsep.refiner.network.refine`
+(the same STFT → :class:`MaskRefiner` → mask · mixture STFT → iSTFT path ``infer.py --refiner`` runs)
+with the query → estimate → ``loss(estimate, target)`` (default ``-λ·SDR - (1-λ)·SI-SDR``).
+
+**Which pass is refined.** Every row refines one pass of its baseline: the kept pass whose source is
+closest (SI-SDR) to the target (pass 1 where none was kept). That choice uses the target only to
+pick which output to train, as permutation-invariant training does; the refiner's *inputs* are
+that pass's own mask (``refiner.own_mask``), its pass number and its query, all of which
+inference has for every pass.
+
+**Oracle batches.** A batch that carries ``degradation`` specs (``astsep.data.ClassSplitDataModule``)
+runs the baseline with an oracle guide per row, built from that row's target and interferer and
+spoiled by that row's degradation (:mod:`astsep.oracle`): the setting where the guide's quality is
+known and the refiner learns to repair it.
 
 **Baseline in the validation metrics.** The separator returns up to K sources without knowing the
 query. The reported baseline is, per mixture, the separated source with the highest SI-SDR
@@ -18,9 +30,11 @@ upper bound of what any query-matching rule could pick from the baseline's sourc
 refiner's margin over it is, if anything, understated.
 
 **Query sources.** ``query_source="table"`` uses the batch's ``query`` (caption embeddings from an
-``EmbeddingTable``, e.g. CLAP text); ``"target_audio"`` uses the guide's pooled AST embedding of
-the clean target segment (an audio query, as CLAPSep's audio-query mode), which needs no table
-and is what the tiny CPU config uses.
+``EmbeddingTable``, e.g. CLAP text); ``"pass"`` uses the guide's embedding of the refined pass as
+the separator returned it (``BatchSeparation.embeddings``), exactly the query ``infer.py --refiner``
+gives each pass; it needs no table (the oracle guide's embeddings are zeros: under it the refiner
+is told only which pass it refines and sees its mask). The clean target never enters the query;
+the former ``"target_audio"`` (the target's own AST embedding) is refused for that reason.
 
 The guide and separator are not submodules: they are frozen, rebuilt from the config on load,
 and kept out of checkpoints (which hold only the refiner).
@@ -29,7 +43,6 @@ and kept out of checkpoints (which hold only the refiner).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import logging
 import os
@@ -48,12 +61,14 @@ from .errors import ConfigError, MissingExtraError
 from .features import apply_mask, stft
 from .guide import build_guide
 from .metrics import METRICS, SdrSiSdrLoss, best_source, separation_metrics
-from .refiner.network import MaskRefiner, RefinerConfig
+from .refiner.cache import BaselineCache, baseline_key
+from .refiner.network import MaskRefiner, RefinerConfig, refine
 from .refiner.schedule import SCHEDULES, lr_factor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RefinerModule", "StepOutput", "AutoWandbLogger", "check_logger_packages", "ValidateOnLastStep"]
+__all__ = ["RefinerModule", "StepOutput", "AutoWandbLogger", "check_logger_packages", "ValidateOnLastStep",
+           "ProgressLog"]
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -113,6 +128,7 @@ class StepOutput:
     baseline_masks: torch.Tensor  # (B, K, F, T) the separator's masks, the refiner's input
     sources: torch.Tensor  # (B, K, N) the separator's sources
     kept: torch.Tensor  # (B, K) bool: which passes kept a source
+    pass_index: torch.Tensor  # (B,) the pass each row refined (0-based)
 
 
 def _require_wandb() -> None:
@@ -160,6 +176,59 @@ class ValidateOnLastStep(Callback):
             trainer.should_stop = True
 
 
+class ProgressLog(Callback):
+    """Progress as log lines, for runs whose output goes to a file (no progress bar there).
+
+    One line per validation with its metrics (``val/refined/si_sdri``, ``val/baseline/si_sdri``, the
+    loss), the step, steps/s and the baseline's share of the wall time; one line every
+    ``every_n_steps`` training steps; and at the end of ``fit`` the best checkpoint with its
+    monitored score. Lines go to the ``astsep.lit`` logger (``train.py`` sends them to stderr).
+    """
+
+    KEYS = ("val/refined/si_sdri", "val/baseline/si_sdri", "val/loss")
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every = max(1, int(every_n_steps))
+        self.t0: float | None = None
+        self.b0 = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.t0, self.b0 = time.perf_counter(), getattr(pl_module, "baseline_seconds", 0.0)
+
+    def _rate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        if self.t0 is None:
+            return ""
+        wall = max(1e-9, time.perf_counter() - self.t0)
+        base = getattr(pl_module, "baseline_seconds", 0.0) - self.b0
+        return (f", {trainer.global_step / wall:.2f} steps/s, {wall / 60:.1f} min, baseline {100 * base / wall:.0f} % "
+                f"of the time")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 and step:
+            loss = trainer.callback_metrics.get("train/loss")
+            log.info("step %d: train/loss %s%s", step, "n/a" if loss is None else f"{float(loss):.3f}",
+                     self._rate(trainer, pl_module))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        parts = [f"{k} {float(m[k]):.2f}" for k in self.KEYS if k in m]
+        log.info("validation at step %d: %s%s", trainer.global_step, ", ".join(parts) or "no metrics",
+                 self._rate(trainer, pl_module))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ck = trainer.checkpoint_callback
+        if ck is None or not getattr(ck, "best_model_path", ""):
+            log.info("fit done at step %d (no checkpoint kept)%s", trainer.global_step, self._rate(trainer, pl_module))
+            return
+        score = ck.best_model_score
+        log.info("fit done at step %d%s; best checkpoint %s with %s %s", trainer.global_step,
+                 self._rate(trainer, pl_module), ck.best_model_path, ck.monitor,
+                 "n/a" if score is None else f"{float(score):.2f}")
+
+
 class RefinerModule(pl.LightningModule):
     """Trains :class:`MaskRefiner` on top of the frozen AST-guided separator.
 
@@ -179,7 +248,8 @@ class RefinerModule(pl.LightningModule):
             None: the separator config's, which is also what ``infer.py`` uses (false by default).
         pad_merge: with ``trim_padding``, padded patches per merged token (0: the padding is dropped);
             None: the separator config's (8).
-        query_source: ``"table"`` (batch ``query``) or ``"target_audio"`` (AST embedding of the target).
+        query_source: ``"table"`` (batch ``query``) or ``"pass"`` (the guide's embedding of the refined
+            pass, as at inference).
         loss: a module of ``(estimate (B,N), target (B,N)) -> ()`` to minimise (YAML: ``class_path``
             and ``init_args``); None: :class:`~astsep.metrics.SdrSiSdrLoss` ``-λ·SDR - (1-λ)·SI-SDR``
             with λ 0.5. Checkpoints record it as ``{class_path, init_args}`` (:func:`_loss_spec`).
@@ -191,6 +261,10 @@ class RefinerModule(pl.LightningModule):
         example_every_n_val: log audio examples and mask images every N validations (0: never).
         n_examples: examples per logging.
         cache_val_baseline: keep the baseline's results of the fixed validation batches in memory.
+        cache_train_baseline: cache the training batches' baseline results too (a fixed pool of
+            examples, as ``ClassSplitDataModule`` draws, is then computed once; random mixtures never hit).
+        baseline_cache_dir: also keep the cached results on disk there (reused by later runs).
+        oracle_hidden_size: length of the oracle guide's (zero) embeddings; None: ``refiner.query_dim``.
         baseline: leave it null. The STFT, separator and guide settings by value
             (:func:`astsep.config.baseline_settings`), which the module writes into its
             hyper-parameters so that a checkpoint says what baseline the refiner was trained on,
@@ -204,13 +278,18 @@ class RefinerModule(pl.LightningModule):
                  loss: nn.Module | None = None, sdr_weight: float | None = None,
                  lr: float = 1e-3, weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.05, example_every_n_val: int = 5,
-                 n_examples: int = 2, cache_val_baseline: bool = True, baseline: dict | None = None):
+                 n_examples: int = 2, cache_val_baseline: bool = True, cache_train_baseline: bool = True,
+                 baseline_cache_dir: str | None = None, oracle_hidden_size: int | None = None,
+                 baseline: dict | None = None):
         super().__init__()
         if isinstance(refiner, dict):
             refiner = RefinerConfig(**refiner)
         refiner = refiner or RefinerConfig()
-        if query_source not in ("table", "target_audio"):
-            raise ConfigError(f"query_source must be 'table' or 'target_audio', got {query_source!r}")
+        if query_source == "target_audio":
+            raise ConfigError("query_source 'target_audio' queried the refiner with the clean target's own embedding, "
+                              "which inference never has; use 'pass' (the guide's embedding of the refined pass)")
+        if query_source not in ("table", "pass"):
+            raise ConfigError(f"query_source must be 'table' or 'pass', got {query_source!r}")
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.loss_func = self._make_loss(loss, sdr_weight)
@@ -241,7 +320,7 @@ class RefinerModule(pl.LightningModule):
                               f"{self.cfg.separator.max_passes}")
         self.refiner = MaskRefiner(refiner)
         self._baseline = None  # (guide, separator), built on first use on the batch's device
-        self._val_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.baseline_cache = BaselineCache(baseline_cache_dir)
         self._examples: list[dict] = []
         self.n_validations = 0
         self.skipped_steps = 0
@@ -271,34 +350,78 @@ class RefinerModule(pl.LightningModule):
 
     @torch.no_grad()
     def run_baseline(self, mixture: torch.Tensor, cache: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Baseline ``(masks (B,K,F,T), sources (B,K,N), kept (B,K))`` of ``(B,N)`` mixtures, float32."""
-        key = None
-        if cache:
-            key = hashlib.sha256(mixture.detach().float().cpu().numpy().tobytes()).hexdigest()
-            if key in self._val_cache:
-                return tuple(t.to(mixture.device) for t in self._val_cache[key])
-        t0 = time.perf_counter()
-        _, separator = self.baseline(mixture.device)
-        with torch.autocast(mixture.device.type, enabled=False):
-            res = separator.separate_batch(mixture.float())
-        out = (res.masks.float(), res.sources.float(), res.kept)
-        if mixture.device.type == "cuda":
-            torch.cuda.synchronize(mixture.device)
-        self.baseline_seconds += time.perf_counter() - t0
-        if key is not None:
-            self._val_cache[key] = tuple(t.cpu() for t in out)
-        return out
+        """Baseline ``(masks (B,K,F,T), sources (B,K,N), kept (B,K))`` of ``(B,N)`` mixtures with the AST guide."""
+        masks, sources, kept, _ = self.baseline_batch({"mixture": mixture}, cache)
+        return masks, sources, kept
 
     @torch.no_grad()
-    def query_from_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        """AST pooled embedding ``(B,H)`` of ``(B,N)`` audio queries."""
-        guide, _ = self.baseline(audio.device)
-        with torch.autocast(audio.device.type, enabled=False):
-            return guide.embed(audio.float()).to(audio.device)
+    def baseline_batch(self, batch: dict, cache: bool = False) -> tuple[torch.Tensor, ...]:
+        """The frozen baseline of a batch: ``(masks (B,K,F,T), sources (B,K,N), kept (B,K), embeddings
+        (B,K,H))``, float32 on the mixtures' device. With ``degradation`` in the batch each row gets an
+        oracle guide (module docstring), else the AST. ``cache``: read and fill :attr:`baseline_cache`.
+        Sources are the masks applied to the mixture STFT (what the separator returns, from the
+        stored masks, so a cached and a computed row give the same numbers)."""
+        mixture = batch["mixture"]
+        t0 = time.perf_counter()
+        B = mixture.shape[0]
+        oracle = "degradation" in batch
+        settings = self.hparams.baseline
+        keys: list[str | None] = [None] * B
+        rows: list[dict | None] = [None] * B
+        x_cpu = mixture.detach().float().cpu()
+        srcs = None
+        if oracle:
+            srcs = torch.stack([batch["target"], batch["mixture"] - batch["target"]], dim=1).detach().float().cpu()
+        for i in range(B):
+            if cache:
+                guide_name = batch["degradation"][i] if oracle else f"{self.hparams.guide_model}:{self.hparams.guide_seed}"
+                keys[i] = baseline_key(x_cpu[i], guide_name, settings, None if srcs is None else srcs[i])
+                rows[i] = self.baseline_cache.get(keys[i])
+        todo = [i for i in range(B) if rows[i] is None]
+        if todo:
+            computed = self._oracle_rows(batch, x_cpu, srcs, todo) if oracle else self._ast_rows(mixture, todo)
+            for i, value in zip(todo, computed):
+                rows[i] = self.baseline_cache.put(keys[i], value) if keys[i] is not None else {
+                    "masks": value["masks"].float().cpu(), "kept": value["kept"].cpu(),
+                    "embeddings": value["embeddings"].float().cpu()}
+        dev = mixture.device
+        masks = torch.stack([r["masks"] for r in rows]).to(dev, torch.float32)
+        kept = torch.stack([r["kept"] for r in rows]).to(dev)
+        emb = torch.stack([r["embeddings"] for r in rows]).to(dev, torch.float32)
+        with torch.autocast(dev.type, enabled=False):
+            spec = stft(mixture.float(), self.cfg.stft)
+            sources = apply_mask(spec, masks, self.cfg.stft, mixture.shape[-1])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self.baseline_seconds += time.perf_counter() - t0
+        return masks, sources, kept, emb
 
-    def _query(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        if self.hparams.query_source == "target_audio":
-            q = self.query_from_audio(batch["target"])
+    def _ast_rows(self, mixture: torch.Tensor, todo: list[int]) -> list[dict]:
+        _, separator = self.baseline(mixture.device)
+        with torch.autocast(mixture.device.type, enabled=False):
+            res = separator.separate_batch(mixture[todo].float())
+        return [{"masks": res.masks[j], "kept": res.kept[j], "embeddings": res.embeddings[j]} for j in range(len(todo))]
+
+    def _oracle_rows(self, batch: dict, x: torch.Tensor, srcs: torch.Tensor, todo: list[int]) -> list[dict]:
+        from .oracle import OracleGuide, parse_guide_spec
+        from .separator import Separator
+
+        hidden = self.hparams.oracle_hidden_size or self.refiner.cfg.query_dim
+        out = []
+        for i in todo:  # one guide per row: every row has its own sources and degradation
+            tl, il = batch["target_label"][i], batch["interferer_label"][i]
+            labels = list(dict.fromkeys([tl, il]))
+            guide = OracleGuide(x[i], srcs[i], [0, labels.index(il)], labels, parse_guide_spec(batch["degradation"][i]),
+                                self.cfg.stft, hidden_size=hidden)
+            res = Separator(self.cfg, guide).separate_batch(x[i:i + 1])
+            out.append({"masks": res.masks[0], "kept": res.kept[0], "embeddings": res.embeddings[0]})
+        return out
+
+    def _query(self, batch: dict, embeddings: torch.Tensor, pass_index: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(query (B,D), has_query, negative, has_negative)``; ``"pass"``: the refined pass's embedding."""
+        if self.hparams.query_source == "pass":
+            q = embeddings[torch.arange(embeddings.shape[0], device=embeddings.device), pass_index]
             has_q = torch.ones(q.shape[0], device=q.device)
         else:
             q, has_q = batch["query"], batch.get("has_query")
@@ -312,40 +435,38 @@ class RefinerModule(pl.LightningModule):
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, mixture: torch.Tensor, masks: torch.Tensor, query: torch.Tensor,
                 negative: torch.Tensor | None = None, has_query: torch.Tensor | None = None,
-                has_negative: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Refined ``(estimate (B,N), mask (B,F,T))`` from mixtures ``(B,N)`` and baseline masks."""
-        with torch.autocast(mixture.device.type, enabled=False):
-            spec = stft(mixture.float(), self.cfg.stft)
-        mask = self.refiner(spec.abs(), masks, query, negative, has_query, has_negative)
-        with torch.autocast(mixture.device.type, enabled=False):
-            est = apply_mask(spec, mask, self.cfg.stft, mixture.shape[-1])
+                has_negative: torch.Tensor | None = None, pass_index: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refined ``(estimate (B,N), mask (B,F,T))`` from mixtures ``(B,N)`` and baseline masks, through
+        :func:`astsep.refiner.network.refine` (the path inference takes)."""
+        est, mask, _ = refine(self.refiner, mixture, masks, query, self.cfg.stft, negative, has_query, has_negative,
+                              pass_index)
         return est, mask
-
-    @torch.no_grad()
-    def separate(self, mixture: torch.Tensor, query: torch.Tensor, negative: torch.Tensor | None = None) -> dict:
-        """Inference: ``{"estimate" (B,N), "mask" (B,F,T), "baseline_masks" (B,K,F,T), "sources" (B,K,N)}``."""
-        masks, sources, kept = self.run_baseline(mixture)
-        est, mask = self(mixture, masks, query.to(mixture.device), negative)
-        return {"estimate": est, "mask": mask.float(), "baseline_masks": masks, "sources": sources, "kept": kept}
 
     # --- steps ------------------------------------------------------------------------------------
     def _refine_batch(self, batch: dict, cache_baseline: bool = False) -> tuple[torch.Tensor, ...]:
         """Baseline, query and refiner on a batch: ``(estimate (B,N), mask (B,F,T), baseline masks
-        (B,K,F,T), sources (B,K,N), kept (B,K))``."""
+        (B,K,F,T), sources (B,K,N), kept (B,K), pass_index (B,))``."""
         mixture = batch["mixture"]
-        masks, sources, kept = self.run_baseline(mixture, cache=cache_baseline)
-        q, has_q, neg, has_neg = self._query(batch)
-        est, mask = self(mixture, masks, q, neg, has_q, has_neg)
-        return est, mask, masks, sources, kept
+        masks, sources, kept, emb = self.baseline_batch(batch, cache=cache_baseline)
+        if "target" in batch:
+            _, idx = best_source(sources, kept, mixture, batch["target"])
+            pass_index = idx.clamp_min(0)
+        else:
+            pass_index = torch.zeros(mixture.shape[0], dtype=torch.long, device=mixture.device)
+        q, has_q, neg, has_neg = self._query(batch, emb, pass_index)
+        est, mask = self(mixture, masks, q, neg, has_q, has_neg, pass_index)
+        return est, mask, masks, sources, kept, pass_index
 
     def common_step(self, batch: dict, batch_idx: int, cache_baseline: bool = False) -> StepOutput:
         """The step training, validation and test share: refine the batch's mixtures and score the
-        estimates with the loss. ``batch``: ``mixture``, ``target`` ``(B,N)``, and the queries."""
-        est, mask, masks, sources, kept = self._refine_batch(batch, cache_baseline)
-        return StepOutput(self.loss_func(est, batch["target"]), est, mask, masks, sources, kept)
+        estimates with the loss. ``batch``: ``mixture``, ``target`` ``(B,N)``, and the queries (or
+        the oracle's ``degradation`` specs and labels)."""
+        est, mask, masks, sources, kept, idx = self._refine_batch(batch, cache_baseline)
+        return StepOutput(self.loss_func(est, batch["target"]), est, mask, masks, sources, kept, idx)
 
     def training_step(self, batch: dict, batch_idx: int):
-        loss = self.common_step(batch, batch_idx).loss
+        loss = self.common_step(batch, batch_idx, cache_baseline=self.hparams.cache_train_baseline).loss
         n = batch["mixture"].shape[0]
         if not torch.isfinite(loss):
             self.skipped_steps += 1
@@ -389,7 +510,7 @@ class RefinerModule(pl.LightningModule):
         return self._eval_step(batch, batch_idx, "test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        est, mask, _, _, _ = self._refine_batch(batch)
+        est, mask, *_ = self._refine_batch(batch)
         return {"estimate": est.float().cpu(), "mask": mask.float().cpu(), "caption": batch.get("caption")}
 
     def on_validation_epoch_start(self) -> None:
@@ -423,7 +544,8 @@ class RefinerModule(pl.LightningModule):
                              caption=["refined"] + [f"baseline pass {k}" for k in range(len(imgs) - 1)])
 
     def configure_callbacks(self):
-        return [ValidateOnLastStep()]
+        every = self._trainer.log_every_n_steps if self._trainer is not None else 50
+        return [ValidateOnLastStep(), ProgressLog(every)]
 
     # --- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):

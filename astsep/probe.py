@@ -35,6 +35,7 @@ import json
 import logging
 import re
 import sys
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -366,8 +367,10 @@ class ProbeReport:
 
 
 def run_probes(examples: list[Example], features: dict[str, np.ndarray], split: Split, cfg: ProbeConfig,
-               probes: tuple[str, ...] = PROBES, shuffled_control: bool = False, dataset: str = "") -> ProbeReport:
-    """Fit every probe on every feature set; ``features``: ``{name: (n_examples, D)}``."""
+               probes: tuple[str, ...] = PROBES, shuffled_control: bool = False, dataset: str = "",
+               on_result=None) -> ProbeReport:
+    """Fit every probe on every feature set; ``features``: ``{name: (n_examples, D)}``; ``on_result``:
+    called with each result row as it is made (progress)."""
     y = np.array([e.label for e in examples])
     counts = Counter(y[split.test].tolist())
     report = ProbeReport(dataset=dataset, n_examples=len(examples), classes=sorted(set(y.tolist())),
@@ -379,6 +382,8 @@ def run_probes(examples: list[Example], features: dict[str, np.ndarray], split: 
             for shuffle in ((False, True) if shuffled_control else (False,)):
                 r = fit_probe(name, X, y, split, cfg, shuffle)
                 report.results.append({"features": kind, "dim": int(X.shape[1]), **r})
+                if on_result is not None:
+                    on_result(report.results[-1])
     return report
 
 
@@ -409,6 +414,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_refiner_module(path: str | Path, device: str = "cpu"):
+    """A trained ``RefinerModule`` (with its frozen guide and separator, for baseline masks) from a
+    ``train.py`` checkpoint, read with ``weights_only``."""
+    from .errors import ModelError
+    from .lit import RefinerModule
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelError(f"refiner checkpoint not found: {p}")
+    module = RefinerModule.load_from_checkpoint(str(p), map_location=device, weights_only=True)
+    return module.to(device).eval()
+
+
+def _progress_lines(enabled: bool):
+    """One ``astsep.probe: ...`` line on stderr per stage when stderr is not a terminal (no progress bar)."""
+    def say(text: str) -> None:
+        if enabled:
+            print(f"astsep.probe: {text}", file=sys.stderr, flush=True)
+    return say
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
@@ -432,13 +458,19 @@ def main(argv: list[str] | None = None) -> int:
             with quiet_model_loading():
                 guide = build_guide(args.model, GuideConfig(device=args.device), option="--model")
         if "refiner" in kinds:
-            from .evaluate import load_refiner
-
-            module = load_refiner(args.refiner, args.device)
+            module = load_refiner_module(args.refiner, args.device)
         progress = sys.stderr.isatty()
-        features = {k: extract(examples, k, guide, module, progress=progress) for k in kinds}
+        say = _progress_lines(not progress)
+        features = {}
+        for k in kinds:  # (lines only once a stage is done: a request refused midway stays one error line)
+            t0 = time.perf_counter()
+            features[k] = extract(examples, k, guide, module, progress=progress)
+            say(f"features {k} of {len(examples)} examples ({len(split.train)} train / {len(split.test)} test): "
+                f"{features[k].shape[1]} dims in {time.perf_counter() - t0:.1f} s")
         dataset = str(args.data) + (f" (segments of {args.segment:g} s)" if args.segment else "")
-        report = run_probes(examples, features, split, cfg, tuple(args.probes), args.shuffled_control, dataset)
+        report = run_probes(examples, features, split, cfg, tuple(args.probes), args.shuffled_control, dataset,
+                            on_result=lambda r: say(f"probe {r['probe']} on {r['features']} ({r['labels']} labels): "
+                                                    f"test accuracy {r['accuracy']:.3f}"))
         report.settings.update(model=args.model if guide is not None else None, refiner=args.refiner,
                                segment=args.segment, pattern=args.pattern)
         md = report.markdown()

@@ -42,9 +42,13 @@ def _tones_and_noise(root, n: int = 50, seconds: float = 1.0, sr: int = 16000):
 
 def test_probes_learn_tones_vs_noise_and_score_chance_on_shuffled_labels(tmp_path, capsys):
     data = _tones_and_noise(tmp_path / "set")
-    code, out, _ = _run(capsys, "--data", str(data), "--model", "tiny", "--features", "layer:0",
-                        "--shuffled-control", "--out", str(tmp_path / "rep"))
+    code, out, err = _run(capsys, "--data", str(data), "--model", "tiny", "--features", "layer:0",
+                          "--shuffled-control", "--out", str(tmp_path / "rep"))
     assert code == 0, out
+    # stderr is not a terminal here: a line per stage instead of a progress bar
+    lines = [ln for ln in err.splitlines() if ln.startswith("astsep.probe: ")]
+    assert sum("features layer:0 of 100 examples" in ln for ln in lines) == 1
+    assert sum(ln.startswith("astsep.probe: probe ") for ln in lines) == 4  # 2 probes x (true, shuffled)
     rep = json.loads((tmp_path / "rep" / "probe.json").read_text())
     assert rep["split"] == {"description": "stratified 80%/20% by label, seed 0", "train": 80, "test": 20}
     acc = {(r["probe"], r["labels"]): r["accuracy"] for r in rep["results"]}
@@ -113,7 +117,7 @@ def test_refiner_bottleneck_features_depend_on_the_audio(shared, tmp_path, capsy
 
     ckpt = tmp_path / "refiner.ckpt"
     _train_and_save(ckpt, "target_audio", 32)
-    from astsep.evaluate import load_refiner
+    from astsep.probe import load_refiner_module as load_refiner
 
     examples = probe.load_examples(probe.list_dataset(FSDD, FSDD_PATTERN))[:4]
     feats = probe.extract(examples, "refiner", refiner=load_refiner(ckpt))

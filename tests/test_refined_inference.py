@@ -21,7 +21,12 @@ SMALL = {"n_masks": 3, "channels": 8, "max_channels": 16, "depth": 2, "cond_dim"
 
 
 def _train_and_save(path, query_source: str, query_dim: int, **refiner) -> None:
-    """Two real optimisation steps on shared-clip mixtures, saved by Lightning."""
+    """Two real optimisation steps on shared-clip mixtures, saved by Lightning.
+
+    ``query_source``: ``"table"`` (text queries) or ``"target_audio"`` / ``"pass"``: AST-embedding
+    queries, trained (as only is allowed now) on the guide's embedding of each pass; callers in other
+    test files still name those ``"target_audio"``, the name inference gives them."""
+    query_source = "pass" if query_source == "target_audio" else query_source
     module = RefinerModule(refiner=dict(SMALL, query_dim=query_dim, **refiner), guide_model="tiny", guide_seed=0,
                            query_source=query_source, example_every_n_val=0)
     tgt = [clip("dog", 2.0), clip("siren", 2.0)]
@@ -187,7 +192,7 @@ def test_a_checkpoint_records_the_baseline_by_value_and_inference_warns_naming_w
     sep_yaml = tmp_path / "sep.yaml"
     sep_yaml.write_text("separator:\n  rounds: 2\n")
     module = RefinerModule(refiner=dict(SMALL, query_dim=32), guide_model="tiny", separator_config=str(sep_yaml),
-                           trim_padding=True, pad_merge=0, query_source="target_audio")
+                           trim_padding=True, pad_merge=0, query_source="pass")
     s = clip("dog", 1.0)
     fit_and_save(module, [{"mixture": s + clip("rain", 1.0), "target": s}], tmp_path / "r.ckpt")
     sep_yaml.unlink()  # the checkpoint holds the values, not the path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from astsep.refiner.schedule import lr_factor
 from conftest import ESC, ROOT, clip, fit_and_save
 
 TINY = str(ROOT / "configs" / "refiner_tiny.yaml")
+DEV = str(ROOT / "configs" / "refiner_dev.yaml")
 MANIFEST = str(ESC / "manifest.csv")
 
 
@@ -65,14 +67,48 @@ def test_offline_wandb_run_writes_its_run_dir_checkpoint_and_examples(tmp_path, 
     assert len(best) == 1, list(tmp_path.rglob("*.ckpt"))
     ck = torch.load(best[0], map_location="cpu", weights_only=True)  # no pickled objects in the checkpoint
     assert all(k.startswith("refiner.") for k in ck["state_dict"])  # the frozen AST is not stored
-    assert ck["hyper_parameters"]["query_source"] == "target_audio"
+    assert ck["hyper_parameters"]["query_source"] == "pass"
+
+
+def test_a_short_dev_run_writes_an_offline_wandb_run_with_val_metrics_and_logs_its_progress(tmp_path, shared, capfd,
+                                                                                           monkeypatch):
+    """The dev recipe end to end, tiny: class-split data, oracle guidance, cached baseline; the offline W&B
+    run holds the validation SI-SDRi of baseline and refiner and audio examples; stderr (a file, not a
+    terminal) has a line per validation with its metrics and the best checkpoint at the end."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    code = train.main(["fit", "--config", DEV, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                       "--trainer.max_time=null", "--trainer.log_every_n_steps=1", "--data.train_examples=2",
+                       "--data.val_mixtures=2", "--data.batch_size=2", "--data.segment_seconds=1.0",
+                       "--model.refiner.channels=4", "--model.refiner.max_channels=8", "--model.refiner.depth=2",
+                       "--model.example_every_n_val=1", f"--trainer.default_root_dir={tmp_path}",
+                       f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert code == 0
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    keys = (b"val/refined/si_sdri", b"val/baseline/si_sdri", b"train/loss")
+    for _ in range(60):  # wandb's service may still be writing the run file when finish() returns
+        data = b"".join(p.read_bytes() for p in runs[0].glob("run-*.wandb"))
+        if all(k in data for k in keys):
+            break
+        time.sleep(1)
+    for key in keys:
+        assert key in data, key
+    assert list(runs[0].rglob("*.wav"))  # audio examples
+    err = capfd.readouterr().err
+    val_lines = [ln for ln in err.splitlines() if "validation at step 2:" in ln]
+    assert len(val_lines) == 1 and "val/refined/si_sdri" in val_lines[0] and "val/baseline/si_sdri" in val_lines[0]
+    done = [ln for ln in err.splitlines() if "fit done at step 2" in ln]
+    assert len(done) == 1 and "best checkpoint" in done[0] and "best.ckpt" in done[0] and "val/refined/si_sdri" in done[0]
+    ck = torch.load(next(tmp_path.rglob("best.ckpt")), map_location="cpu", weights_only=True)
+    hp = ck["hyper_parameters"]
+    assert hp["query_source"] == "pass" and hp["refiner"]["own_mask"] and hp["refiner"]["refine_passes"] == 1
 
 
 def test_print_config_shows_every_hyperparameter():
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", TINY, "--print_config"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    for key in ("query_source: target_audio", "segment_seconds: 1.0", "sdr_weight: 0.5", "channels: 8"):
+    for key in ("query_source: pass", "segment_seconds: 1.0", "sdr_weight: 0.5", "channels: 8"):
         assert key in out.stdout
     # the separator's config by value, every section, each key settable as --model.separator_config.SECTION.KEY
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", TINY, "--print_config",
@@ -87,7 +123,7 @@ def test_print_config_shows_every_hyperparameter():
 
 def test_non_finite_loss_skips_the_step_with_a_warning(caplog, shared):
     module = RefinerModule(refiner=dict(n_masks=3, query_dim=32, channels=4, max_channels=8, depth=2, cond_dim=8),
-                           guide_model="tiny", query_source="target_audio")
+                           guide_model="tiny", query_source="pass")
     s = torch.stack([clip("dog", 1.0), clip("rain", 1.0)])
     bad = s.clone()
     bad[0, 100] = float("nan")
@@ -100,7 +136,7 @@ def test_non_finite_loss_skips_the_step_with_a_warning(caplog, shared):
 
 def test_the_loss_is_injected_used_by_the_shared_step_and_recorded_by_value(shared):
     small = dict(n_masks=3, query_dim=32, channels=4, max_channels=8, depth=2, cond_dim=8)
-    module = RefinerModule(refiner=small, guide_model="tiny", query_source="target_audio", loss=torch.nn.L1Loss())
+    module = RefinerModule(refiner=small, guide_model="tiny", query_source="pass", loss=torch.nn.L1Loss())
     s = torch.stack([clip("dog", 1.0), clip("rain", 1.0)])
     out = module.common_step({"mixture": s + s.flip(0), "target": s}, 0)
     torch.testing.assert_close(out.loss, torch.nn.functional.l1_loss(out.estimate, s))
@@ -209,7 +245,7 @@ def test_a_checkpoint_rebuilds_the_whole_separator_config_without_its_yaml(tmp_p
     path.write_text("stft:\n  hop: 128\nseparator:\n  max_passes: 2\n  nmf_components: 8\n"
                     "guide:\n  fbank_std: 4.0\nwindow:\n  overlap_sec: 0.25\ncategories:\n  sets:\n    help: [14]\n")
     module = RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config=str(path), trim_padding=True,
-                           pad_merge=0, query_source="target_audio")
+                           pad_merge=0, query_source="pass")
     s = clip("dog", 1.0)
     fit_and_save(module, [{"mixture": s + clip("rain", 1.0), "target": s}], tmp_path / "r.ckpt")
     path.unlink()  # the checkpoint holds the values, not the path

@@ -319,8 +319,8 @@ def test_evaluate_refuses_a_crafted_refiner_checkpoint_in_one_line(tmp_path: Pat
         torch.save({"state_dict": _Evil(marker)}, ckpt)
     else:
         ckpt.write_bytes(np.random.default_rng(0).bytes(4096))
-    rc, lines, err = _run(["-m", "astsep.evaluate", "--mixtures", str(tmp_path / "x.csv"), "--out",
-                           str(tmp_path / "o"), "--refiner", str(ckpt)])
+    rc, lines, err = _run(["-m", "astsep.evaluate", "--heldout", "-n", "2", "--out",  # valid mixtures: the
+                           str(tmp_path / "o"), "--refiner", str(ckpt)])  # checkpoint is what fails
     assert rc == 3 and len(lines) == 1 and "Traceback" not in err, err
     assert f"cannot read refiner checkpoint {ckpt}" in lines[0] and "unpickling refused" in lines[0], lines
     assert not marker.exists()

@@ -5,8 +5,11 @@ Two uses, both behind ``infer.py --refiner CKPT``:
 - **refine every baseline source**: each kept pass's source is re-estimated by the refiner,
   queried with that source's AST label ("The sound of <label>", needs a text encoder: a CLAP
   checkpoint or an embedding table) or with the AST embedding of the pass (refiners trained with
-  audio queries); the refined masks of a window are scaled so they never claim more than the whole
-  mixture, and the residual takes the difference, so the files still add up to the input;
+  audio queries); a pass-aware refiner (``own_mask``) is also told which pass it refines, and one
+  with ``refine_passes`` re-estimates only the first passes (the others keep their baseline masks,
+  rescaled to what the refined ones leave); the refined masks of a window are scaled so they never
+  claim more than the whole mixture, and the residual takes the difference, so the files still add
+  up to the input;
 - **extract one queried source** (``--query TEXT`` / ``--query-audio FILE``, optional
   ``--negative``): the refiner's mask for the query, plus the rest.
 
@@ -27,8 +30,8 @@ import torch
 
 from ..config import AstsepConfig, STFTConfig, settings_differences
 from ..errors import ConfigError, ModelError
-from ..features import apply_mask, stft
-from .network import MaskRefiner, RefinerConfig
+from ..features import apply_mask
+from .network import MaskRefiner, RefinerConfig, refine
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,11 @@ class Refiner:
         self.net = net.eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
-        self.query_source = query_source  # "target_audio" (AST embedding queries) or "table" (text)
+        # what the checkpoint says it was trained with: "table" (caption embeddings), "pass" (the
+        # guide's embedding of the pass it refines) or "target_audio" (older: the clean target's embedding)
+        self.trained_query = query_source
+        # how inference queries it: "target_audio" (the AST embedding of each pass) or "table" (text)
+        self.query_source = "table" if query_source == "table" else "target_audio"
         self.name = name
         self.table = table
         self.text_encoder = text_encoder
@@ -63,14 +70,17 @@ class Refiner:
     # --- loading ------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, *, table: str | None = None, clap_ckpt: str | None = None) -> "Refiner":
+        """A refiner from a ``train.py`` checkpoint (``weights_only``: no pickled code runs); the one
+        loader of ``infer.py --refiner`` and ``python -m astsep.evaluate --refiner``."""
         p = Path(path).expanduser()
         if not p.is_file():
             raise ModelError(f"refiner checkpoint not found: {p} (--refiner takes a .ckpt written by train.py)")
         try:
             ck = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelError(f"cannot read refiner checkpoint {p} with weights_only loading: "
-                             f"{str(exc).splitlines()[0][:200]}") from exc
+        except Exception as exc:  # noqa: BLE001 - a crafted, torn or foreign file: one line, never a traceback
+            from ..guide import describe_load_error
+
+            raise ModelError(f"cannot read refiner checkpoint {p}: {describe_load_error(exc)}") from None
         if not isinstance(ck, dict) or "state_dict" not in ck or "hyper_parameters" not in ck:
             raise ModelError(f"{p} is not a refiner checkpoint written by train.py (no state_dict/hyper_parameters)")
         hp = ck["hyper_parameters"]
@@ -166,31 +176,45 @@ class Refiner:
     # --- masks --------------------------------------------------------------------------------
     @torch.no_grad()
     def masks(self, x: torch.Tensor, baseline_masks: torch.Tensor, queries: torch.Tensor,
-              negative: torch.Tensor | None, stft_cfg: STFTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Refined masks for ``M`` queries per window.
+              negative: torch.Tensor | None, stft_cfg: STFTConfig,
+              pass_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refined masks for ``M`` queries per window, through :func:`~astsep.refiner.network.refine`
+        (the path training takes).
 
-        ``x (b,N)``, ``baseline_masks (b,K,F,T)``, ``queries (b,M,D)``, ``negative (b,M,D)`` or None.
+        ``x (b,N)``, ``baseline_masks (b,K,F,T)``, ``queries (b,M,D)``, ``negative (b,M,D)`` or None,
+        ``pass_index (M,)``: the pass query ``m`` refines (pass-aware refiners; default pass 1).
         Returns ``(masks (b,M,F,T), spec (b,F,T))``.
         """
         b, M = queries.shape[:2]
         dev = next(self.net.parameters()).device
-        spec = stft(x.float().to(dev), stft_cfg)
-        mag = spec.abs().repeat_interleave(M, dim=0)
+        xm = x.float().to(dev).repeat_interleave(M, dim=0)
         base = baseline_masks.float().to(dev).repeat_interleave(M, dim=0)
         q = queries.reshape(b * M, -1).to(dev)
         neg = negative.reshape(b * M, -1).to(dev) if negative is not None else None
-        m = self.net(mag, base, q, neg)
-        return m.view(b, M, *m.shape[1:]).float(), spec
+        idx = None if pass_index is None else torch.as_tensor(pass_index, device=dev).long().view(1, M).expand(b, M).reshape(-1)
+        _, m, spec = refine(self.net, xm, base, q, stft_cfg, neg, pass_index=idx)
+        return m.view(b, M, *m.shape[1:]).float(), spec.view(b, M, *spec.shape[1:])[:, 0]
 
     def refine_sources(self, x: torch.Tensor, baseline_masks: torch.Tensor, kept: torch.Tensor,
                        queries: torch.Tensor, stft_cfg: STFTConfig) -> torch.Tensor:
-        """Refined sources ``(b,K,N)`` (zero where ``kept`` is False).
+        """Refined sources ``(b,K,N)`` (zero where ``kept`` is False), pass ``k`` refined as pass ``k``.
 
         Masks of one window are scaled down wherever together they would take more than the
         mixture (Σ ≤ 1 per time-frequency bin), so the residual never has to be negative energy.
         """
-        masks, spec = self.masks(x, baseline_masks, queries, None, stft_cfg)
-        masks = masks * kept[:, :, None, None].to(masks.device, masks.dtype)
+        K = baseline_masks.shape[1]
+        n_ref = self.net.cfg.refine_passes if 0 < self.net.cfg.refine_passes < K else K
+        masks, spec = self.masks(x, baseline_masks, queries[:, :n_ref], None, stft_cfg, torch.arange(n_ref))
+        masks = masks * kept[:, :n_ref, None, None].to(masks.device, masks.dtype)
+        if n_ref < K:
+            # later passes (not trained on) keep their baseline masks relative to what the refined
+            # passes leave: m_k · (1 − Σ refined) / (1 − Σ baseline), so the refined ones are not scaled
+            base = baseline_masks.float().to(masks.device)
+            left_base = (1 - base[:, :n_ref].sum(dim=1, keepdim=True)).clamp_min(1e-6)
+            left_ref = (1 - masks.sum(dim=1, keepdim=True)).clamp_min(0)
+            rest = (base[:, n_ref:] / left_base).clamp(0, 1) * left_ref
+            rest = rest * kept[:, n_ref:, None, None].to(rest.device, rest.dtype)
+            masks = torch.cat([masks, rest], dim=1)
         total = masks.sum(dim=1, keepdim=True)
         masks = masks / total.clamp_min(1.0)
         return apply_mask(spec, masks, stft_cfg, x.shape[-1]).cpu()

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RefinerConfig", "MaskRefiner", "count_parameters"]
+from ..features import apply_mask, stft
+
+__all__ = ["RefinerConfig", "MaskRefiner", "count_parameters", "refine"]
 
 
 @dataclass
@@ -40,6 +42,15 @@ class RefinerConfig:
     use_negative: bool = True  # accept a negative query (CLAPSep); off: negatives are ignored
     log_floor: float = 1e-5  # magnitude floor before the log (about -100 dB re full scale)
     dropout: float = 0.0  # dropout on the condition vector (query dropout regularises)
+    # pass-aware refinement: the refined pass's own baseline mask is an extra first input channel and
+    # its pass number (one-hot) joins the condition, so one network repairs any pass of the baseline
+    own_mask: bool = False
+    # with own_mask: the output is sigmoid(logit(own mask) + correction), the correction's last layer
+    # starting at zero, so an untrained refiner returns the baseline's mask (it starts at the baseline)
+    residual: bool = False
+    # passes the refiner re-estimates at inference (1: pass 1 only, the others keep their baseline
+    # masks; 0: every kept pass); set to what it was trained on
+    refine_passes: int = 0
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
@@ -91,12 +102,14 @@ class MaskRefiner(nn.Module):
         self.cfg = cfg = cfg or RefinerConfig()
         if cfg.depth < 0 or cfg.channels < 1:
             raise ValueError(f"depth must be >= 0 and channels >= 1, got {cfg.depth}, {cfg.channels}")
-        in_cond = 2 * cfg.query_dim + 2
+        if cfg.residual and not cfg.own_mask:
+            raise ValueError("residual=True refines the pass's own mask: it needs own_mask=True")
+        in_cond = 2 * cfg.query_dim + 2 + (cfg.n_masks if cfg.own_mask else 0)
         self.cond = nn.Sequential(
             nn.Linear(in_cond, cfg.cond_dim), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.cond_dim, cfg.cond_dim), nn.GELU(),
         )
         widths = [min(cfg.channels * 2**i, cfg.max_channels) for i in range(cfg.depth + 1)]
-        c_in = 1 + cfg.n_masks
+        c_in = 1 + cfg.n_masks + (1 if cfg.own_mask else 0)
         self.down = nn.ModuleList()
         for w in widths[:-1]:
             self.down.append(ConvBlock(c_in, w, cfg.cond_dim, cfg.groups))
@@ -110,10 +123,15 @@ class MaskRefiner(nn.Module):
             self.up_blocks.append(ConvBlock(2 * w, w, cfg.cond_dim, cfg.groups))
             c_in = w
         self.head = nn.Conv2d(c_in, 1, kernel_size=1)
+        if cfg.residual:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def condition(self, query: torch.Tensor, negative: torch.Tensor | None = None,
-                  has_query: torch.Tensor | None = None, has_negative: torch.Tensor | None = None) -> torch.Tensor:
-        """The FiLM condition ``(B, cond_dim)`` from ``[pos·p, p, neg·n, n]``."""
+                  has_query: torch.Tensor | None = None, has_negative: torch.Tensor | None = None,
+                  pass_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The FiLM condition ``(B, cond_dim)`` from ``[pos·p, p, neg·n, n]`` (and, with ``own_mask``,
+        the one-hot pass number ``pass_index (B,)``)."""
         B, D = query.shape
         if D != self.cfg.query_dim:
             raise ValueError(f"query has {D} dims, the refiner expects query_dim={self.cfg.query_dim}")
@@ -124,11 +142,24 @@ class MaskRefiner(nn.Module):
             if negative.shape != query.shape:
                 raise ValueError(f"negative {tuple(negative.shape)} must match query {tuple(query.shape)}")
             n = query.new_ones(B) if has_negative is None else has_negative.to(query.dtype)
-        c = torch.cat([query * p[:, None], p[:, None], negative * n[:, None], n[:, None]], dim=1)
-        return self.cond(c)
+        parts = [query * p[:, None], p[:, None], negative * n[:, None], n[:, None]]
+        if self.cfg.own_mask:
+            idx = self._pass_index(pass_index, B, query.device)
+            parts.append(F.one_hot(idx, self.cfg.n_masks).to(query.dtype))
+        return self.cond(torch.cat(parts, dim=1))
 
-    def features(self, mixture_mag: torch.Tensor, baseline_masks: torch.Tensor) -> torch.Tensor:
-        """Input channels ``(B, 1+K, F, T)``: standardised log-magnitude, then the K masks."""
+    def _pass_index(self, pass_index: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor:
+        if pass_index is None:
+            return torch.zeros(B, dtype=torch.long, device=device)  # pass 1
+        idx = torch.as_tensor(pass_index, device=device).long().view(-1)
+        if idx.numel() != B or int(idx.min()) < 0 or int(idx.max()) >= self.cfg.n_masks:
+            raise ValueError(f"pass_index must be {B} pass numbers in [0, {self.cfg.n_masks}), got {idx.tolist()}")
+        return idx
+
+    def features(self, mixture_mag: torch.Tensor, baseline_masks: torch.Tensor,
+                 pass_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Input channels ``(B, 1+K, F, T)``: standardised log-magnitude, then the K masks (with
+        ``own_mask``: ``(B, 2+K, F, T)``, the refined pass's own mask before the K masks)."""
         if baseline_masks.shape[1] != self.cfg.n_masks:
             raise ValueError(f"got {baseline_masks.shape[1]} baseline masks, the refiner expects n_masks={self.cfg.n_masks}")
         if baseline_masks.shape[0] != mixture_mag.shape[0] or baseline_masks.shape[2:] != mixture_mag.shape[1:]:
@@ -138,15 +169,24 @@ class MaskRefiner(nn.Module):
         mean = logmag.mean(dim=(1, 2), keepdim=True)
         std = logmag.std(dim=(1, 2), keepdim=True).clamp_min(1e-3) if logmag[0].numel() > 1 else torch.ones_like(mean)
         logmag = (logmag - mean) / std
-        return torch.cat([logmag.unsqueeze(1), baseline_masks.to(logmag.dtype)], dim=1)
+        masks = baseline_masks.to(logmag.dtype)
+        if self.cfg.own_mask:
+            masks = torch.cat([self.own(masks, pass_index), masks], dim=1)
+        return torch.cat([logmag.unsqueeze(1), masks], dim=1)
+
+    def own(self, baseline_masks: torch.Tensor, pass_index: torch.Tensor | None) -> torch.Tensor:
+        """The refined pass's baseline mask ``(B, 1, F, T)`` of ``baseline_masks (B, K, F, T)``."""
+        B = baseline_masks.shape[0]
+        idx = self._pass_index(pass_index, B, baseline_masks.device)
+        return baseline_masks[torch.arange(B, device=baseline_masks.device), idx].unsqueeze(1)
 
     def forward(self, mixture_mag: torch.Tensor, baseline_masks: torch.Tensor, query: torch.Tensor,
                 negative: torch.Tensor | None = None, has_query: torch.Tensor | None = None,
-                has_negative: torch.Tensor | None = None) -> torch.Tensor:
+                has_negative: torch.Tensor | None = None, pass_index: torch.Tensor | None = None) -> torch.Tensor:
         B, Fb, T = mixture_mag.shape
         cond = self.condition(query.to(mixture_mag.dtype), None if negative is None else negative.to(mixture_mag.dtype),
-                              has_query, has_negative)
-        x = self.features(mixture_mag, baseline_masks)
+                              has_query, has_negative, pass_index)
+        x = self.features(mixture_mag, baseline_masks, pass_index)
         m = 2 ** self.cfg.depth
         pad_f, pad_t = (-Fb) % m, (-T) % m
         x = F.pad(x, (0, pad_t, 0, pad_f))
@@ -159,5 +199,27 @@ class MaskRefiner(nn.Module):
         for up, block, skip in zip(self.up, self.up_blocks, reversed(skips)):
             x = block(torch.cat([up(x), skip], dim=1), cond)
         logits = self.head(x)[:, 0, :Fb, :T]
+        if self.cfg.residual:
+            own = self.own(baseline_masks.to(logits.dtype), pass_index)[:, 0].clamp(1e-3, 1 - 1e-3)
+            logits = logits + torch.log(own) - torch.log1p(-own)
         return torch.sigmoid(logits)
+
+
+def refine(net: MaskRefiner, mixture: torch.Tensor, baseline_masks: torch.Tensor, query: torch.Tensor,
+           stft_cfg, negative: torch.Tensor | None = None, has_query: torch.Tensor | None = None,
+           has_negative: torch.Tensor | None = None, pass_index: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one STFT → refiner → mask → iSTFT path, shared by training (:class:`astsep.lit.RefinerModule`)
+    and inference (:class:`astsep.refiner.Refiner`).
+
+    ``mixture (B,N)`` 16 kHz, ``baseline_masks (B,K,F,T)``, ``query (B,D)``, optional ``negative (B,D)``,
+    flags ``(B,)`` and ``pass_index (B,)`` (the pass each row refines, 0-based). The STFT and iSTFT run
+    in float32 outside autocast. Returns ``(estimate (B,N), mask (B,F,T), spec (B,F,T) complex)``.
+    """
+    with torch.autocast(mixture.device.type, enabled=False):
+        spec = stft(mixture.float(), stft_cfg)
+    mask = net(spec.abs(), baseline_masks, query, negative, has_query, has_negative, pass_index)
+    with torch.autocast(mixture.device.type, enabled=False):
+        est = apply_mask(spec, mask.float(), stft_cfg, mixture.shape[-1])
+    return est, mask, spec
 
