@@ -13,7 +13,10 @@ Per row: alerts produced; delivered (distinct keys the backend took); lost (prod
 duplicated (keys the backend took more than once: only a request in flight at a kill may be);
 worst delay (from the moment an alert was produced to the backend taking it, recovery included).
 
-    python benchmarks/bench_faults.py [--alerts 20] [--json]
+The two live rows run ``infer.py --live -`` (a tiny random AST forced to answer *Siren*, bursts of
+noise on stdin) and stop it hard once two alerts are printed; produced there = alerts printed.
+
+    python benchmarks/bench_faults.py [--alerts 20] [--json] [--only SUBSTRING]
 """
 
 from __future__ import annotations
@@ -412,21 +415,117 @@ def row_full_disk(tmp: Path, n: int, when: str) -> Row:
     return Row(what, out["produced"], b, f"in-memory outbox; degraded lines: {len(out['degraded'])}")
 
 
+def _siren_model(tmp: Path) -> Path:
+    """A tiny random AST forced to answer 396 "Siren" (category danger) for everything, saved."""
+    from astsep.testing import force_class, tiny_ast
+
+    d = tmp / "siren_ast"
+    if not d.is_dir():
+        m = tiny_ast(seed=1)
+        force_class(m, 396)
+        m.save_pretrained(d)
+    return d
+
+
+def _burst_stream(bursts: tuple[float, ...], seconds: float) -> tuple[bytes, bytes]:
+    """(header, data) of a 16-bit WAV stream (length 0xFFFFFFFF, as arecord writes to a pipe): quiet
+    noise at -55 dBFS with a 1 s noise burst at -20 dBFS at each time in ``bursts``."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(int(seconds * 16000)).astype(np.float32) * 10 ** (-55 / 20)
+    for t in bursts:
+        i = int(t * 16000)
+        x[i:i + 16000] += rng.standard_normal(16000).astype(np.float32) * 10 ** (-20 / 20)
+    buf = io.BytesIO()
+    sf.write(buf, (np.clip(x, -1, 1) * 32767).astype("<i2"), 16000, format="WAV", subtype="PCM_16")
+    wav = buf.getvalue()
+    head = bytearray(wav[:44])
+    head[4:8] = head[40:44] = b"\xff\xff\xff\xff"
+    return bytes(head), wav[44:]
+
+
+def row_live_stop(tmp: Path, n: int, how: str) -> Row:
+    """``infer.py --live -`` with a backend answering after 4 s: two alerts printed, then kill -9 or
+    two SIGINTs 0.3 s apart. Produced: the alerts printed on stdout (category not other)."""
+    b = Backend(rule=lambda key, k: Answer(delay=4.0)).start()
+    box = tmp / f"live-{how}.sqlite3"
+    head, data = _burst_stream((1.0, 4.5), 8.0)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "infer.py"), "--live", "-", "-m", str(_siren_model(tmp)),
+                             "--backend-url", b.url, "--outbox", str(box)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    listening = threading.Event()
+
+    def read_err() -> None:
+        for line in proc.stderr:
+            if b"listening to" in line:
+                listening.set()
+        listening.set()
+
+    def feed() -> None:  # the header, then every sample at once; stdin stays open (a microphone)
+        try:
+            proc.stdin.write(head)
+            proc.stdin.flush()
+            listening.wait(300)
+            proc.stdin.write(data)
+            proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    threading.Thread(target=read_err, daemon=True).start()
+    threading.Thread(target=feed, daemon=True).start()
+    produced: dict[str, float] = {}
+    while len(produced) < 2:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        ev = json.loads(line)
+        if ev.get("category") != "other" and not ev.get("revision") and not ev.get("retracted"):
+            produced.setdefault(ev["event_id"], time.monotonic())
+    if how == "kill":
+        proc.kill()
+    else:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+    rc = proc.wait(60)
+    b.rule = lambda key, k: Answer()
+    recover(box, b.url)
+    time.sleep(4.5)  # a request in flight at the stop is still being answered (4 s): let the backend finish it
+    b.stop()
+    what = "live: kill -9 while a 4 s backend holds a request" if how == "kill" else \
+        "live: two SIGINTs 0.3 s apart, 4 s backend"
+    return Row(what, produced, b, f"exit {rc}; produced = alerts printed on stdout")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--alerts", type=int, default=20, help="alerts per row (default 20)")
     ap.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    ap.add_argument("--only", default=None, help="run only the rows whose function name contains this")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # each row's expected warnings (timeouts, redirects…) are its point
     n = args.alerts
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for make in (row_healthy, row_down_then_up, row_slow, row_500_then_200, row_429, row_poison, row_redirect,
-                     row_drip, row_huge_body, row_kill, row_two_senders,
-                     lambda t, k: row_corrupt(t, k, "malformed"), lambda t, k: row_corrupt(t, k, "not_a_db"),
-                     lambda t, k: row_full_disk(t, k, "open"), lambda t, k: row_full_disk(t, k, "midrun")):
-            rows.append(make(tmp, n))
+        matrix = [("healthy", row_healthy), ("down", row_down_then_up), ("slow", row_slow),
+                  ("500", row_500_then_200), ("429", row_429), ("poison", row_poison), ("redirect", row_redirect),
+                  ("drip", row_drip), ("huge_body", row_huge_body), ("kill", row_kill),
+                  ("two_senders", row_two_senders),
+                  ("corrupt", lambda t, k: row_corrupt(t, k, "malformed")),
+                  ("not_a_db", lambda t, k: row_corrupt(t, k, "not_a_db")),
+                  ("full_disk_open", lambda t, k: row_full_disk(t, k, "open")),
+                  ("full_disk_midrun", lambda t, k: row_full_disk(t, k, "midrun")),
+                  ("live_kill", lambda t, k: row_live_stop(t, k, "kill")),
+                  ("live_sigint", lambda t, k: row_live_stop(t, k, "sigint"))]
+        for name, make in matrix:
+            if args.only is None or args.only in name:
+                rows.append(make(tmp, n))
     figures = [r.figures() for r in rows]
     print("| fault | alerts produced | delivered | lost | duplicated | worst delay (s) | note |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
