@@ -25,14 +25,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
-import soundfile as sf
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from .config import SAMPLE_RATE
 from .errors import AudioError, ConfigError
+
+if TYPE_CHECKING:  # numpy, soundfile and torch load only when files are made: ExportOptions checks options
+    import numpy as np  # in the front ends before torch is imported
+    import torch
 
 #: ``--format`` → (soundfile container, subtype, file suffix)
 FORMATS: dict[str, tuple[str, str, str]] = {
@@ -115,6 +115,8 @@ class Export:
         return self.renamed.get(track.filename, track.filename)
 
     def tracks(self) -> Iterator[ExportedTrack]:
+        import numpy as np
+
         integer = FORMATS[self.options.format][1] != "FLOAT"
         for tr in self.result.tracks:
             if tr.kind == "residual":
@@ -139,6 +141,9 @@ class Export:
 
 def read_mono_at(path: str | Path, sample_rate: int | str) -> tuple[torch.Tensor, int]:
     """The input file downmixed to mono at ``sample_rate`` (``"input"``: its own), ``((n,), rate)``."""
+    import numpy as np
+    import soundfile as sf
+    import torch
     from torchaudio.functional import resample
 
     try:
@@ -161,6 +166,8 @@ def read_mono_at(path: str | Path, sample_rate: int | str) -> tuple[torch.Tensor
 
 def _source_at(track, num_samples: int, rate: int, n: int) -> torch.Tensor:
     """A source track (16 kHz) at ``rate``, exactly ``n`` samples long."""
+    import torch
+
     x = track.render(num_samples)
     if rate != SAMPLE_RATE:
         from torchaudio.functional import resample

@@ -45,7 +45,7 @@ def test_help_bad_options_and_missing_inputs_answer_without_torch_or_transformer
     if case == "help":
         assert res["code"] == 0
     elif case == "bad_option":
-        assert res["code"] == 2 and "unrecognized arguments: --no-such-option" in err
+        assert res["code"] == 2 and "unknown option --no-such-option" in err
     else:
         assert res["code"] == 2 and "astsep: error: input not found" in err and "Traceback" not in err
         assert not (tmp_path / "out").exists()
