@@ -419,9 +419,24 @@ class DeliveryConfig:
     backoff: float = 0.5  # urllib3 backoff_factor: the n-th retry waits backoff * 2**(n-1) s
     max_backoff: float = 8.0  # upper bound on any single wait, a Retry-After included
     verify_tls: bool = True  # verify the server's TLS certificate
+    # each outbox entry's own retry schedule (astsep.delivery.RetryPolicy): after its n-th failed round it
+    # waits min(retry_max_sec, retry_base_sec * 2**(n-1)); one failing for park_after_sec is parked
+    # (kept, listed by `python -m astsep.delivery status`, sent by `flush --all`), never dropped
+    retry_base_sec: float = 2.0
+    retry_max_sec: float = 300.0
+    park_after_sec: float = 86400.0
+    # the reference backend's body has two fields astsep has nothing for; the reference sends the literal
+    # "string" in both, and so does astsep unless told what the app expects (an icon name, an image URL)
+    sound_icon: str = "string"
+    location_image_url: str = "string"
 
     def __post_init__(self) -> None:
         _float("delivery", "timeout", self.timeout, lo=0.0, lo_open=True)
+        for name in ("retry_base_sec", "retry_max_sec", "park_after_sec"):
+            _float("delivery", name, getattr(self, name), lo=0.0)
+        for name in ("sound_icon", "location_image_url"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"delivery.{name} must be a string, got {getattr(self, name)!r}")
         _int("delivery", "retries", self.retries, lo=0, hi=100)
         _float("delivery", "backoff", self.backoff, lo=0.0)
         _float("delivery", "max_backoff", self.max_backoff, lo=0.0)

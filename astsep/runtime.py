@@ -266,10 +266,13 @@ def build_delivery(opts: RunOptions, cfg: AstsepConfig) -> DeliverySink | None:
     opened). The one place both are made."""
     if not opts.backend_url:
         return None
-    from .delivery import BackendClient, Dispatcher
+    from .delivery import BackendClient, Dispatcher, RetryPolicy
 
     d = cfg.delivery
     client = BackendClient(opts.backend_url, timeout=d.timeout, retries=d.retries, backoff=d.backoff,
                            max_backoff=d.max_backoff, verify_tls=d.verify_tls)
-    dispatcher = Dispatcher(client, opts.outbox or default_outbox(), user_id=opts.user_id, angle=opts.angle)
+    policy = RetryPolicy(base_delay=d.retry_base_sec, max_delay=d.retry_max_sec, park_after=d.park_after_sec)
+    dispatcher = Dispatcher(client, opts.outbox or default_outbox(), user_id=opts.user_id, angle=opts.angle,
+                            policy=policy, fields={"sound_icon": d.sound_icon,
+                                                   "location_image_url": d.location_image_url})
     return DeliverySink(client, dispatcher, opts.user_id, opts.angle)

@@ -41,14 +41,16 @@ class Dispatcher:
         angle: degrees, for events without their own ``"angle"`` (None: 0).
         policy: each entry's retry schedule and when it is parked (:class:`~.send.RetryPolicy`).
         lock_timeout: seconds a send waits for another process's send loop (then ``busy``).
+        fields: ``sound_icon`` / ``location_image_url`` of every payload (config ``delivery.*``).
 
     Thread-safe: one thread may :meth:`queue` while another sends.
     """
 
     def __init__(self, client: BackendClient, outbox: str | os.PathLike[str] | Outbox, *, user_id: int | str,
                  angle: float | None = None, policy: RetryPolicy = DEFAULT_POLICY,
-                 lock_timeout: float | None = 10.0) -> None:
+                 lock_timeout: float | None = 10.0, fields: Mapping[str, str] | None = None) -> None:
         self.client = client
+        self.fields = dict(fields or {})
         self.user_id = user_id
         self.angle = 0.0 if angle is None else float(angle)
         self.policy = policy
@@ -87,7 +89,7 @@ class Dispatcher:
         """Commit ``events`` (those whose category is not ``other``) to the outbox now; returns the
         keys to :meth:`send`. Raises :class:`~astsep.errors.BackendError` only for an event that is
         not one (no ``event_id`` / ``category`` / ``label``), before anything is queued."""
-        batch = build_batch(events, user_id=self.user_id, angle=self.angle)
+        batch = build_batch(events, user_id=self.user_id, angle=self.angle, fields=self.fields)
         with self._lock:
             self._unsent.update(batch)
             while len(self._unsent) > MAX_UNSENT:

@@ -184,11 +184,13 @@ def build_batch(
     angle: float,
     occurred_at: datetime | str | float | None = None,
     report: DeliveryReport | None = None,
+    fields: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{event_id: payload}`` for every event whose ``category`` is not ``other`` (counted in
     ``report.skipped_other``; a repeated id in ``report.duplicates``), payloads from
     :func:`build_payload`. ``angle`` in degrees (an event's own ``"angle"`` key wins),
-    ``occurred_at`` as in :func:`build_payload` (an event's own wins). Touches no outbox.
+    ``occurred_at`` as in :func:`build_payload` (an event's own wins); ``fields``: ``sound_icon`` /
+    ``location_image_url`` for :func:`build_payload` (config ``delivery.*``). Touches no outbox.
 
     Raises :class:`~astsep.errors.BackendError` for an event without an ``event_id`` /
     ``category`` / ``label`` or with an angle or time that cannot be read.
@@ -212,7 +214,8 @@ def build_batch(
             report.duplicates += 1
             continue
         when = ev.get("occurred_at") or occurred_at  # the event's own time (when the sound happened) wins
-        batch[key] = build_payload(ev, user_id=user_id, angle=ev.get("angle", angle), occurred_at=when)
+        batch[key] = build_payload(ev, user_id=user_id, angle=ev.get("angle", angle), occurred_at=when,
+                                   **dict(fields or {}))
     return batch
 
 

@@ -166,7 +166,7 @@ def run_live(args) -> int:
                   "Ctrl-C stops", file=sys.stderr, flush=True)
         listener = LiveListener(pipe, lcfg, channels=source.channels, doa=doa, angle=args.angle,
                                 on_event=_print_event, client=sink.client if sink else None,
-                                outbox=sink.outbox if sink else None, user_id=args.user_id)
+                                outbox=sink.dispatcher if sink else None, user_id=args.user_id)
         stats = listener.run(source)
     finally:
         for sig, handler in old.items():
@@ -174,7 +174,8 @@ def run_live(args) -> int:
     if not args.quiet:
         print(_summary(stats, lcfg), file=sys.stderr)
     degraded = list(sink.degraded) if sink is not None else []
-    degraded += (stats.delivery or {}).get("degraded", [])  # the outbox giving out during the run
+    # the outbox giving out during the run (the listener's sink shares the dispatcher: each line once)
+    degraded += [ln for ln in (stats.delivery or {}).get("degraded", []) if ln not in degraded]
     for line in degraded:  # said even with -q: an alert may not have reached the backend
         print(f"astsep: warning: delivery degraded: {line}", file=sys.stderr)
     if degraded:

@@ -34,7 +34,9 @@ class OutboxSink:
         from ..delivery import Dispatcher
 
         self.client, self.user_id, self.angle = client, user_id, angle
-        self.dispatcher = Dispatcher(client, outbox, user_id=user_id, angle=angle)
+        # a Dispatcher built by astsep.runtime.build_delivery (its retry policy and payload fields) is used as is
+        self.dispatcher = outbox if isinstance(outbox, Dispatcher) else Dispatcher(client, outbox, user_id=user_id,
+                                                                                    angle=angle)
         self.retry_sec = retry_sec
         self.committed = 0
         self.reports: list[dict] = []
