@@ -317,6 +317,14 @@ def new_dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
+def _discard(tmp: str) -> None:
+    """Remove a temporary file a failed atomic write left (gone already: nothing to do)."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
 def write_wav_atomic(path: str | os.PathLike, x: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE,
                      container: str = "WAV", subtype: str = "FLOAT") -> None:
     """Write mono audio (float32 WAV by default) to a temporary file in the same folder, fsync, then rename.
@@ -344,16 +352,10 @@ def write_wav_atomic(path: str | os.PathLike, x: torch.Tensor | np.ndarray, samp
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise
 
 
@@ -407,10 +409,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise
 
 

@@ -33,33 +33,12 @@ import torch
 from .audio import write_bytes_atomic
 from .config import AstsepConfig
 from .errors import AstsepError
+from .inputs import output_names
 
 log = logging.getLogger(__name__)
 
 REPORT = "batch_report.json"
 _RANK_REPORT = ".astsep-batch-rank{rank}.jsonl"
-
-
-def output_names(inputs: list[Path]) -> list[str]:
-    """One subfolder name per input, unique within the list, also where case is ignored: the rule
-    ``infer.py`` uses for several inputs. A stem no other input shares is kept; inputs sharing a
-    stem get ``stem_ext``, and ``_2``, ``_3``… on top while that is still taken."""
-    stems = [p.stem or p.name or "input" for p in inputs]
-    counts: dict[str, int] = {}
-    for st in stems:
-        counts[st.casefold()] = counts.get(st.casefold(), 0) + 1
-    names: list[str | None] = [st if counts[st.casefold()] == 1 else None for st in stems]
-    used = {n.casefold() for n in names if n is not None}
-    for i, (st, p) in enumerate(zip(stems, inputs)):
-        if names[i] is not None:
-            continue
-        base = f"{st}_{p.suffix.lstrip('.') or 'noext'}"
-        name, k = base, 2
-        while name.casefold() in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name.casefold())
-        names[i] = name
-    return [n for n in names if n is not None]
 
 
 @dataclass

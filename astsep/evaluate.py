@@ -469,7 +469,8 @@ def main_musdb(args: argparse.Namespace) -> int:
         cfg = load_config(args.separator_config or default_config)
         cfg.guide.device = args.device
         from .guide import build_guide
-        from .pipeline import Pipeline, quiet_model_loading
+        from .guide import quiet_model_loading
+        from .pipeline import Pipeline
 
         guide_model = args.model or DEFAULT_MODEL
         with quiet_model_loading():

@@ -18,7 +18,6 @@ residual is the input minus every source, in the time domain, so the files add b
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -39,7 +38,7 @@ from .config import (SAMPLE_RATE, SEPARATION_SECTIONS, AstsepConfig, WindowConfi
 from .errors import AudioError, ConfigError
 from .events import active_span, class_records, content_key, event_id, merge_window_events, safe_name
 from .export import ExportOptions, export_tracks, read_mono_at
-from .guide import TOP_K, ASTGuide, top_classes, use_fast_settings
+from .guide import TOP_K, ASTGuide, quiet_model_loading, top_classes, use_fast_settings
 from .outputs import write_outputs
 from .separator import BatchSeparation, Separator
 from .version import __version__
@@ -179,24 +178,6 @@ class SeparationResult:
 
 
 # --- the pipeline -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def quiet_model_loading():
-    """No "Loading weights" progress bars from transformers while a model loads (library code
-    prints nothing); the caller's setting is restored afterwards."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        yield
-        return
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
 class Pipeline:
     """Holds the configuration, the AST guide (and its cache) and the separator."""
 

@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         guide = module = None
         if any(k != "refiner" for k in kinds):
             from .guide import build_guide
-            from .pipeline import quiet_model_loading
+            from .guide import quiet_model_loading
 
             with quiet_model_loading():
                 guide = build_guide(args.model, GuideConfig(device=args.device), option="--model")

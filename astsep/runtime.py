@@ -177,7 +177,7 @@ def _refiner_guide(opts: RunOptions, cfg: AstsepConfig, refiner):
     if refiner is None or opts.model is not None or not refiner.guide_model:
         return None
     from .guide import build_guide
-    from .pipeline import quiet_model_loading
+    from .guide import quiet_model_loading
 
     if refiner.guide_model == "tiny":
         log.warning("refiner %s was trained on a random tiny AST (a smoke-test config): separating with that "

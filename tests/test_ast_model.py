@@ -193,3 +193,34 @@ def test_a_corrupt_weight_file_is_a_model_error_not_a_traceback(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match="cannot load AST model"):
         load_ast_model(str(tmp_path))
+
+
+# ``python infer.py`` as a user runs it, then which transformers modules it imported.
+RUN_INFER = """
+import json, runpy, sys
+sys.argv = ["infer.py"] + json.loads(sys.argv[1])
+code = 0
+try:
+    runpy.run_path("infer.py", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "transformers": sorted(m for m in sys.modules if m.split(".")[0] == "transformers")}))
+"""
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["default", "fast"])
+def test_an_infer_run_on_a_safetensors_model_imports_no_transformers_at_all(tmp_path, tiny_model_dir, shared, fast):
+    args = ["-i", str(clip_path("dog")), "-o", str(tmp_path / "out"), "-m", str(tiny_model_dir), "-q"]
+    proc = subprocess.run([sys.executable, "-c", RUN_INFER, json.dumps(args + (["--fast"] if fast else []))],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["code"] == 0, proc.stderr[-1500:]
+    assert res["transformers"] == [], res["transformers"][:10]
+    assert json.loads((tmp_path / "out" / "events.json").read_text())["stats"]["model"] == str(tiny_model_dir)
+
+
+def clip_path(name: str):
+    from conftest import ESC
+
+    return next(ESC.glob(f"{name}__*.flac"))

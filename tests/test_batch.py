@@ -13,7 +13,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from astsep.batch import BatchItem, is_done, output_names, plan
+from astsep.batch import BatchItem, is_done, plan
+from astsep.inputs import output_names
 
 from conftest import ESC, ROOT, SEED_RECORDING
 

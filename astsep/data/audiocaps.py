@@ -324,7 +324,27 @@ class MixtureDataset(Dataset):
         }
 
 
-class AudioCapsDataModule(_DataModuleBase):
+class MixtureDataModule(_DataModuleBase):
+    """The loaders every mixture data module shares: ``train_dataset()``, ``val_dataset()`` and
+    ``test_dataset()`` (the subclass's) behind Lightning's ``*_dataloader`` hooks; needs
+    ``batch_size`` and ``num_workers`` attributes."""
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          drop_last=shuffle, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(), True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset(), False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset(), False)
+
+
+class AudioCapsDataModule(MixtureDataModule):
     """Training and fixed validation mixtures from AudioCaps (or any ``path, caption``) CSVs.
 
     Args:
@@ -440,20 +460,6 @@ class AudioCapsDataModule(_DataModuleBase):
     def test_dataset(self) -> MixtureDataset:
         self.setup()
         return self._dataset(self.test_clips, self.val_mixtures, self.seed + 1)
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=shuffle, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(), True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset(), False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset(), False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

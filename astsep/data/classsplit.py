@@ -45,7 +45,7 @@ from ..audio import load_audio
 from ..config import SAMPLE_RATE
 from ..errors import ConfigError
 from ..oracle import Degradation
-from .audiocaps import mix_at_snr
+from .audiocaps import MixtureDataModule, mix_at_snr
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class ClassSplitMixtures(Dataset):
                 "caption": f"the sound of {a.label}", "name": f"{index:05d}_{a.key}+{b.key}@{snr:+.1f}dB"}
 
 
-class ClassSplitDataModule(pl.LightningDataModule):
+class ClassSplitDataModule(MixtureDataModule):
     """Training, validation and held-out test mixtures of the fixed class split (module docstring).
 
     Args:
@@ -268,16 +268,3 @@ class ClassSplitDataModule(pl.LightningDataModule):
 
     def test_dataset(self) -> ClassSplitMixtures:
         return self._dataset("held_out", self.test_mixtures, self.seed + 2)
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=shuffle, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(), True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset(), False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset(), False)
