@@ -30,7 +30,7 @@ from astsep.outputs import MANIFEST, OLD_INNER_LOCK, output_lock, write_outputs
 from astsep.pipeline import SeparationResult, Track
 
 from conftest import ROOT, SEED_RECORDING
-from test_cli import infer
+from infer_run import infer
 
 WRITER = textwrap.dedent("""
     import os, signal, sys

@@ -15,7 +15,7 @@ from astsep.refiner import Refiner
 from astsep.testing import audioset_labels
 
 from conftest import clip, fit_and_save, mixture
-from test_cli import infer, one_error_line
+from infer_run import infer, one_error_line
 
 SMALL = {"n_masks": 3, "channels": 8, "max_channels": 16, "depth": 2, "cond_dim": 16, "groups": 4}
 

@@ -25,7 +25,7 @@ from astsep.guide import ASTGuide
 from astsep.testing import tiny_ast
 
 from conftest import written_sum
-from test_cli import infer, one_error_line
+from infer_run import infer, one_error_line
 
 RNG = np.random.default_rng(1234)
 

@@ -15,25 +15,12 @@ import pytest
 import soundfile as sf
 
 from conftest import ROOT, SEED_RECORDING, clip, mixture
+from infer_run import infer, one_error_line
 
 EVENT_KEYS = {"event_id", "kind", "file", "pass", "window", "start_sec", "end_sec", "label", "class_id", "confidence",
               "top5", "category", "level_dbfs", "energy_share", "model"}
 STAT_KEYS = {"input", "duration_sec", "input_sample_rate", "input_channels", "model", "device", "ast_forwards",
              "cache_hits", "seconds"}
-
-
-def infer(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    e = dict(os.environ, HF_HUB_OFFLINE="1", XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME", "/tmp/astsep-test-cache"))
-    e.update(env or {})
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=e, cwd=str(ROOT))
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 def test_separates_the_reference_recording_with_debug_figures(tmp_path, tiny_model_dir, shared):
