@@ -233,8 +233,7 @@ class Pipeline:
 
     def _run_stats(self, st: "_RunState", events: list[dict], name: str, info: AudioInfo | None, g0: dict,
                    t_start: float) -> dict:
-        """``result.stats``: the input, the model, what ran (windows, passes, forwards) and the seconds.
-        One dictionary literal of 30 keys: longer than 60 lines, and clearer whole than split."""
+        """``result.stats``: the input, the model, what ran (windows, passes, forwards) and the seconds."""
         sc, n = self.cfg.separator, st.n
         g1 = self.guide.stats()
         return {
