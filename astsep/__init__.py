@@ -11,7 +11,7 @@ __all__ = ["separate", "SeparationResult", "__version__"]
 
 def __getattr__(name):  # lazy: `python -m astsep.delivery` must not pay for importing torch
     if name in ("separate", "SeparationResult"):
-        from . import pipeline
+        from . import api
 
-        return getattr(pipeline, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'astsep' has no attribute {name!r}")

@@ -1,12 +1,9 @@
 """From a recording to sources and events: windows, batched separation, cross-fade, event records.
 Writing them to a folder is :mod:`astsep.outputs`'s (``result.write(dir)``).
 
-``separate()`` is the functional API under ``infer.py``::
-
-    result = astsep.separate("recording.wav")            # or a tensor plus sample_rate
-    result.sources        # {"00_Speech": tensor (N,), …, "03_residual": tensor (N,)}
-    result.events         # list of event dicts (see README)
-    result.write("out/")  # NN_<label>.wav …, events.json
+:class:`Pipeline` holds the config, the AST guide and the separator; ``Pipeline.run(x)`` gives a
+:class:`~astsep.result.SeparationResult`. The functional API over it, ``astsep.separate()``, is
+:mod:`astsep.api`'s.
 
 Long inputs are cut into 10.24 s windows that overlap by ``window.overlap_sec`` and are spread
 evenly over the file; each window is separated on its own (windows of a file go through the AST
@@ -18,30 +15,22 @@ residual is the input minus every source, in the time domain, so the files add b
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
-from .audio import AudioInfo, dbfs, load_audio, rms_db, samples_to_mono_16k
-from .config import (SAMPLE_RATE, SEPARATION_SECTIONS, AstsepConfig, WindowConfig, apply_overrides, load_config,
-                     shortcut_overrides)
-from .errors import AudioError, ConfigError
-from .events import active_span, class_records, content_key, event_id, merge_window_events, safe_name
-from .export import ExportOptions, export_tracks, read_mono_at
-from .guide import TOP_K, ASTGuide, quiet_model_loading, top_classes, use_fast_settings
-from .outputs import write_outputs
+from .audio import AudioInfo, dbfs, rms_db
+from .config import SAMPLE_RATE, SEPARATION_SECTIONS, AstsepConfig, WindowConfig
+from .errors import ConfigError
+from .events import active_span, class_records, content_key, event_id, merge_window_events
+from .guide import TOP_K, ASTGuide, quiet_model_loading, top_classes
+from .result import SeparationResult, Track
 from .separator import BatchSeparation, Separator
-from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -95,88 +84,6 @@ def crossfade_weights(starts: list[int], win: int, n: int, ramp: int) -> list[to
     return [window_weight(i, starts, win, n, ramp) for i in range(len(starts))]
 
 
-# --- results ----------------------------------------------------------------------------------
-@dataclass
-class Track:
-    """One output file: the sum of (cross-faded) sources of one class, or the residual."""
-
-    index: int
-    label: str
-    class_id: int
-    kind: str  # "source" | "residual"
-    segments: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (start sample, samples)
-
-    @property
-    def filename(self) -> str:
-        return f"{self.index:02d}_{safe_name(self.label, 'sound')}.wav"
-
-    def render(self, n: int) -> torch.Tensor:
-        out = torch.zeros(n)
-        for s, seg in self.segments:
-            out[s:s + seg.numel()] += seg
-        return out
-
-
-@dataclass
-class SeparationResult:
-    """Everything one input gave: tracks (sources + residual), events and run statistics."""
-
-    input: str
-    audio: torch.Tensor  # (N,) the 16 kHz mono input
-    tracks: list[Track]
-    events: list[dict]
-    stats: dict
-    traces: list[tuple[int, int, Any]] = field(default_factory=list)  # (window, start, BatchSeparation item)
-    _residual: torch.Tensor | None = None
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.audio.numel())
-
-    @property
-    def residual(self) -> torch.Tensor:
-        if self._residual is None:
-            # subtract in place: one (N,) buffer, whatever the number of sources (long inputs)
-            res = self.audio.clone()
-            for tr in self.tracks:
-                if tr.kind == "source":
-                    for s, seg in tr.segments:
-                        res[s:s + seg.numel()] -= seg
-            self._residual = res
-        return self._residual
-
-    @property
-    def sources(self) -> dict[str, torch.Tensor]:
-        """``{file stem: samples (N,)}`` for every output file, residual last."""
-        out = {}
-        for tr in self.tracks:
-            out[tr.filename[:-4]] = self.residual if tr.kind == "residual" else tr.render(self.num_samples)
-        return out
-
-    @property
-    def labels(self) -> list[str]:
-        return [tr.label for tr in self.tracks if tr.kind == "source"]
-
-    def manifest(self) -> dict:
-        return {"astsep_version": __version__, "files": [tr.filename for tr in self.tracks], "events": self.events,
-                "stats": self.stats}
-
-    def write(self, out_dir: str | os.PathLike, debug: bool = False, config: AstsepConfig | None = None,
-              options: ExportOptions | None = None) -> Path:
-        """Write the files and ``events.json`` into ``out_dir`` (see :func:`write_outputs`), as ``options``
-        asks (rate, sample format, cropping: :mod:`astsep.export`; default 16 kHz float32, full length).
-        Writing at the input's rate reads the input file again (``self.input``)."""
-        options = options or ExportOptions()
-        reference = rate = None
-        if options.sample_rate != SAMPLE_RATE:
-            if not os.path.isfile(self.input):
-                raise ConfigError(f"writing at {options.sample_rate} Hz needs the input file; {self.input!r} is not "
-                                  "one (samples were given): resample the written 16 kHz files instead")
-            reference, rate = read_mono_at(self.input, options.sample_rate)
-        export = export_tracks(self, options, reference, rate)
-        return write_outputs(self, Path(out_dir), debug=debug, config=config, export=export)
-
-
 # --- the pipeline -----------------------------------------------------------------------------
 class Pipeline:
     """Holds the configuration, the AST guide (and its cache) and the separator."""
@@ -218,89 +125,99 @@ class Pipeline:
         """
         if query is not None and self.refiner is None:
             raise ConfigError("a text or audio query needs a trained refiner (--refiner CKPT)")
-        cfg, sc = self.cfg, self.cfg.separator
         t_start = time.perf_counter()
         g0 = dict(self.guide.stats())
         x = audio.float().cpu()
         n = x.numel()
-        starts, win, ovl = window_layout(cfg.window, n)
-        length = min(win, n)
-        total_energy = float(x.double().pow(2).sum())
+        starts, win, ovl = window_layout(self.cfg.window, n)
         # the same audio gives the same event ids wherever it comes from (idempotent delivery);
         # long inputs are hashed block by block instead of as one copy of their bytes
         input_key = self.guide.key(x) if n <= 4 * win else content_key(x, self.guide.key(x[:0]))
-
-        tracks: dict[int, Track] = {}
-        events: list[dict] = []
-        residual_cls: list[dict | None] = []
-        traces: list[tuple[int, int, Any]] = []
-        residual_forwards = query_forwards = passes_run = windows_cut = 0
-        t_sep = t_res = t_ref = 0.0
-        device = self.guide.device
-        bw = cfg.window.batch_windows or (32 if device.type == "cuda" else 1)
+        st = _RunState(x, starts, win, ovl, float(x.double().pow(2).sum()), input_key, query, keep_traces)
+        bw = self.cfg.window.batch_windows or (32 if self.guide.device.type == "cuda" else 1)
         for c0 in range(0, len(starts), bw):
-            chunk = starts[c0:c0 + bw]
-            xb = torch.stack([x[s:s + length] for s in chunk]).to(device)
-            t0 = time.perf_counter()
-            out = self.separator.separate_batch(xb, keep_traces=keep_traces, should_stop=should_stop)
-            t_sep += time.perf_counter() - t0
-            passes_run = max(passes_run, out.passes_run)
-            windows_cut += len(chunk) if out.cut else 0
-            if self.refiner is not None:
-                t0, before = time.perf_counter(), self.guide.forwards
-                out = self._refine(xb, out, query)
-                query_forwards += self.guide.forwards - before
-                t_ref += time.perf_counter() - t0
-            # windowed sources and residuals
-            src = out.sources.cpu()
-            res = out.residual.cpu()
-            t0 = time.perf_counter()
-            before = self.guide.forwards
-            cls = self._classify_residuals(res, xb.cpu(), out.silent.cpu())
-            residual_forwards += self.guide.forwards - before
-            t_res += time.perf_counter() - t0
-            for j, s in enumerate(chunk):
-                w_idx = c0 + j
-                wgt = window_weight(w_idx, starts, win, n, ovl)
-                residual_cls.append(cls[j])
-                if keep_traces:
-                    traces.append((w_idx, s, _slice_item(out, j)))
-                for k in range(out.kept.shape[1]):
-                    if not bool(out.kept[j, k]):
-                        continue
-                    cid = int(out.class_ids[j, k])
-                    seg = src[j, k] * wgt
-                    key = "query" if query is not None else cid
-                    tr = tracks.get(key)
-                    if tr is None:
-                        label = query.text if query is not None else self.guide.labels[cid]
-                        tr = tracks[key] = Track(len(tracks), label, cid, "source")
-                    tr.segments.append((s, seg))
-                    ev = self._event(tr, seg, s, w_idx, k, out, j, total_energy, input_key)
-                    if query is not None:
-                        ev["query"] = query.text
-                        ev["negative_query"] = query.negative_text
-                    events.append(ev)
+            self._run_chunk(st, c0, starts[c0:c0 + bw], should_stop)
             if progress:
-                progress(len(chunk))
+                progress(len(starts[c0:c0 + bw]))
+        result = self._finish(st, name)
+        result.stats = self._run_stats(st, result.events, name, info, g0, t_start)
+        return result
 
-        # residual track: named by its class when every classified window agrees confidently
-        confident = [c for c in residual_cls if c is not None and c["confidence"] >= sc.residual_confidence]
-        classified = [c for c in residual_cls if c is not None]
+    def _run_chunk(self, st: "_RunState", c0: int, chunk: list[int], should_stop) -> None:
+        """Separate the windows starting at ``chunk`` (window ``c0`` first) in one batch; their
+        sources go into ``st``'s tracks (cross-faded), their events and residual classes into ``st``."""
+        xb = torch.stack([st.x[s:s + st.length] for s in chunk]).to(self.guide.device)
+        t0 = time.perf_counter()
+        out = self.separator.separate_batch(xb, keep_traces=st.keep_traces, should_stop=should_stop)
+        st.t_sep += time.perf_counter() - t0
+        st.passes_run = max(st.passes_run, out.passes_run)
+        st.windows_cut += len(chunk) if out.cut else 0
+        if self.refiner is not None:
+            t0, before = time.perf_counter(), self.guide.forwards
+            out = self._refine(xb, out, st.query)
+            st.query_forwards += self.guide.forwards - before
+            st.t_ref += time.perf_counter() - t0
+        # windowed sources and residuals
+        src = out.sources.cpu()
+        res = out.residual.cpu()
+        t0 = time.perf_counter()
+        before = self.guide.forwards
+        cls = self._classify_residuals(res, xb.cpu(), out.silent.cpu())
+        st.residual_forwards += self.guide.forwards - before
+        st.t_res += time.perf_counter() - t0
+        for j, s in enumerate(chunk):
+            w_idx = c0 + j
+            wgt = window_weight(w_idx, st.starts, st.win, st.n, st.ovl)
+            st.residual_cls.append(cls[j])
+            if st.keep_traces:
+                st.traces.append((w_idx, s, _slice_item(out, j)))
+            for k in range(out.kept.shape[1]):
+                if bool(out.kept[j, k]):
+                    self._add_source(st, src[j, k] * wgt, s, w_idx, k, out, j)
+
+    def _add_source(self, st: "_RunState", seg: torch.Tensor, s: int, w_idx: int, k: int, out: BatchSeparation,
+                    j: int) -> None:
+        """Source ``k`` of window ``w_idx`` (cross-faded ``seg``, starting at sample ``s``): onto its
+        class's track (the query's with a query), and its event."""
+        query = st.query
+        cid = int(out.class_ids[j, k])
+        key = "query" if query is not None else cid
+        tr = st.tracks.get(key)
+        if tr is None:
+            label = query.text if query is not None else self.guide.labels[cid]
+            tr = st.tracks[key] = Track(len(st.tracks), label, cid, "source")
+        tr.segments.append((s, seg))
+        ev = self._event(tr, seg, s, w_idx, k, out, j, st.total_energy, st.input_key)
+        if query is not None:
+            ev["query"] = query.text
+            ev["negative_query"] = query.negative_text
+        st.events.append(ev)
+
+    def _finish(self, st: "_RunState", name: str) -> SeparationResult:
+        """The residual track (named by its class when every classified window agrees confidently),
+        its events, and one event per sound where overlapping windows saw it twice."""
+        sc = self.cfg.separator
+        confident = [c for c in st.residual_cls if c is not None and c["confidence"] >= sc.residual_confidence]
+        classified = [c for c in st.residual_cls if c is not None]
         same = bool(classified) and len(confident) == len(classified) and len({c["class_id"] for c in confident}) == 1
-        res_label = confident[0]["label"] if same else ("rest" if query is not None else "residual")
-        res_track = Track(len(tracks), res_label, confident[0]["class_id"] if same else -1, "residual")
-        result = SeparationResult(name, x, list(tracks.values()) + [res_track], events, {}, traces)
+        res_label = confident[0]["label"] if same else ("rest" if st.query is not None else "residual")
+        res_track = Track(len(st.tracks), res_label, confident[0]["class_id"] if same else -1, "residual")
+        result = SeparationResult(name, st.x, list(st.tracks.values()) + [res_track], st.events, {}, st.traces)
         resid = result.residual
-        for w_idx, s in enumerate(starts):
-            seg = resid[s:s + length] * window_weight(w_idx, starts, win, n, ovl)
-            events.append(self._residual_event(res_track, seg, s, w_idx, residual_cls[w_idx], total_energy,
-                                               input_key, silent=dbfs(x[s:s + length]) < sc.silence_dbfs))
-
+        for w_idx, s in enumerate(st.starts):
+            seg = resid[s:s + st.length] * window_weight(w_idx, st.starts, st.win, st.n, st.ovl)
+            st.events.append(self._residual_event(res_track, seg, s, w_idx, st.residual_cls[w_idx], st.total_energy,
+                                                  st.input_key, silent=dbfs(st.x[s:s + st.length]) < sc.silence_dbfs))
         # overlapping windows see one sound twice: one event per sound (no duplicate alerts)
-        result.events = events = merge_window_events(events, cfg.window.merge_gap_sec)
+        result.events = merge_window_events(st.events, self.cfg.window.merge_gap_sec)
+        return result
+
+    def _run_stats(self, st: "_RunState", events: list[dict], name: str, info: AudioInfo | None, g0: dict,
+                   t_start: float) -> dict:
+        """``result.stats``: the input, the model, what ran (windows, passes, forwards) and the seconds."""
+        sc, n = self.cfg.separator, st.n
         g1 = self.guide.stats()
-        result.stats = {
+        return {
             "input": name,
             "duration_sec": round(n / SAMPLE_RATE, 4),
             "input_sample_rate": info.sample_rate if info else SAMPLE_RATE,
@@ -312,32 +229,32 @@ class Pipeline:
             "dtype": self.guide.cfg.dtype,
             # padded patches per merged token in windows shorter than 10.24 s (0: dropped); null: full window
             "pad_merge": self.guide.cfg.pad_merge if self.guide.cfg.trim_padding else None,
-            "windows": len(starts),
+            "windows": len(st.starts),
             "passes_max": sc.max_passes,
-            "passes_run": passes_run,  # the most passes any window ran
-            "windows_cut": windows_cut,  # windows whose passes should_stop ended early
+            "passes_run": st.passes_run,  # the most passes any window ran
+            "windows_cut": st.windows_cut,  # windows whose passes should_stop ended early
             "ast_forwards": g1["ast_forwards"] - g0["ast_forwards"],
-            "ast_forwards_separation": g1["ast_forwards"] - g0["ast_forwards"] - residual_forwards - query_forwards,
-            "ast_forwards_residual": residual_forwards,
-            "ast_forwards_query": query_forwards,
+            "ast_forwards_separation": (g1["ast_forwards"] - g0["ast_forwards"] - st.residual_forwards
+                                        - st.query_forwards),
+            "ast_forwards_residual": st.residual_forwards,
+            "ast_forwards_query": st.query_forwards,
             "refiner": self.refiner.name if self.refiner is not None else None,
-            "residuals_classified": sum(1 for c in residual_cls if c is not None),
+            "residuals_classified": sum(1 for c in st.residual_cls if c is not None),
             "ast_batches": g1["ast_batches"] - g0["ast_batches"],
             "cache_hits": g1["cache_hits"] - g0["cache_hits"],
-            "sources": len(tracks),
-            "silent": bool(all(e.get("silent") for e in events if e["kind"] == "residual")) and not tracks,
+            "sources": len(st.tracks),
+            "silent": bool(all(e.get("silent") for e in events if e["kind"] == "residual")) and not st.tracks,
             # every setting of this separation by value (astsep.config.config_from_dict rebuilds it); the
             # guide section is the AST's own (e.g. float32 where bfloat16 was asked for on a CPU without it)
             "config": {k: v for k, v in self.run_config().to_dict().items() if k in SEPARATION_SECTIONS},
             "seconds": {
-                "separate": round(t_sep, 4),
+                "separate": round(st.t_sep, 4),
                 "ast": round(g1["ast_seconds"] - g0["ast_seconds"], 4),
-                "classify_residual": round(t_res, 4),
-                "refine": round(t_ref, 4),
+                "classify_residual": round(st.t_res, 4),
+                "refine": round(st.t_ref, 4),
                 "total": round(time.perf_counter() - t_start, 4),
             },
         }
-        return result
 
     # ------------------------------------------------------------------------------------------
     def _refine(self, xb: torch.Tensor, out: BatchSeparation, query) -> BatchSeparation:
@@ -446,6 +363,39 @@ class Pipeline:
         }
 
 
+@dataclass
+class _RunState:
+    """What one :meth:`Pipeline.run` gathers window by window (samples: 16 kHz)."""
+
+    x: torch.Tensor  # (N,) the input
+    starts: list[int]  # window start samples
+    win: int  # window length
+    ovl: int  # overlap
+    total_energy: float
+    input_key: str
+    query: Any
+    keep_traces: bool
+    tracks: dict[Any, Track] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+    residual_cls: list[dict | None] = field(default_factory=list)
+    traces: list[tuple[int, int, Any]] = field(default_factory=list)
+    residual_forwards: int = 0
+    query_forwards: int = 0
+    passes_run: int = 0
+    windows_cut: int = 0
+    t_sep: float = 0.0
+    t_res: float = 0.0
+    t_ref: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return self.x.numel()
+
+    @property
+    def length(self) -> int:
+        return min(self.win, self.n)
+
+
 def round_db(v: float) -> float | None:
     """A level in dB as events carry it: 2 decimals, None for -inf (silence)."""
     return round(v, 2) if math.isfinite(v) else None
@@ -455,84 +405,3 @@ def _slice_item(out: BatchSeparation, j: int) -> dict:
     return {"traces": [{name: (getattr(tr, name)[j] if isinstance(getattr(tr, name), torch.Tensor) else
                                getattr(tr, name)) for name in tr.__dataclass_fields__} for tr in out.traces],
             "sources": out.sources[j].cpu(), "residual": out.residual[j].cpu(), "labels": out.labels[j]}
-
-
-# --- functional API -------------------------------------------------------------------------
-_GUIDES: dict[str, ASTGuide] = {}
-
-
-def _frozen(section: Any) -> str:
-    """A config section as canonical JSON: equal configs give equal keys, any change a new one."""
-    return json.dumps(dataclasses.asdict(section), sort_keys=True, default=repr)
-
-
-def get_pipeline(cfg: AstsepConfig) -> Pipeline:
-    """A pipeline for ``cfg``. The AST guide (model and cache) is kept process-wide per *whole*
-    guide config, so the model is loaded once per distinct setting and its cache is shared by
-    every call with that setting; any change (``fbank_mean``, ``max_frames``, …) gets a new guide.
-    The pipeline itself holds a frozen copy of the whole ``cfg``: later changes to the caller's
-    object do not leak into it."""
-    cfg = copy.deepcopy(cfg)
-    key = _frozen(cfg.guide)
-    guide = _GUIDES.get(key)
-    if guide is None:
-        pipe = Pipeline(cfg)
-        _GUIDES[key] = pipe.guide
-        return pipe
-    return Pipeline(cfg, guide)
-
-
-def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: int | None = None, *,
-             model: str | None = None, config: AstsepConfig | str | os.PathLike | None = None,
-             guide: ASTGuide | None = None, max_passes: int | None = None, min_eratio: float | None = None,
-             device: str | None = None, cache_dir: str | None = None, keep_traces: bool = False,
-             refiner=None, query=None, fast: bool = False) -> SeparationResult:
-    """Separate a recording into sources, classify them, and describe them as events.
-
-    Args:
-        audio: a path to any file soundfile decodes, or samples: ``(N,)``, ``(N, channels)`` or
-            ``(channels, N)`` with at most 8 channels (an ambiguous shape is refused); integer PCM
-            (int16, int32, …) is scaled by its dtype's range.
-        sample_rate: rate of ``audio`` in Hz when it is samples (required then); ignored for paths.
-        model: AST Hub id or local folder (default: the config's, ``MIT/ast-finetuned-audioset-10-10-0.4593``).
-        config: an :class:`AstsepConfig` or a YAML path (``configs/separator.yaml``).
-        guide: an already built :class:`ASTGuide` (tests, notebooks); overrides ``model``.
-        max_passes, min_eratio, device, cache_dir: override the config (checked like a config file's
-            values; any other key: ``astsep.config.apply_overrides(cfg, {"section.key": value})``).
-        keep_traces: keep per-pass internals (needed for debug figures).
-        refiner: an :class:`astsep.refiner.Refiner` (``Refiner.load(ckpt)``): refine every source.
-        query: an :class:`astsep.refiner.Query`: with a refiner, extract only that sound (plus the rest).
-        fast: what ``infer.py --fast`` does: int8 AST on CPU (bfloat16 on GPU) and merged padding
-            for inputs shorter than a window (changes against the default in benchmarks/README.md).
-
-    Returns:
-        :class:`SeparationResult` with ``sources``, ``labels``, ``events``, ``stats``; ``write(dir)``
-        writes the files.
-    """
-    base = config if isinstance(config, AstsepConfig) else load_config(config)
-    # a new, checked config: the caller's object stays as it was
-    cfg = apply_overrides(base, shortcut_overrides(model=model, device=device, cache_dir=cache_dir,
-                                                   max_passes=max_passes, min_eratio=min_eratio))
-    if fast:
-        if guide is not None:
-            raise ConfigError("fast=True sets how the model is loaded; with guide=..., build the guide with "
-                              "GuideConfig(dtype='int8' or 'bfloat16', trim_padding=True) instead")
-        use_fast_settings(cfg.guide)
-    t0 = time.perf_counter()
-    info = None
-    if isinstance(audio, (str, os.PathLike)):
-        x, info = load_audio(audio)
-        name = str(audio)
-    else:
-        if sample_rate is None:
-            raise AudioError("sample_rate is required when audio is given as samples")
-        x, info = samples_to_mono_16k(audio, int(sample_rate))
-        name = "<samples>"
-    t_load = time.perf_counter() - t0
-    if refiner is not None:
-        pipe = Pipeline(cfg, guide if guide is not None else get_pipeline(cfg).guide, refiner=refiner)
-    else:
-        pipe = Pipeline(cfg, guide) if guide is not None else get_pipeline(cfg)
-    result = pipe.run(x, name, info, keep_traces=keep_traces, query=query)
-    result.stats["seconds"]["decode"] = round(t_load, 4)
-    return result

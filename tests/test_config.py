@@ -234,7 +234,7 @@ def test_separate_overrides_are_checked_and_leave_the_callers_config_alone(monke
     import numpy as np
 
     import astsep
-    from astsep import pipeline
+    from astsep import api
 
     cfg = AstsepConfig()
     with pytest.raises(ConfigError, match="separator.max_passes must be an integer >= 1"):
@@ -242,7 +242,7 @@ def test_separate_overrides_are_checked_and_leave_the_callers_config_alone(monke
     with pytest.raises(ConfigError, match="separator.min_eratio must be a finite number"):
         astsep.separate(np.zeros(1600, dtype=np.float32), 16000, config=cfg, min_eratio="0.1")
     seen = []
-    monkeypatch.setattr(pipeline, "get_pipeline", lambda c: seen.append(c) or (_ for _ in ()).throw(RuntimeError))
+    monkeypatch.setattr(api, "get_pipeline", lambda c: seen.append(c) or (_ for _ in ()).throw(RuntimeError))
     with pytest.raises(RuntimeError):
         astsep.separate(np.zeros(1600, dtype=np.float32), 16000, config=cfg, max_passes=2, device="cpu")
     assert (seen[0].separator.max_passes, seen[0].guide.device) == (2, "cpu")

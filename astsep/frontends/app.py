@@ -345,47 +345,7 @@ def build_ui(demo: Demo, sessions: Sessions, keep_seconds: float):
         events = gr.Dataframe(headers=EVENT_COLUMNS, label="Events", interactive=False, elem_id="events")
         figures = gr.Gallery(label="Debug figures (one per pass)", columns=3, elem_id="figures")
 
-        def separate(upload_path, record_path, q_text, q_clip, want_debug, request: gr.Request,
-                     progress=gr.Progress()):
-            session = request.session_hash or "anonymous"
-            path = upload_path or record_path
-            for p in (upload_path, record_path, q_clip):
-                if p:
-                    sessions.remember_upload(session, p)
-            empty = ("", [], None, None, [])
-            if not path:
-                return (_status("astsep: error: upload a file or record one first", error=True),) + empty[1:]
-            name = Path(upload_path).name if upload_path else "recording.wav"
-
-            def report(done: int, total: int) -> None:
-                if not sessions.is_open(session):  # the page was closed: stop after this window
-                    log.info("page closed: stopped separating %s after %d of %d windows", name, done, total)
-                    raise PageClosed
-                progress((done, total), desc=f"separating {name}", unit="windows")
-
-            run_dir = None
-            try:
-                run_dir = sessions.new_run_dir(session, Path(name).stem)
-                run = demo.run(path, run_dir, name=name, query=q_text, query_audio=q_clip, debug=want_debug,
-                               progress=report)
-                if not sessions.is_open(session):
-                    raise PageClosed
-            except PageClosed:
-                if run_dir is not None:
-                    shutil.rmtree(run_dir.parent, ignore_errors=True)  # nobody is left to download it
-                return ("",) + empty[1:]
-            except AstsepError as exc:
-                return (_status(f"astsep: error: {_one_line(str(exc))}", error=True),) + empty[1:]
-            except Exception as exc:  # noqa: BLE001 - a bug, not a bad input: one line, the traceback in the log
-                log.exception("separating %s failed", name)
-                return (_status(f"astsep: internal error: {type(exc).__name__}: {_one_line(str(exc))}", error=True),
-                        ) + empty[1:]
-            views = [{"file": str(v.file), "caption": f"{i:02d} {v.caption}"} for i, v in enumerate(run.sources)]
-            n_src = sum(1 for v in run.sources if v.kind == "source")
-            msg = f"{name}: {n_src} source(s) and the residual in {run.seconds:.1f} s"
-            return (_status(msg), views, str(run.zip_path), run.event_rows(),
-                    [(str(f), f.name) for f in run.figures])
-
+        separate = _separate_handler(demo, sessions)
         go.click(separate, inputs=[upload, record, query, query_clip, debug],
                  outputs=[status, sources_state, everything, events, figures],
                  concurrency_limit=QUEUE_WORKERS, concurrency_id="separate")
@@ -395,6 +355,54 @@ def build_ui(demo: Demo, sessions: Sessions, keep_seconds: float):
 
         ui.unload(end_session)
     return ui
+
+
+def _separate_handler(demo: Demo, sessions: Sessions):
+    """The Separate button's event: one run of ``demo`` into a folder of the session, the page's
+    outputs (status, sources, zip, events, figures) as Gradio takes them."""
+
+    def separate(upload_path, record_path, q_text, q_clip, want_debug, request: gr.Request,
+                 progress=gr.Progress()):
+        session = request.session_hash or "anonymous"
+        path = upload_path or record_path
+        for p in (upload_path, record_path, q_clip):
+            if p:
+                sessions.remember_upload(session, p)
+        empty = ("", [], None, None, [])
+        if not path:
+            return (_status("astsep: error: upload a file or record one first", error=True),) + empty[1:]
+        name = Path(upload_path).name if upload_path else "recording.wav"
+
+        def report(done: int, total: int) -> None:
+            if not sessions.is_open(session):  # the page was closed: stop after this window
+                log.info("page closed: stopped separating %s after %d of %d windows", name, done, total)
+                raise PageClosed
+            progress((done, total), desc=f"separating {name}", unit="windows")
+
+        run_dir = None
+        try:
+            run_dir = sessions.new_run_dir(session, Path(name).stem)
+            run = demo.run(path, run_dir, name=name, query=q_text, query_audio=q_clip, debug=want_debug,
+                           progress=report)
+            if not sessions.is_open(session):
+                raise PageClosed
+        except PageClosed:
+            if run_dir is not None:
+                shutil.rmtree(run_dir.parent, ignore_errors=True)  # nobody is left to download it
+            return ("",) + empty[1:]
+        except AstsepError as exc:
+            return (_status(f"astsep: error: {_one_line(str(exc))}", error=True),) + empty[1:]
+        except Exception as exc:  # noqa: BLE001 - a bug, not a bad input: one line, the traceback in the log
+            log.exception("separating %s failed", name)
+            return (_status(f"astsep: internal error: {type(exc).__name__}: {_one_line(str(exc))}", error=True),
+                    ) + empty[1:]
+        views = [{"file": str(v.file), "caption": f"{i:02d} {v.caption}"} for i, v in enumerate(run.sources)]
+        n_src = sum(1 for v in run.sources if v.kind == "source")
+        msg = f"{name}: {n_src} source(s) and the residual in {run.seconds:.1f} s"
+        return (_status(msg), views, str(run.zip_path), run.event_rows(),
+                [(str(f), f.name) for f in run.figures])
+
+    return separate
 
 
 def _status(line: str, error: bool = False) -> str:
