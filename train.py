@@ -56,11 +56,24 @@ def cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
                       parser_kwargs={"description": DESCRIPTION})
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a line is logged (not the one at set-up:
+    a second ``main()`` in one process, as in the tests, must not write to a closed earlier stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property always answers
+        pass
+
+
 def _progress_to_stderr() -> None:
     """Send astsep's INFO lines (progress, validation metrics, the best checkpoint) to stderr."""
     logger = logging.getLogger("astsep")
     if not any(getattr(h, "_astsep_progress", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         handler._astsep_progress = True
         logger.addHandler(handler)

@@ -47,7 +47,7 @@ def test_a_mistyped_config_key_in_yaml_names_the_nearest_key(tmp_path):
 def test_ctrl_c_leaves_the_progress_bar_where_the_work_stopped(tmp_path, shared, tiny_model_dir):
     """On a terminal, SIGINT mid-run ends with 'astsep: interrupted' and a bar short of 100 %."""
     x, sr = sf.read(shared / "examples" / "seed_recording_16k.wav", dtype="float32")
-    sf.write(tmp_path / "long.wav", np.tile(x, 24), sr)  # 2 min: many windows, a bar that moves
+    sf.write(tmp_path / "long.wav", np.tile(x, 120), sr)  # 10 min: many windows, a bar that moves for a while
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
     proc = subprocess.Popen([sys.executable, INFER, "-i", "long.wav", "-o", "out", "-m", str(tiny_model_dir)],

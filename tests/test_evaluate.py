@@ -98,7 +98,7 @@ def test_guide_model_is_now_model_and_the_old_name_still_parses():
 def test_evaluate_scores_what_infer_py_writes_with_the_same_refiner(tmp_path, shared, tiny_model_dir):
     """evaluate loads the refiner with ``Refiner.load`` and runs it through infer.py's pipeline: on the same
     mixture the refined sources it scores add up to exactly what ``infer.py --refiner`` writes."""
-    from test_cli import infer
+    from infer_runner import infer
 
     ckpt = _small_refiner_ckpt(tmp_path / "r.ckpt")
     x = mixture("dog", "rain", seconds=2.0)

@@ -310,6 +310,9 @@ class LiveListener:
         """Count ``ev``, commit it to the outbox (when it is for the backend), then hand it to
         ``on_event``: nothing is shown that is not already durable."""
         self._count(ev, to_backend)
+        # said in the event itself: an update the backend already has (same class, same direction) is
+        # shown but not sent, and whoever reads the events (a test, an app) can tell the two apart
+        ev["to_backend"] = bool(to_backend) and ev.get("category") != "other"
         if self.sink is not None and to_backend:
             # an update is another delivery (the backend has no update call): its own idempotency key
             update = ev.get("revision", 0) > 0

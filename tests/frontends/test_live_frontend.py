@@ -130,7 +130,7 @@ def _live_until(tmp_path, model_dir, url, sirens=(1.0,), events=1):
 
 def _for_backend(printed: list[dict]) -> set[str]:
     """The outbox keys of the printed events meant for the backend."""
-    return {_key(e) for e in printed if e["category"] != "other" and not e.get("retracted")}
+    return {_key(e) for e in printed if e["category"] != "other" and not e.get("retracted") and e["to_backend"]}
 
 
 @pytest.mark.slow
