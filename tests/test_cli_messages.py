@@ -50,8 +50,11 @@ def test_ctrl_c_leaves_the_progress_bar_where_the_work_stopped(tmp_path, shared,
     sf.write(tmp_path / "long.wav", np.tile(x, 120), sr)  # 10 min: many windows, a bar that moves for a while
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    # SIGINT at its default in the child whatever this process has it at (ignored, Python would not
+    # install its KeyboardInterrupt handler at all: an earlier test in the same pytest run can leave it so)
     proc = subprocess.Popen([sys.executable, INFER, "-i", "long.wav", "-o", "out", "-m", str(tiny_model_dir)],
-                            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(slave)
     seen = b""
     deadline = time.monotonic() + 300
