@@ -53,6 +53,10 @@ class LiveConfig:
     # no further pass (the sounds it has not separated stay in its residual, which is still
     # classified): fewer passes instead of a dropped window. False: every window runs all its passes.
     cut_passes_when_behind: bool = True
+    # each separated source is reported (recorded, sent) as soon as its pass ends, not after the
+    # window's last pass and its residual's classification: a window's first sound arrives one pass
+    # after the window is taken (benchmarks/bench_live.py). False: a window's events come together
+    report_each_pass: bool = True
     # a provisional alert is retracted (an event with "retracted": true, the alert's event_id) when
     # the first separated window that holds its whole excerpt, every pass run, does not confirm it
     retract_unconfirmed: bool = True
@@ -88,6 +92,7 @@ class LiveConfig:
         check_int(sec, "alert_queue_size", self.alert_queue_size, lo=1, hi=64)
         check_int(sec, "separation_nice", self.separation_nice, lo=0, hi=19)
         check_bool(sec, "cut_passes_when_behind", self.cut_passes_when_behind)
+        check_bool(sec, "report_each_pass", self.report_each_pass)
         check_bool(sec, "retract_unconfirmed", self.retract_unconfirmed)
         check_float(sec, "resend_angle_deg", self.resend_angle_deg, lo=0.0, hi=180.0)
         check_float(sec, "min_run_sec", self.min_run_sec, lo=0.0, hi=MAX_WINDOW_SEC)

@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .events import active_span, class_records, content_key, event_id, merge_window_events
 from .guide import TOP_K, ASTGuide, quiet_model_loading, top_classes
 from .result import SeparationResult, Track
-from .separator import BatchSeparation, Separator
+from .separator import BatchSeparation, PassSources, Separator
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ class Pipeline:
 
     def run(self, audio: torch.Tensor, name: str = "<tensor>", info: AudioInfo | None = None,
             keep_traces: bool = False, progress: Callable[[int], None] | None = None,
-            query=None, should_stop: Callable[[], bool] | None = None) -> SeparationResult:
+            query=None, should_stop: Callable[[], bool] | None = None,
+            on_source: Callable[[dict, torch.Tensor], None] | None = None) -> SeparationResult:
         """Separate ``audio`` ``(N,)`` (16 kHz mono float32, validated).
 
         With a refiner, every baseline source is refined; with a ``query``
@@ -122,6 +123,12 @@ class Pipeline:
         ``should_stop``: asked before each pass after the first (:meth:`Separator.separate_batch`);
         True ends that window's passes early (live mode, when a newer window waits). The windows so
         cut are counted in ``stats["windows_cut"]``.
+        ``on_source``: called with ``(event, samples)`` for each source as soon as its pass ends,
+        before the next pass runs (live mode reports a window's first sound after one pass, not after
+        all of them); ``event`` is the source's event as ``result.events`` will hold it before
+        overlapping windows' events are merged, ``samples`` its cross-faded waveform in the window.
+        Windows then go through the AST one at a time. Not called with a refiner (its sources are
+        known only after every pass); the result is the same with or without it.
         """
         if query is not None and self.refiner is None:
             raise ConfigError("a text or audio query needs a trained refiner (--refiner CKPT)")
@@ -135,20 +142,31 @@ class Pipeline:
         input_key = self.guide.key(x) if n <= 4 * win else content_key(x, self.guide.key(x[:0]))
         st = _RunState(x, starts, win, ovl, float(x.double().pow(2).sum()), input_key, query, keep_traces)
         bw = self.cfg.window.batch_windows or (32 if self.guide.device.type == "cuda" else 1)
+        if on_source is not None:
+            bw = 1  # a source is reported when its window's pass ends: no window waits for another
         for c0 in range(0, len(starts), bw):
-            self._run_chunk(st, c0, starts[c0:c0 + bw], should_stop)
+            self._run_chunk(st, c0, starts[c0:c0 + bw], should_stop, on_source)
             if progress:
                 progress(len(starts[c0:c0 + bw]))
         result = self._finish(st, name)
         result.stats = self._run_stats(st, result.events, name, info, g0, t_start)
         return result
 
-    def _run_chunk(self, st: "_RunState", c0: int, chunk: list[int], should_stop) -> None:
+    def _run_chunk(self, st: "_RunState", c0: int, chunk: list[int], should_stop, on_source=None) -> None:
         """Separate the windows starting at ``chunk`` (window ``c0`` first) in one batch; their
         sources go into ``st``'s tracks (cross-faded), their events and residual classes into ``st``."""
         xb = torch.stack([st.x[s:s + st.length] for s in chunk]).to(self.guide.device)
+        on_pass = None
+        if on_source is not None and self.refiner is None:
+            def on_pass(p: PassSources) -> None:
+                for r, j in enumerate(p.rows.tolist()):
+                    cls = (int(p.class_ids[r]), float(p.confidences[r]), p.top5_ids[r], p.top5_probs[r])
+                    seg = p.sources[r].cpu() * window_weight(c0 + j, st.starts, st.win, st.n, st.ovl)
+                    on_source(self._event(self._track(st, cls[0]), seg, chunk[j], c0 + j, p.index, cls,
+                                          st.total_energy, st.input_key), seg)
         t0 = time.perf_counter()
-        out = self.separator.separate_batch(xb, keep_traces=st.keep_traces, should_stop=should_stop)
+        out = self.separator.separate_batch(xb, keep_traces=st.keep_traces, should_stop=should_stop,
+                                            on_pass=on_pass)
         st.t_sep += time.perf_counter() - t0
         st.passes_run = max(st.passes_run, out.passes_run)
         st.windows_cut += len(chunk) if out.cut else 0
@@ -180,18 +198,23 @@ class Pipeline:
         """Source ``k`` of window ``w_idx`` (cross-faded ``seg``, starting at sample ``s``): onto its
         class's track (the query's with a query), and its event."""
         query = st.query
-        cid = int(out.class_ids[j, k])
-        key = "query" if query is not None else cid
-        tr = st.tracks.get(key)
-        if tr is None:
-            label = query.text if query is not None else self.guide.labels[cid]
-            tr = st.tracks[key] = Track(len(st.tracks), label, cid, "source")
+        cls = (int(out.class_ids[j, k]), float(out.confidences[j, k]), out.top5_ids[j, k], out.top5_probs[j, k])
+        tr = self._track(st, cls[0])
         tr.segments.append((s, seg))
-        ev = self._event(tr, seg, s, w_idx, k, out, j, st.total_energy, st.input_key)
+        ev = self._event(tr, seg, s, w_idx, k, cls, st.total_energy, st.input_key)
         if query is not None:
             ev["query"] = query.text
             ev["negative_query"] = query.negative_text
         st.events.append(ev)
+
+    def _track(self, st: "_RunState", cid: int) -> Track:
+        """The track of class ``cid`` (the query's with a query), made when first needed."""
+        key = "query" if st.query is not None else cid
+        tr = st.tracks.get(key)
+        if tr is None:
+            label = st.query.text if st.query is not None else self.guide.labels[cid]
+            tr = st.tracks[key] = Track(len(st.tracks), label, cid, "source")
+        return tr
 
     def _finish(self, st: "_RunState", name: str) -> SeparationResult:
         """The residual track (named by its class when every classified window agrees confidently),
@@ -309,10 +332,12 @@ class Pipeline:
                       "top5": class_records(top_i[r], top_p[r], self.guide.labels)}
         return out
 
-    def _event(self, tr: Track, seg: torch.Tensor, start: int, w_idx: int, k: int, out: BatchSeparation, j: int,
-               total_energy: float, input_key: str) -> dict:
+    def _event(self, tr: Track, seg: torch.Tensor, start: int, w_idx: int, k: int, cls: tuple, total_energy: float,
+               input_key: str) -> dict:
+        """The event of pass ``k``'s source ``seg`` in window ``w_idx``; ``cls``: its
+        ``(class id, confidence, top-5 ids, top-5 probabilities)``."""
         sc = self.cfg.separator
-        cid = int(out.class_ids[j, k])
+        cid, conf, t5i, t5p = cls
         span = active_span(seg, sc.active_threshold_db, sc.silence_dbfs)
         s0, s1 = span if span else (0.0, seg.numel() / SAMPLE_RATE)
         return {
@@ -326,8 +351,8 @@ class Pipeline:
             "end_sec": round(start / SAMPLE_RATE + s1, 3),
             "label": self.guide.labels[cid],
             "class_id": cid,
-            "confidence": round(float(out.confidences[j, k]), 6),
-            "top5": class_records(out.top5_ids[j, k], out.top5_probs[j, k], self.guide.labels),
+            "confidence": round(conf, 6),
+            "top5": class_records(t5i, t5p, self.guide.labels),
             "category": self.cfg.categories.category(cid),
             "level_dbfs": round_db(dbfs(seg)),
             "energy_share": round(float(seg.double().pow(2).sum()) / max(total_energy, 1e-30), 6),

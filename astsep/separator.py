@@ -331,6 +331,19 @@ class BatchSeparation:
 
 
 @dataclass
+class PassSources:
+    """What pass ``index`` kept, handed to ``on_pass`` as soon as the pass ends (before the next)."""
+
+    index: int  # the pass, from 0
+    rows: torch.Tensor  # (b,) the batch rows whose source this pass kept
+    sources: torch.Tensor  # (b, N) their sources
+    class_ids: torch.Tensor  # (b,)
+    confidences: torch.Tensor  # (b,)
+    top5_ids: torch.Tensor  # (b, 5)
+    top5_probs: torch.Tensor  # (b, 5)
+
+
+@dataclass
 class PassResult:
     """One pass for ``b`` windows (the running ones)."""
 
@@ -363,12 +376,15 @@ class Separator:
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def separate_batch(self, x: torch.Tensor, keep_traces: bool = False,
-                       should_stop: Callable[[], bool] | None = None) -> BatchSeparation:
+                       should_stop: Callable[[], bool] | None = None,
+                       on_pass: Callable[[PassSources], None] | None = None) -> BatchSeparation:
         """Separate ``x`` ``(B, N)``. ``should_stop``, when given, is asked before every pass after
         the first: True ends the passes there (``cut``), with the sources found so far and the rest
         in the residual, as if ``max_passes`` had been reached. Live mode uses it so that a window
         gives way to a newer one waiting instead of that one being dropped; without it (files, the
-        default) the result depends on the audio and the config only."""
+        default) the result depends on the audio and the config only. ``on_pass``, when given, is
+        called after each pass that kept a source, with what it kept (:class:`PassSources`; live
+        mode reports a pass's sound at once instead of after the last pass); it changes nothing."""
         sc, st = self.cfg.separator, self.cfg.stft
         if x.dim() == 1:
             x = x.unsqueeze(0)
@@ -429,6 +445,9 @@ class Separator:
             t5i[sel, k] = res.top5_ids[km]
             t5p[sel, k] = res.top5_probs[km]
             embs[sel, k] = res.guide.embedding.to(dev)[km].to(embs.dtype)
+            if on_pass is not None and bool(km.any()):
+                on_pass(PassSources(k, sel, src[km], res.class_id[km], res.confidence[km], res.top5_ids[km],
+                                    res.top5_probs[km]))
             keep_share[sel] = keep_share[sel] * (1 - M[km])
             cur[sel] = cur[sel] - src_spec[km]
             region[sel] = torch.maximum(region[sel], (presence[km] >= sc.region_share).float())

@@ -360,3 +360,37 @@ def test_the_recorded_guide_settings_are_those_the_ast_ran_with():
     res = pipe.run(torch.zeros(16000))
     assert res.stats["config"]["guide"]["pad_merge"] == 3 and res.stats["config"]["guide"]["trim_padding"] is True
     assert res.stats["config"]["separator"] == dataclasses.asdict(cfg.separator)
+
+
+def test_each_source_is_reported_when_its_pass_ends_as_the_result_will_hold_it(shared):
+    """``on_source`` (live mode) hands over each source as soon as its pass ends, before the next
+    pass's AST forward, with the event ``result.events`` holds (before the windows' merge adds
+    ``windows``) and its samples; the result is the
+    same with or without it."""
+    from astsep.devset import dev_mixtures, label_id
+    from astsep.oracle import OracleGuide
+    from astsep.testing import audioset_labels
+
+    names = audioset_labels()
+    labels = [names[i] for i in range(527)]
+    it = dev_mixtures(shared)[0]
+    ids = [label_id(labels, it.target_label), label_id(labels, it.interferer_label)]
+    cfg = AstsepConfig()
+    cfg.separator.max_passes = 3
+
+    def guide():
+        return OracleGuide(it.mixture, torch.stack([it.target, it.interferer]), ids, labels, None, cfg.stft)
+
+    plain = Pipeline(cfg, guide()).run(it.mixture, it.name)
+    g = guide()
+    seen: list[tuple[dict, torch.Tensor, int]] = []
+    early = Pipeline(cfg, g).run(it.mixture, it.name, on_source=lambda ev, x: seen.append((ev, x, g.forwards)))
+    sources = [e for e in early.events if e["kind"] == "source"]
+    assert [e for e in plain.events] == early.events
+    assert len(seen) == len(sources) >= 2, [e["label"] for e in sources]
+    for k, (ev, x, forwards) in enumerate(seen):
+        assert ev == {key: v for key, v in sources[k].items() if key != "windows"}  # "windows": added by the merge
+        assert ev["pass"] == k + 1
+        assert forwards == k + 1  # reported before the next pass's forward ran
+    for name in {ev["file"][:-4] for ev, _, _ in seen}:  # a class's file: the sum of its passes' sources
+        torch.testing.assert_close(sum(x for ev, x, _ in seen if ev["file"][:-4] == name), early.sources[name])

@@ -237,18 +237,23 @@ class LiveListener:
         self.stats.max_queue_wait_sec = max(self.stats.max_queue_wait_sec, t0 - item.queued_at)
         g0 = dict(self.pipe.guide.stats())
         behind = (lambda: not self._q.empty()) if self.cfg.cut_passes_when_behind else None
-        result, detections = self.separation.separate(item, behind)
+        emitted = []
+
+        def record(part: dict, samples: np.ndarray | None) -> None:
+            ev = self._record(live_event(part, item, self.stream_id, self.stream_start), "separation", item, part,
+                              samples)
+            if ev is not None:
+                emitted.append(ev)
+
+        # a pass's sound is recorded (and sent) as soon as the pass ends, the residual's after the window
+        result, detections = self.separation.separate(item, behind, record if self.cfg.report_each_pass else None)
+        for part, samples in detections:
+            record(part, samples)
         self.stats.windows_cut += result.stats["windows_cut"]
         self.stats.passes_run += result.stats["passes_run"]
         g1 = self.pipe.guide.stats()
         self.stats.ast_forwards += g1["ast_forwards"] - g0["ast_forwards"]
         self.stats.cache_hits += g1["cache_hits"] - g0["cache_hits"]
-        emitted = []
-        for part, samples in detections:
-            ev = self._record(live_event(part, item, self.stream_id, self.stream_start), "separation", item, part,
-                              samples)
-            if ev is not None:
-                emitted.append(ev)
         if self.alert_stage is not None and self.cfg.retract_unconfirmed and not result.stats["windows_cut"]:
             with self._lock:
                 for occ in self.occurrences.unconfirmed(round(item.start_sec, 3), round(item.end_sec, 3)):

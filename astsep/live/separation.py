@@ -43,28 +43,46 @@ class SeparationStage:
         self.pipe = pipeline
         self.cfg = cfg
 
-    def separate(self, item: Analysis, should_stop: Callable[[], bool] | None = None):
+    def separate(self, item: Analysis, should_stop: Callable[[], bool] | None = None,
+                 on_detection: Callable[[dict, np.ndarray | None], None] | None = None):
         """``(result, detections)``: the pipeline's :class:`~astsep.pipeline.SeparationResult` of the
         window's channel mean, and ``[(detection, source samples (N,) or None), ...]`` in seconds of
         the window, for every alertable event. ``should_stop`` is asked before each pass after the
-        first (a newer window waits)."""
+        first (a newer window waits). With ``on_detection``, each source's detections are handed to
+        it as soon as its pass ends (the first sound after one pass, not after all of them and the
+        residual's classification) and ``detections`` holds only the rest (the residual's, and any
+        a pass did not report)."""
         import torch
 
         mono = torch.from_numpy(item.audio.mean(axis=0))
-        result = self.pipe.run(mono, f"live:{item.start_sec:.3f}s", should_stop=should_stop)
+        reported: set[str] = set()
+
+        def on_source(ev: dict, samples: torch.Tensor) -> None:
+            if not self.alertable(ev):
+                return
+            reported.add(ev["event_id"])
+            x = samples.numpy()
+            for part in self._parts(ev, x):
+                on_detection(part, x)
+
+        result = self.pipe.run(mono, f"live:{item.start_sec:.3f}s", should_stop=should_stop,
+                               on_source=on_source if on_detection is not None else None)
         detections: list[tuple[dict, np.ndarray | None]] = []
         sources = None
         for ev in result.events:
-            if not self.alertable(ev):
+            if not self.alertable(ev) or ev["event_id"] in reported:
                 continue
             if sources is None:
                 sources = result.sources
             samples = sources.get(ev["file"][:-4]) if ev.get("file") else None
             samples = samples.numpy() if samples is not None else None
-            for a, b in self._runs(ev, samples):
-                detections.append((dict(ev, start_sec=max(a, ev["start_sec"]), end_sec=min(b, ev["end_sec"])),
-                                   samples))
+            detections.extend((part, samples) for part in self._parts(ev, samples))
         return result, detections
+
+    def _parts(self, ev: dict, samples: np.ndarray | None) -> list[dict]:
+        """``ev`` cut into one detection per run of activity of its source (:meth:`_runs`)."""
+        return [dict(ev, start_sec=max(a, ev["start_sec"]), end_sec=min(b, ev["end_sec"]))
+                for a, b in self._runs(ev, samples)]
 
     def _runs(self, ev: dict, samples: np.ndarray | None) -> list[tuple[float, float]]:
         sc = self.pipe.cfg.separator

@@ -208,6 +208,27 @@ def test_a_window_behind_runs_fewer_passes_instead_of_a_window_being_dropped(sir
     assert full_stats.passes_run > cut_stats.passes_run / cut_stats.windows_analysed * full_stats.windows_analysed
 
 
+def test_a_windows_first_sound_is_reported_when_its_first_pass_ends(siren_pipe, shared):
+    """Every AST forward takes 0.45 s of the stream. With ``report_each_pass`` (default) the siren's
+    separation event is recorded as soon as pass 1 ends: one forward after its window was taken.
+    Without it, after the window's last pass and its residual's forward too."""
+    latency, forwards = {}, {}
+    for each in (True, False):
+        box: list = []
+        slow = Pipeline(siren_pipe.cfg, Spending(siren_pipe.guide, 0.45, box))
+        lst, got = stepped(slow, LiveConfig(alert_stage=False, report_each_pass=each))
+        box.append(Stepper(lst, siren_stream()))
+        stats = box[0].run()
+        first = [e for e in got if e["stage"] == "separation" and e["revision"] == 0]
+        assert len(first) == 1 and first[0]["label"] == "Siren", got
+        latency[each], forwards[each] = first[0]["latency_sec"], stats.passes_run / stats.windows_analysed
+    assert forwards[True] == forwards[False] >= 2  # the same work (passes; then the residual's forward)
+    # the first window is due 0.5 s after the onset's block (56320 - 48128 samples, as above); its
+    # pass 1 takes one forward, 0.45 s of stream
+    assert latency[True] == round((56320 - 48128) / SR + 0.45, 3), latency
+    assert latency[False] >= latency[True] + 0.45 * (forwards[False] - 1) - 0.04, latency
+
+
 def test_a_slow_alert_stage_never_holds_up_separation_and_its_drops_are_counted(siren_pipe, shared):
     box: list = []
     lst, _ = stepped(siren_pipe, LiveConfig(trigger="hop", hop_sec=1.0, alert_hop_sec=0.1, queue_size=16))
