@@ -9,7 +9,7 @@ gave into a :class:`RunOptions` and call these builders, in this order::
     refiner = build_refiner(opts)            # None without --refiner; checks the queries it can take
     pipe = build_pipeline(opts, cfg, refiner)
     query = build_query(opts, pipe)          # None without --query / --query-audio
-    sink = build_delivery(opts, cfg)         # None without --backend-url: (client, dispatcher + outbox)
+    sink = build_delivery(opts, cfg)         # None without --backend-url: a Dispatcher (client + outbox)
 
 Nothing here parses a command line or prints; the front ends (:mod:`astsep.frontends`) do both.
 Importing this module imports neither torch nor transformers: the builders import what they need.
@@ -238,29 +238,9 @@ def build_query(opts: RunOptions, pipe):
 
 
 # --- delivery ----------------------------------------------------------------------------------------
-@dataclass
-class DeliverySink:
-    """Where events go: the backend client and the :class:`astsep.delivery.Dispatcher` that commits
-    every event to the outbox first (``dispatcher.queue``) and sends from it (``dispatcher.send``)."""
-
-    client: Any  # astsep.delivery.BackendClient
-    dispatcher: Any  # astsep.delivery.Dispatcher
-    user_id: int = 0
-    angle: int | None = None  # degrees sent when an event has none of its own
-
-    @property
-    def outbox(self):
-        """The outbox in use (an in-memory one once the file gave out; see ``degraded``)."""
-        return self.dispatcher.outbox
-
-    @property
-    def degraded(self) -> list[str]:
-        """One line per step delivery degraded by (an unusable outbox moved aside, …); empty: none."""
-        return self.dispatcher.degraded
-
-
-def build_delivery(opts: RunOptions, cfg: AstsepConfig) -> DeliverySink | None:
-    """The backend client (its settings: ``cfg.delivery``) and outbox for ``opts.backend_url`` (None
+def build_delivery(opts: RunOptions, cfg: AstsepConfig):
+    """An :class:`astsep.delivery.Dispatcher`: the backend client (its settings: ``cfg.delivery``,
+    ``.client``) and the outbox (``.outbox``; what degraded it: ``.degraded``) for ``opts.backend_url`` (None
     without one). The outbox is ``opts.outbox``, else :func:`default_outbox`, opened so that it cannot
     stop a run (:func:`astsep.delivery.open_outbox`: an unusable one is moved aside and a fresh one
     opened). The one place both are made."""
@@ -275,4 +255,4 @@ def build_delivery(opts: RunOptions, cfg: AstsepConfig) -> DeliverySink | None:
     dispatcher = Dispatcher(client, opts.outbox or default_outbox(), user_id=opts.user_id, angle=opts.angle,
                             policy=policy, fields={"sound_icon": d.sound_icon,
                                                    "location_image_url": d.location_image_url})
-    return DeliverySink(client, dispatcher, opts.user_id, opts.angle)
+    return dispatcher

@@ -331,7 +331,7 @@ class _Batch:
         # the events are committed to the outbox as soon as they are known, before the files are
         # written (a full disk there must not lose them), and sent whatever the writing did
         t0 = time.perf_counter()
-        keys = self.sink.dispatcher.queue(result.events)
+        keys = self.sink.queue(result.events)
         self.queued += keys
         manifest = None
         try:
@@ -430,7 +430,7 @@ def _deliver(result, sink, keys: list[str], manifest: Path | None, t0: float) ->
     from ..audio import write_bytes_atomic
     from ..outputs import output_lock
 
-    report = sink.dispatcher.send(keys)
+    report = sink.send(keys)
     result.stats["delivery"] = {"this_run": report.to_dict(), "seconds": round(time.perf_counter() - t0, 4)}
     log.info("delivery: %s", report.summary())
     if manifest is None:

@@ -166,7 +166,7 @@ def run_live(args) -> int:
                   "Ctrl-C stops", file=sys.stderr, flush=True)
         listener = LiveListener(pipe, lcfg, channels=source.channels, doa=doa, angle=args.angle,
                                 on_event=_print_event, client=sink.client if sink else None,
-                                outbox=sink.dispatcher if sink else None, user_id=args.user_id)
+                                outbox=sink, user_id=args.user_id)
         stats = listener.run(source)
     finally:
         for sig, handler in old.items():
