@@ -77,3 +77,56 @@ def test_unit_mask_gives_back_the_mixture_and_zero_mask_silence(shared):
     assert both.shape == (2, 2, x.shape[-1])
     torch.testing.assert_close(both[:, 0], apply_mask(spec, ones * 0.5, STFTConfig(), x.shape[-1]))
     torch.testing.assert_close(both[:, 1], x, atol=1e-5, rtol=0)
+
+
+BAND = RefinerConfig(n_masks=3, query_dim=16, cond_dim=16, own_mask=True, residual=True, refine_passes=1,
+                     arch="bandsplit", core_channels=16, core_blocks=3, head_channels=4, time_stride=2)
+
+
+@pytest.mark.parametrize("bins, frames", [(513, 126), (513, 1), (201, 37), (40, 5)])
+def test_bandsplit_mask_has_the_mixture_shape_and_starts_as_the_baseline(bins, frames):
+    """Any number of bins (a region may be empty or partly filled) and frames (odd, 1, with
+    time_stride 2); untrained, it returns the refined pass's own baseline mask."""
+    torch.manual_seed(0)
+    net = MaskRefiner(BAND)
+    mag, masks = torch.rand(2, bins, frames), torch.rand(2, 3, bins, frames).clamp(0.01, 0.99)
+    idx = torch.tensor([0, 2])
+    mask = net(mag, masks, torch.randn(2, 16), pass_index=idx)
+    assert mask.shape == (2, bins, frames)
+    torch.testing.assert_close(mask, masks[torch.arange(2), idx], atol=1e-5, rtol=0)
+    # and it can learn: one step moves the mask away from the baseline (the last layer is no longer zero)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(2):
+        loss = (1 - net(mag, masks, torch.randn(2, 16), pass_index=idx)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (net(mag, masks, torch.randn(2, 16), pass_index=idx) - masks[torch.arange(2), idx]).mean() > 1e-3
+
+
+def test_bandsplit_dev_size_stays_small_and_needs_a_residual_own_mask():
+    dev = RefinerConfig(n_masks=3, query_dim=32, cond_dim=32, own_mask=True, residual=True, arch="bandsplit",
+                        time_stride=2)
+    assert 100_000 < count_parameters(MaskRefiner(dev)) <= 3_000_000
+    with pytest.raises(ValueError, match="residual"):
+        MaskRefiner(RefinerConfig(n_masks=3, own_mask=True, arch="bandsplit"))
+    with pytest.raises(ValueError, match="arch"):
+        MaskRefiner(RefinerConfig(arch="transformer"))
+    with pytest.raises(ValueError, match="band_width"):
+        MaskRefiner(RefinerConfig(**{**BAND.__dict__, "band_width": (4, 8)}))
+
+
+def test_the_dev_config_refiner_stays_small_and_starts_as_the_baseline():
+    """configs/refiner_dev.yaml's refiner: at most a few M parameters (the CPU step budget), and an
+    untrained one gives back the baseline's pass-1 mask."""
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "refiner_dev.yaml").read_text())
+    net = MaskRefiner(RefinerConfig(**cfg["model"]["refiner"]))
+    assert 50_000 < count_parameters(net) <= 3_000_000
+    torch.manual_seed(0)
+    masks = torch.rand(1, 3, 513, 63).clamp(0.01, 0.99)
+    out = net(torch.rand(1, 513, 63), masks, torch.zeros(1, cfg["model"]["refiner"]["query_dim"]))
+    torch.testing.assert_close(out, masks[:, 0], atol=1e-5, rtol=0)

@@ -51,6 +51,17 @@ class RefinerConfig:
     # passes the refiner re-estimates at inference (1: pass 1 only, the others keep their baseline
     # masks; 0: every kept pass); set to what it was trained on
     refine_passes: int = 0
+    # "unet": the FiLM U-Net above (all levels down from full F×T resolution); "bandsplit": a light
+    # full-resolution stem and head around a wider core that runs on frequency bands
+    # (:class:`BandSplitCore`; needs own_mask and residual: it only corrects the pass's own mask)
+    arch: str = "unet"
+    band_width: tuple = (4, 8, 16)  # bandsplit: bins per band in each frequency region ...
+    band_edges: tuple = (64, 256)  # ... regions split at these bins (defaults: 16 + 24 + 17 = 57 bands)
+    core_channels: int = 64  # bandsplit: channels of the band core
+    core_blocks: int = 8  # bandsplit: residual blocks of the core (time dilation 1, 2, 4, ... per block)
+    max_dilation: int = 16  # bandsplit: the time dilation cycles back to 1 past this
+    head_channels: int = 8  # bandsplit: channels of the full-resolution stem and head
+    time_stride: int = 1  # bandsplit: the core runs on every time_stride-th frame (2: half the cost)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
@@ -104,10 +115,17 @@ class MaskRefiner(nn.Module):
             raise ValueError(f"depth must be >= 0 and channels >= 1, got {cfg.depth}, {cfg.channels}")
         if cfg.residual and not cfg.own_mask:
             raise ValueError("residual=True refines the pass's own mask: it needs own_mask=True")
+        if cfg.arch not in ("unet", "bandsplit"):
+            raise ValueError(f"refiner arch must be 'unet' or 'bandsplit', got {cfg.arch!r}")
         in_cond = 2 * cfg.query_dim + 2 + (cfg.n_masks if cfg.own_mask else 0)
         self.cond = nn.Sequential(
             nn.Linear(in_cond, cfg.cond_dim), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.cond_dim, cfg.cond_dim), nn.GELU(),
         )
+        if cfg.arch == "bandsplit":
+            if not cfg.residual:
+                raise ValueError("arch='bandsplit' corrects the pass's own mask: it needs own_mask=True and residual=True")
+            self.core = BandSplitCore(cfg, 2 + cfg.n_masks)
+            return
         widths = [min(cfg.channels * 2**i, cfg.max_channels) for i in range(cfg.depth + 1)]
         c_in = 1 + cfg.n_masks + (1 if cfg.own_mask else 0)
         self.down = nn.ModuleList()
@@ -187,6 +205,8 @@ class MaskRefiner(nn.Module):
         cond = self.condition(query.to(mixture_mag.dtype), None if negative is None else negative.to(mixture_mag.dtype),
                               has_query, has_negative, pass_index)
         x = self.features(mixture_mag, baseline_masks, pass_index)
+        if self.cfg.arch == "bandsplit":
+            return self._residual_mask(self.core(x, cond), baseline_masks, pass_index)
         m = 2 ** self.cfg.depth
         pad_f, pad_t = (-Fb) % m, (-T) % m
         x = F.pad(x, (0, pad_t, 0, pad_f))
@@ -200,9 +220,99 @@ class MaskRefiner(nn.Module):
             x = block(torch.cat([up(x), skip], dim=1), cond)
         logits = self.head(x)[:, 0, :Fb, :T]
         if self.cfg.residual:
-            own = self.own(baseline_masks.to(logits.dtype), pass_index)[:, 0].clamp(1e-3, 1 - 1e-3)
-            logits = logits + torch.log(own) - torch.log1p(-own)
+            return self._residual_mask(logits, baseline_masks, pass_index)
         return torch.sigmoid(logits)
+
+    def _residual_mask(self, correction: torch.Tensor, baseline_masks: torch.Tensor,
+                       pass_index: torch.Tensor | None) -> torch.Tensor:
+        """``sigmoid(logit(own mask) + correction)``: a zero correction gives back the baseline's mask."""
+        own = self.own(baseline_masks.to(correction.dtype), pass_index)[:, 0].clamp(1e-3, 1 - 1e-3)
+        return torch.sigmoid(correction + torch.log(own) - torch.log1p(-own))
+
+
+class CoreBlock(nn.Module):
+    """A residual ConvNeXt-style block on bands: depthwise 3×3 conv (time dilation ``d``) → GroupNorm →
+    1×1 up to 2C → GELU → 1×1 back to C, FiLM, plus the input. ``(B,C,NB,T) -> (B,C,NB,T)``."""
+
+    def __init__(self, channels: int, cond_dim: int, groups: int, dilation: int):
+        super().__init__()
+        g = max(1, min(groups, channels))
+        while channels % g:
+            g -= 1
+        self.dw = nn.Conv2d(channels, channels, 3, padding=(1, dilation), dilation=(1, dilation), groups=channels)
+        self.norm = nn.GroupNorm(g, channels)
+        self.pw = nn.Sequential(nn.Conv2d(channels, 2 * channels, 1), nn.GELU(), nn.Conv2d(2 * channels, channels, 1))
+        self.film = FiLM(cond_dim, channels)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return x + self.film(self.pw(self.norm(self.dw(x))), cond)
+
+
+class BandSplitCore(nn.Module):
+    """The ``bandsplit`` refiner's body: features ``(B,Cin,F,T)`` → correction logit ``(B,F,T)``.
+
+    Most of a U-Net's cost is at full F×T resolution, where it can afford only a few channels. Here a
+    light full-resolution stem (one 3×3 conv) feeds a band split (BSRNN): each frequency region is cut
+    into bands of ``band_width`` bins (narrower at low frequencies), each band projected to
+    ``core_channels`` by a strided conv; the core (``core_blocks`` residual blocks, time dilations 1, 2,
+    4, ... up to ``max_dilation``: a receptive field of seconds) works on the ~57 bands; each band is
+    projected back to its bins and a full-resolution head combines that with the stem's features
+    (the mixture's fine structure, the own mask) into the correction, whose last layer starts at zero.
+    """
+
+    def __init__(self, cfg: RefinerConfig, c_in: int):
+        super().__init__()
+        h, d = cfg.head_channels, cfg.core_channels
+        widths, edges = tuple(int(w) for w in cfg.band_width), tuple(int(e) for e in cfg.band_edges)
+        if len(widths) != len(edges) + 1 or min(widths) < 1 or list(edges) != sorted(edges):
+            raise ValueError(f"band_width needs one width per region (len(band_edges)+1), got {widths}, {edges}")
+        self.widths, self.edges = widths, edges
+        self.stem = nn.Sequential(nn.Conv2d(c_in, h, 3, padding=1), nn.GELU())
+        self.ts = ts = int(cfg.time_stride)
+        if ts < 1:
+            raise ValueError(f"time_stride must be >= 1, got {ts}")
+        self.split = nn.ModuleList(nn.Conv2d(c_in + h, d, (w, 2 * ts + 1), stride=(w, ts), padding=(0, ts)) for w in widths)
+        g = max(1, min(cfg.groups, d))
+        while d % g:
+            g -= 1
+        self.split_norm = nn.GroupNorm(g, d)
+        dils, k = [], 1
+        for _ in range(cfg.core_blocks):
+            dils.append(k)
+            k = 1 if 2 * k > cfg.max_dilation else 2 * k
+        self.blocks = nn.ModuleList(CoreBlock(d, cfg.cond_dim, cfg.groups, k) for k in dils)
+        self.merge = nn.ModuleList(nn.Conv2d(d, h * w * ts, 1) for w in widths)
+        self.head = nn.Sequential(nn.Conv2d(2 * h, h, 3, padding=1), nn.GELU(), nn.Conv2d(h, 1, 1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def regions(self, Fb: int) -> list[tuple[int, int, int]]:
+        """``(start, stop, n_bands)`` per region for ``Fb`` bins (the last region is padded to whole bands)."""
+        starts = [0, *(min(e, Fb) for e in self.edges)]
+        stops = [*(min(e, Fb) for e in self.edges), Fb]
+        return [(a, b, -(-(b - a) // w)) for a, b, w in zip(starts, stops, self.widths)]
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        B, _, Fb, T = x.shape
+        s = self.stem(x)
+        xs = torch.cat([x, s], dim=1)
+        ts = self.ts
+        xs = F.pad(xs, (0, (-T) % ts))
+        bands, used = [], []
+        for conv, merge, w, (a, b, n) in zip(self.split, self.merge, self.widths, self.regions(Fb)):
+            if n:  # a region can be empty for short spectra (few bins)
+                bands.append(conv(F.pad(xs[:, :, a:b], (0, 0, 0, n * w - (b - a)))))
+                used.append((merge, w, a, b, n))
+        z = F.gelu(self.split_norm(torch.cat(bands, dim=2)))  # (B, D, NB, T)
+        for block in self.blocks:
+            z = block(z, cond)
+        up, i = [], 0
+        Tc = z.shape[-1]
+        for merge, w, a, b, n in used:  # each band back to its w bins (and ts frames): (B, h*w*ts, n, Tc) -> (B, h, n*w, Tc*ts)
+            y = merge(z[:, :, i:i + n]).view(B, -1, w, ts, n, Tc).permute(0, 1, 4, 2, 5, 3).reshape(B, -1, n * w, Tc * ts)
+            up.append(y[:, :, : b - a, :T])
+            i += n
+        return self.head(torch.cat([torch.cat(up, dim=2), s], dim=1))[:, 0]
 
 
 def refine(net: MaskRefiner, mixture: torch.Tensor, baseline_masks: torch.Tensor, query: torch.Tensor,
