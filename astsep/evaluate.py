@@ -60,7 +60,7 @@ import torch
 from .audio import load_audio, write_bytes_atomic
 from .config import DEFAULT_MODEL, SAMPLE_RATE, STFTConfig, baseline_settings, load_config, settings_differences
 from .data.audiocaps import mix_at_snr, read_csv_rows
-from .errors import AstsepError, ConfigError
+from .errors import AstsepError, ConfigError, naming_option
 from .features import apply_mask, stft
 from .metrics import METRICS, best_source, separation_metrics
 
@@ -377,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ast_guide(args, model: str, cfg, refiner, conditions: list):
+    """The AST guide ``model`` when a condition or the refiner's baseline needs one, else None; an
+    error loading it, or a refiner it does not fit, names ``--model``."""
+    if not any(d is None for _, _, d in conditions) or (refiner is None and args.no_baseline):
+        return None
+    from .guide import build_guide
+
+    with naming_option("--model"):
+        guide = build_guide(model, cfg.guide, refiner.guide_seed if refiner is not None else 0)
+        if refiner is not None:
+            refiner.check_guide(guide)
+    return guide
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -408,14 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             from .query import EmbeddingTable
 
             table = EmbeddingTable.load(args.embedding_table)
-        guide = None
         model = args.model or ((refiner.guide_model if refiner is not None else None) or DEFAULT_MODEL)
-        if any(d is None for _, _, d in conditions) and (refiner is not None or not args.no_baseline):
-            from .guide import build_guide
-
-            guide = build_guide(model, cfg.guide, refiner.guide_seed if refiner is not None else 0, option="--model")
-            if refiner is not None:
-                refiner.check_guide(guide)
+        guide = _ast_guide(args, model, cfg, refiner, conditions)
         if refiner is not None:
             refiner.to(torch.device(args.device))
         results: dict = {"n": len(items), "mixtures": what, "conditions": {},
@@ -473,8 +481,8 @@ def main_musdb(args: argparse.Namespace) -> int:
         from .pipeline import Pipeline
 
         guide_model = args.model or DEFAULT_MODEL
-        with quiet_model_loading():
-            pipe = Pipeline(cfg, build_guide(guide_model, cfg.guide, option="--model"))
+        with quiet_model_loading(), naming_option("--model"):
+            pipe = Pipeline(cfg, build_guide(guide_model, cfg.guide))
         subsets = ("train", "test") if args.subset == "both" else (args.subset,)
         results = evaluate_musdb(args.musdb, pipe, stem_map, subsets, args.tracks, args.max_seconds, args.out,
                                  progress=sys.stderr.isatty())

@@ -250,5 +250,6 @@ def test_a_refiner_given_an_ast_of_another_size_is_refused_in_one_line_saying_wh
     line = one_error_line(proc)
     assert proc.returncode == 2
     assert "takes 32-dim AST embeddings" in line and "'tiny'" in line and "hidden size 16" in line
-    assert "leave --model out" in line
+    assert line.startswith("astsep: error: --model: refiner")  # the front end names its option, the library the model
+    assert "name no AST model to use the refiner's own guide" in line
     assert not (tmp_path / "out" / "events.json").exists()
