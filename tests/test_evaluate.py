@@ -192,7 +192,7 @@ def _one_row_csv(tmp_path):
 
 def test_the_baseline_is_the_same_with_and_without_a_refiner_and_the_report_names_its_settings(tmp_path, shared):
     # a refiner trained on another baseline (trimmed padding, padding dropped) than the evaluation's
-    ckpt = _small_refiner_ckpt(tmp_path / "r.ckpt", trim_padding=True, pad_merge=0)
+    ckpt = _small_refiner_ckpt(tmp_path / "r.ckpt", separator_config={"guide": {"trim_padding": True, "pad_merge": 0}})
     csv_path, reports = _one_row_csv(tmp_path), {}
     for name, extra in (("plain", []), ("refined", ["--refiner", str(ckpt)])):
         assert main(["--mixtures", str(csv_path), "--out", str(tmp_path / name), "--model", "tiny",

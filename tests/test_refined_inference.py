@@ -190,9 +190,9 @@ def test_a_checkpoint_records_the_baseline_by_value_and_inference_warns_naming_w
     from astsep.pipeline import Pipeline
 
     sep_yaml = tmp_path / "sep.yaml"
-    sep_yaml.write_text("separator:\n  rounds: 2\n")
+    sep_yaml.write_text("separator:\n  rounds: 2\nguide:\n  trim_padding: true\n  pad_merge: 0\n")
     module = RefinerModule(refiner=dict(SMALL, query_dim=32), guide_model="tiny", separator_config=str(sep_yaml),
-                           trim_padding=True, pad_merge=0, query_source="pass")
+                           query_source="pass")
     s = clip("dog", 1.0)
     fit_and_save(module, [{"mixture": s + clip("rain", 1.0), "target": s}], tmp_path / "r.ckpt")
     sep_yaml.unlink()  # the checkpoint holds the values, not the path
