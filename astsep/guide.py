@@ -52,7 +52,7 @@ from .ast_load import (  # noqa: F401 - re-exported: `from astsep.guide import l
     resolve_device,
     use_fast_settings,
 )
-from .config import GuideConfig
+from .config import GuideConfig, SeparatorConfig
 from .errors import ConfigError
 from .features import PatchLayout, ast_input
 from .guide_cache import GuideCache, file_stats, fingerprint_files, fingerprint_params, weight_files
@@ -79,10 +79,7 @@ class GuideOutput:
         return torch.softmax(self.logits, dim=-1)
 
 
-TOP_K = 5  # classes listed per source and residual (the events' "top5")
-
-
-def top_classes(probs: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_classes(probs: torch.Tensor, k: int = SeparatorConfig.top_k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The most probable class and the ``k`` most probable ones of class probabilities ``(..., C)``.
 
     Returns ``(confidence (...), class_id (...), top_probs (..., k), top_ids (..., k))``, best
