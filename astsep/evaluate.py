@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import statistics
@@ -57,10 +56,11 @@ require_when_main(__name__)  # python -m: a dependency that cannot be loaded is 
 
 import torch
 
-from .audio import load_audio, write_bytes_atomic
+from .audio import load_audio
 from .config import DEFAULT_MODEL, SAMPLE_RATE, STFTConfig, baseline_settings, load_config, settings_differences
 from .data.audiocaps import mix_at_snr, read_csv_rows
 from .errors import AstsepError, ConfigError, naming_option
+from .eval_report import METHODS, markdown, write_report  # noqa: F401 - markdown: re-exported
 from .features import apply_mask, stft
 from .metrics import METRICS, best_source, separation_metrics
 
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEPARATOR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "separator.yaml"  # as infer.py
 
-METHODS = ("mixture", "baseline", "refined", "oracle_irm")
 
 
 @dataclass
@@ -194,6 +193,7 @@ def separate_item(audio: torch.Tensor, cfg, guide, refiner=None, query=None, nam
 def evaluate(items: list[EvalItem], config=None, guide=None, refiner=None, oracle=None, table=None,
              baseline: bool = True, progress: bool = False) -> dict:
     """Score every item through ``infer.py``'s pipeline; returns ``{"n", "summary", "rows"}``.
+    (Stays whole: one loop over the rows, scoring each estimate of a row in the same place.)
 
     ``config``: the :class:`~astsep.config.AstsepConfig` of the separator (default: defaults);
     ``guide``: the AST guide of the baseline, or ``oracle``: a :class:`~astsep.oracle.Degradation`
@@ -275,59 +275,6 @@ def heldout_items(shared_dir: str | Path, n: int = 48, seconds: float = 5.0, see
     return items
 
 
-def _table(summary: dict) -> list[str]:
-    lines = ["| method | SDR | SDRi | SI-SDR | SI-SDRi |", "| --- | ---: | ---: | ---: | ---: |"]
-    for method in METHODS:
-        vals = summary.get(method)
-        if vals:
-            cells = [f"{vals[m]['mean']:.2f} ({vals[m]['median']:.2f})" for m in METRICS]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def markdown(results: dict, title: str = "Separation quality") -> str:
-    """The report: one table per guide condition, and with several a side-by-side SI-SDRi table."""
-    conds = results["conditions"]
-    lines = [f"# {title}", "", f"{results['n']} mixtures ({results['mixtures']}). Values in dB; mean (median). "
-             f"{results['estimate']}", ""]
-    if len(conds) > 1 or any("refined" in c["summary"] for c in conds.values()):
-        lines += ["| guide | baseline SI-SDRi | refined SI-SDRi | IRM SI-SDRi | refined better | written files add up |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for name, c in conds.items():
-            sm = c["summary"]
-
-            def cell(method: str) -> str:
-                v = sm.get(method, {}).get("si_sdri")
-                return f"{v['mean']:.2f} ({v['median']:.2f})" if v else "–"
-            better = f"{100 * sm['improved']:.0f} %" if "improved" in sm else "–"
-            adds = f"≥ {sm['adds_up_db_min']:.0f} dB" if "adds_up_db_min" in sm else "–"
-            lines.append(f"| {name} (`{c['spec']}`) | {cell('baseline')} | {cell('refined')} | {cell('oracle_irm')} | "
-                         f"{better} | {adds} |")
-        lines.append("")
-    for name, c in conds.items():
-        lines += [f"## {name} (`{c['spec']}`)", ""] + _table(c["summary"]) + [""]
-    base = results.get("baseline")
-    if base:
-        lines.append(f"Baseline: guide `{base['guide']}`; separator and STFT settings from {base['config']} "
-                     "(every value in report.json).")
-    ref = results.get("refiner")
-    if ref:
-        diff = ref["baseline_differences"]
-        lines.append(f"Refiner `{ref['checkpoint']}` (loaded and run as `infer.py --refiner` does), trained on a baseline" + (
-            " it does not record." if diff is None else
-            f" that differs in: {'; '.join(diff)}." if diff else " with the same settings."))
-    return "\n".join(lines) + "\n"
-
-
-def write_report(results: dict, out_dir: str | Path, title: str = "Separation quality") -> tuple[Path, Path]:
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    md, js = out / "report.md", out / "report.json"
-    write_bytes_atomic(md, markdown(results, title).encode())
-    write_bytes_atomic(js, json.dumps(results, indent=2).encode())
-    return md, js
-
-
 def guide_conditions(specs: list[str]) -> list[tuple[str, str]]:
     """``(name, spec)`` pairs of ``--guide`` values; ``sweep`` stands for :data:`SWEEP`."""
     out: list[tuple[str, str]] = []
@@ -392,6 +339,8 @@ def _ast_guide(args, model: str, cfg, refiner, conditions: list):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m astsep.evaluate``: the mixtures, refiner and guide, every guide condition scored, the
+    report. (Stays whole: steps in order inside the one ``try`` that turns an error into its line.)"""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
