@@ -74,7 +74,7 @@ class Refiner:
         loader of ``infer.py --refiner`` and ``python -m astsep.evaluate --refiner``."""
         p = Path(path).expanduser()
         if not p.is_file():
-            raise ModelError(f"refiner checkpoint not found: {p} (--refiner takes a .ckpt written by train.py)")
+            raise ModelError(f"refiner checkpoint not found: {p} (a .ckpt written by train.py)")
         try:
             ck = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a crafted, torn or foreign file: one line, never a traceback
@@ -130,7 +130,7 @@ class Refiner:
         diff = settings_differences(self.baseline, cfg)
         if diff:
             log.warning("refiner %s was trained on a baseline with other settings: %s; its masks may be worse "
-                        "than its validation scores (set these in --config to match)", self.name, "; ".join(diff))
+                        "than its validation scores (set these in the separator config to match)", self.name, "; ".join(diff))
         return diff
 
     @property
@@ -154,8 +154,8 @@ class Refiner:
             emb = self.text_encoder.encode_text(texts)
         else:
             missing = [t for t in texts if self.table is None or t not in self.table]
-            raise ConfigError(f"no text embedding for {missing[:3]}: pass --query-table TABLE holding these texts "
-                              "or --clap-ckpt CKPT (laion-clap) to embed text")
+            raise ConfigError(f"no text embedding for {missing[:3]}: the refiner needs a query table holding these "
+                              "texts or a CLAP text encoder (laion-clap) to embed them")
         return self._check_dim(emb, "text")
 
     def _check_dim(self, emb: torch.Tensor, what: str) -> torch.Tensor:
