@@ -121,6 +121,7 @@ class SeparatorConfig:
     active_threshold_db: float = -30.0  # event start/end: frames within this of the source's loudest frame
     residual_min_share: float = 0.05  # classify the residual only if it holds >= 5 % of the input energy
     residual_confidence: float = 0.70  # a residual this confident is saved as a sound (RESIDUAL_CONFIDENCE_THRESHOLD)
+    top_k: int = 5  # classes listed with their probabilities per source and residual (the events' "top5")
     silence_dbfs: float = -80.0  # an input (or residual) whose RMS is below this (dB re full scale) is silence
     # a window stops when what is left is this far below its input's energy (dB, relative: not dBFS)
     residual_floor_db: float = -80.0
@@ -156,6 +157,7 @@ class SeparatorConfig:
         _float(sec, "active_threshold_db", self.active_threshold_db, hi=0)
         _float(sec, "residual_min_share", self.residual_min_share, lo=0, hi=1)
         _float(sec, "residual_confidence", self.residual_confidence, lo=0, hi=1)
+        _int(sec, "top_k", self.top_k, lo=1)
         _float(sec, "silence_dbfs", self.silence_dbfs, hi=0)
         _float(sec, "residual_floor_db", self.residual_floor_db, hi=0)
         _float(sec, "eps", self.eps, lo=0, lo_open=True)

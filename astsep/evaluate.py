@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import statistics
@@ -57,10 +56,11 @@ require_when_main(__name__)  # python -m: a dependency that cannot be loaded is 
 
 import torch
 
-from .audio import load_audio, write_bytes_atomic
+from .audio import load_audio
 from .config import DEFAULT_MODEL, SAMPLE_RATE, STFTConfig, baseline_settings, load_config, settings_differences
 from .data.audiocaps import mix_at_snr, read_csv_rows
-from .errors import AstsepError, ConfigError
+from .errors import AstsepError, ConfigError, naming_option
+from .eval_report import METHODS, markdown, write_report  # noqa: F401 - markdown: re-exported
 from .features import apply_mask, stft
 from .metrics import METRICS, best_source, separation_metrics
 
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEPARATOR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "separator.yaml"  # as infer.py
 
-METHODS = ("mixture", "baseline", "refined", "oracle_irm")
 
 
 @dataclass
@@ -194,6 +193,7 @@ def separate_item(audio: torch.Tensor, cfg, guide, refiner=None, query=None, nam
 def evaluate(items: list[EvalItem], config=None, guide=None, refiner=None, oracle=None, table=None,
              baseline: bool = True, progress: bool = False) -> dict:
     """Score every item through ``infer.py``'s pipeline; returns ``{"n", "summary", "rows"}``.
+    (Stays whole: one loop over the rows, scoring each estimate of a row in the same place.)
 
     ``config``: the :class:`~astsep.config.AstsepConfig` of the separator (default: defaults);
     ``guide``: the AST guide of the baseline, or ``oracle``: a :class:`~astsep.oracle.Degradation`
@@ -275,59 +275,6 @@ def heldout_items(shared_dir: str | Path, n: int = 48, seconds: float = 5.0, see
     return items
 
 
-def _table(summary: dict) -> list[str]:
-    lines = ["| method | SDR | SDRi | SI-SDR | SI-SDRi |", "| --- | ---: | ---: | ---: | ---: |"]
-    for method in METHODS:
-        vals = summary.get(method)
-        if vals:
-            cells = [f"{vals[m]['mean']:.2f} ({vals[m]['median']:.2f})" for m in METRICS]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def markdown(results: dict, title: str = "Separation quality") -> str:
-    """The report: one table per guide condition, and with several a side-by-side SI-SDRi table."""
-    conds = results["conditions"]
-    lines = [f"# {title}", "", f"{results['n']} mixtures ({results['mixtures']}). Values in dB; mean (median). "
-             f"{results['estimate']}", ""]
-    if len(conds) > 1 or any("refined" in c["summary"] for c in conds.values()):
-        lines += ["| guide | baseline SI-SDRi | refined SI-SDRi | IRM SI-SDRi | refined better | written files add up |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for name, c in conds.items():
-            sm = c["summary"]
-
-            def cell(method: str) -> str:
-                v = sm.get(method, {}).get("si_sdri")
-                return f"{v['mean']:.2f} ({v['median']:.2f})" if v else "–"
-            better = f"{100 * sm['improved']:.0f} %" if "improved" in sm else "–"
-            adds = f"≥ {sm['adds_up_db_min']:.0f} dB" if "adds_up_db_min" in sm else "–"
-            lines.append(f"| {name} (`{c['spec']}`) | {cell('baseline')} | {cell('refined')} | {cell('oracle_irm')} | "
-                         f"{better} | {adds} |")
-        lines.append("")
-    for name, c in conds.items():
-        lines += [f"## {name} (`{c['spec']}`)", ""] + _table(c["summary"]) + [""]
-    base = results.get("baseline")
-    if base:
-        lines.append(f"Baseline: guide `{base['guide']}`; separator and STFT settings from {base['config']} "
-                     "(every value in report.json).")
-    ref = results.get("refiner")
-    if ref:
-        diff = ref["baseline_differences"]
-        lines.append(f"Refiner `{ref['checkpoint']}` (loaded and run as `infer.py --refiner` does), trained on a baseline" + (
-            " it does not record." if diff is None else
-            f" that differs in: {'; '.join(diff)}." if diff else " with the same settings."))
-    return "\n".join(lines) + "\n"
-
-
-def write_report(results: dict, out_dir: str | Path, title: str = "Separation quality") -> tuple[Path, Path]:
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    md, js = out / "report.md", out / "report.json"
-    write_bytes_atomic(md, markdown(results, title).encode())
-    write_bytes_atomic(js, json.dumps(results, indent=2).encode())
-    return md, js
-
-
 def guide_conditions(specs: list[str]) -> list[tuple[str, str]]:
     """``(name, spec)`` pairs of ``--guide`` values; ``sweep`` stands for :data:`SWEEP`."""
     out: list[tuple[str, str]] = []
@@ -377,7 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ast_guide(args, model: str, cfg, refiner, conditions: list):
+    """The AST guide ``model`` when a condition or the refiner's baseline needs one, else None; an
+    error loading it, or a refiner it does not fit, names ``--model``."""
+    if not any(d is None for _, _, d in conditions) or (refiner is None and args.no_baseline):
+        return None
+    from .guide import build_guide
+
+    with naming_option("--model"):
+        guide = build_guide(model, cfg.guide, refiner.guide_seed if refiner is not None else 0)
+        if refiner is not None:
+            refiner.check_guide(guide)
+    return guide
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m astsep.evaluate``: the mixtures, refiner and guide, every guide condition scored, the
+    report. (Stays whole: steps in order inside the one ``try`` that turns an error into its line.)"""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -408,14 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             from .query import EmbeddingTable
 
             table = EmbeddingTable.load(args.embedding_table)
-        guide = None
         model = args.model or ((refiner.guide_model if refiner is not None else None) or DEFAULT_MODEL)
-        if any(d is None for _, _, d in conditions) and (refiner is not None or not args.no_baseline):
-            from .guide import build_guide
-
-            guide = build_guide(model, cfg.guide, refiner.guide_seed if refiner is not None else 0, option="--model")
-            if refiner is not None:
-                refiner.check_guide(guide)
+        guide = _ast_guide(args, model, cfg, refiner, conditions)
         if refiner is not None:
             refiner.to(torch.device(args.device))
         results: dict = {"n": len(items), "mixtures": what, "conditions": {},
@@ -473,8 +430,8 @@ def main_musdb(args: argparse.Namespace) -> int:
         from .pipeline import Pipeline
 
         guide_model = args.model or DEFAULT_MODEL
-        with quiet_model_loading():
-            pipe = Pipeline(cfg, build_guide(guide_model, cfg.guide, option="--model"))
+        with quiet_model_loading(), naming_option("--model"):
+            pipe = Pipeline(cfg, build_guide(guide_model, cfg.guide))
         subsets = ("train", "test") if args.subset == "both" else (args.subset,)
         results = evaluate_musdb(args.musdb, pipe, stem_map, subsets, args.tracks, args.max_seconds, args.out,
                                  progress=sys.stderr.isatty())

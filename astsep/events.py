@@ -71,20 +71,16 @@ def content_key(x: torch.Tensor, salt: str = "", block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-# Spans of one sound seen by two overlapping windows may miss each other by a frame or two where
-# the cross-fade ramps them down: they still count as one sound within this gap (seconds).
-MERGE_GAP_SEC = 0.1
-
-
 def _mergeable(ev: dict) -> bool:
     """Sources, and residuals confident enough to be reported as a sound."""
     return ev.get("start_sec") is not None and (ev.get("kind") == "source" or bool(ev.get("confident")))
 
 
-def merge_window_events(events: list[dict], gap_sec: float = MERGE_GAP_SEC) -> list[dict]:
+def merge_window_events(events: list[dict], gap_sec: float) -> list[dict]:
     """One event per sound, not per window: an event of the same kind and class as an event of
-    *another* window whose time span overlaps it (within ``gap_sec`` seconds) is merged into that
-    one. Overlapping windows see the same sound twice; two passes of one window are two sounds and
+    *another* window whose time span overlaps it (within ``gap_sec`` seconds, ``window.merge_gap_sec``:
+    spans of one sound seen by two overlapping windows may miss each other by a frame or two where the
+    cross-fade ramps them down) is merged into that one. Overlapping windows see the same sound twice; two passes of one window are two sounds and
     never merge. The merged event keeps the first event's id, spans both, takes the higher
     confidence (with its top-5) and level, adds the energy shares, and lists its ``windows``.
     Every returned event has ``windows``; the input list is not changed."""

@@ -52,14 +52,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
-from .config import AstsepConfig, baseline_settings, config_from_dict, config_from_settings, load_config
-from .errors import ConfigError, MissingExtraError
+from .config import AstsepConfig, GuideConfig, baseline_settings, config_from_dict, config_from_settings, load_config
+from .errors import ConfigError
 from .features import apply_mask, stft
 from .guide import build_guide
+from .lit_callbacks import AutoWandbLogger, ProgressLog, ValidateOnLastStep, check_logger_packages  # noqa: F401 - re-exported
 from .metrics import METRICS, SdrSiSdrLoss, best_source, separation_metrics
 from .refiner.cache import BaselineCache, baseline_key
 from .refiner.network import MaskRefiner, RefinerConfig, refine
@@ -131,123 +131,22 @@ class StepOutput:
     pass_index: torch.Tensor  # (B,) the pass each row refined (0-based)
 
 
-def _require_wandb() -> None:
-    try:
-        import wandb  # noqa: F401
-    except ModuleNotFoundError as exc:
-        raise MissingExtraError("W&B logging (the config's trainer.logger)", "wandb", exc.name,
-                                ", or log to CSV files instead: --trainer.logger=CSVLogger --trainer.logger.save_dir=DIR") from exc
-
-
-def check_logger_packages(logger: Any) -> None:
-    """Refuse a W&B ``trainer.logger`` (a config's ``class_path`` entry, or a list of them) when wandb
-    is not installed, with the extra to install: one line, before anything is built."""
-    for item in logger if isinstance(logger, (list, tuple)) else [logger]:
-        path = item.get("class_path") if hasattr(item, "get") else None
-        if isinstance(path, str) and "wandb" in path.lower():
-            _require_wandb()
-
-
-class AutoWandbLogger(WandbLogger):
-    """``WandbLogger`` that runs offline (a real run folder on disk, synced later with
-    ``wandb sync``) unless ``WANDB_API_KEY`` is set or ``offline`` is given explicitly."""
-
-    def __init__(self, offline: bool | None = None, **kwargs: Any):
-        _require_wandb()
-        if offline is None:
-            offline = not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE", "") != "online"
-        kwargs.setdefault("project", "astsep-refiner")
-        super().__init__(offline=offline, **kwargs)
-
-
-class ValidateOnLastStep(Callback):
-    """Validate after the last training step when ``trainer.max_steps`` ends a run mid-epoch.
-
-    Lightning validates only at ``val_check_interval`` and at epoch ends, so a ``max_steps`` that
-    stops inside an epoch (``--trainer.max_steps=20`` with 100-step epochs) ended without any, or
-    with a stale, validation: no ``val/...`` metric for ``ModelCheckpoint`` / ``EarlyStopping``
-    and no checkpoint of the final weights. Asking the trainer to stop at the last step makes its
-    own loop run the validation there (the path early stopping takes), so checkpoints and
-    monitors see it as usual. :class:`RefinerModule` adds it in ``configure_callbacks``.
-    """
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        if 0 < trainer.max_steps <= trainer.global_step:
-            trainer.should_stop = True
-
-
-class ProgressLog(Callback):
-    """Progress as log lines, for runs whose output goes to a file (no progress bar there).
-
-    One line per validation with its metrics (``val/refined/si_sdri``, ``val/baseline/si_sdri``, the
-    loss), the step, steps/s and the baseline's share of the wall time; one line every
-    ``every_n_steps`` training steps; and at the end of ``fit`` the best checkpoint with its
-    monitored score. Lines go to the ``astsep.lit`` logger (``train.py`` sends them to stderr).
-    """
-
-    KEYS = ("val/refined/si_sdri", "val/baseline/si_sdri", "val/loss")
-
-    def __init__(self, every_n_steps: int = 50):
-        self.every = max(1, int(every_n_steps))
-        self.t0: float | None = None
-        self.b0 = 0.0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.t0, self.b0 = time.perf_counter(), getattr(pl_module, "baseline_seconds", 0.0)
-
-    def _rate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        if self.t0 is None:
-            return ""
-        wall = max(1e-9, time.perf_counter() - self.t0)
-        base = getattr(pl_module, "baseline_seconds", 0.0) - self.b0
-        return (f", {trainer.global_step / wall:.2f} steps/s, {wall / 60:.1f} min, baseline {100 * base / wall:.0f} % "
-                f"of the time")
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step % self.every == 0 and step:
-            loss = trainer.callback_metrics.get("train/loss")
-            log.info("step %d: train/loss %s%s", step, "n/a" if loss is None else f"{float(loss):.3f}",
-                     self._rate(trainer, pl_module))
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        m = trainer.callback_metrics
-        parts = [f"{k} {float(m[k]):.2f}" for k in self.KEYS if k in m]
-        log.info("validation at step %d: %s%s", trainer.global_step, ", ".join(parts) or "no metrics",
-                 self._rate(trainer, pl_module))
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        ck = trainer.checkpoint_callback
-        if ck is None or not getattr(ck, "best_model_path", ""):
-            log.info("fit done at step %d (no checkpoint kept)%s", trainer.global_step, self._rate(trainer, pl_module))
-            return
-        score = ck.best_model_score
-        log.info("fit done at step %d%s; best checkpoint %s with %s %s", trainer.global_step,
-                 self._rate(trainer, pl_module), ck.best_model_path, ck.monitor,
-                 "n/a" if score is None else f"{float(score):.2f}")
-
-
 class RefinerModule(pl.LightningModule):
     """Trains :class:`MaskRefiner` on top of the frozen AST-guided separator.
 
     Args:
         refiner: network size and conditioning (``n_masks`` must equal the separator's passes).
-        guide_model: AST Hub id, local folder, or ``"tiny"`` (random tiny AST for smoke tests).
+        guide_model: AST Hub id, local folder, or ``"tiny"`` (random tiny AST for smoke tests): the one
+            name of the training AST. ``separator_config``'s ``guide.model`` is set to it; a
+            ``separator_config`` that names another AST there (not the default) is refused.
         guide_seed: seed of the ``"tiny"`` guide.
         separator_config: the separator's config (STFT, separator, guide, window, categories): an
             :class:`~astsep.config.AstsepConfig`, its values as a mapping (any key left out: its
             default; in a training YAML, or ``--model.separator_config.separator.rounds=2``), or the path
             of a YAML in ``configs/separator.yaml``'s layout, read here. Whichever it was, the module
             stores the resolved values in its hyper-parameters (so in every checkpoint: loading one
-            needs no YAML). Default: the defaults (= ``configs/separator.yaml``).
-        guide_dtype: AST precision (``float32``, ``bfloat16``, or ``int8`` on the CPU); None: the
-            separator config's (float32 by default).
-        trim_padding: run the AST only on the patches that hold audio (5 s segments: half the cost);
-            None: the separator config's, which is also what ``infer.py`` uses (false by default).
-        pad_merge: with ``trim_padding``, padded patches per merged token (0: the padding is dropped);
-            None: the separator config's (8).
+            needs no YAML). Default: the defaults (= ``configs/separator.yaml``). The AST's precision,
+            ``trim_padding`` and ``pad_merge`` are its ``guide`` section's (one name each).
         query_source: ``"table"`` (batch ``query``) or ``"pass"`` (the guide's embedding of the refined
             pass, as at inference).
         loss: a module of ``(estimate (B,N), target (B,N)) -> ()`` to minimise (YAML: ``class_path``
@@ -269,12 +168,11 @@ class RefinerModule(pl.LightningModule):
             (:func:`astsep.config.baseline_settings`), which the module writes into its
             hyper-parameters so that a checkpoint says what baseline the refiner was trained on,
             wherever it is loaded (``infer.py --refiner`` compares them with its own). When given
-            (loading a checkpoint), they replace ``separator_config``, ``trim_padding``, ``pad_merge``.
+            (loading a checkpoint), they replace those of ``separator_config``.
     """
 
     def __init__(self, refiner: RefinerConfig | dict | None = None, guide_model: str = "tiny", guide_seed: int = 0,
-                 separator_config: AstsepConfig | str | None = AstsepConfig(), guide_dtype: str | None = None,
-                 trim_padding: bool | None = None, pad_merge: int | None = None, query_source: str = "table",
+                 separator_config: AstsepConfig | str | None = AstsepConfig(), query_source: str = "table",
                  loss: nn.Module | None = None, sdr_weight: float | None = None,
                  lr: float = 1e-3, weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.05, example_every_n_val: int = 5,
@@ -304,10 +202,9 @@ class RefinerModule(pl.LightningModule):
             cfg = config_from_settings(baseline, base, where="the checkpoint's baseline settings")
         else:
             cfg = _separator_config(separator_config)
-            chosen = {"trim_padding": trim_padding, "pad_merge": pad_merge}
-            cfg.guide = dataclasses.replace(cfg.guide, **{k: v for k, v in chosen.items() if v is not None})
-        if guide_dtype is not None:
-            cfg.guide = dataclasses.replace(cfg.guide, dtype=guide_dtype)
+        if cfg.guide.model not in (guide_model, GuideConfig.model):
+            raise ConfigError(f"model.separator_config.guide.model ({cfg.guide.model}) and model.guide_model "
+                              f"({guide_model}) name two ASTs: set model.guide_model only")
         cfg.guide = dataclasses.replace(cfg.guide, model=guide_model)  # the AST guide_model picks, recorded
         # by value, whatever was given (a path, a mapping, a dataclass): checkpoints load without the YAML
         self.hparams["separator_config"] = cfg.to_dict()

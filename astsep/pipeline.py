@@ -28,7 +28,7 @@ from .audio import AudioInfo, dbfs, rms_db
 from .config import SAMPLE_RATE, SEPARATION_SECTIONS, AstsepConfig, WindowConfig
 from .errors import ConfigError
 from .events import active_span, class_records, content_key, event_id, merge_window_events
-from .guide import TOP_K, ASTGuide, quiet_model_loading, top_classes
+from .guide import ASTGuide, quiet_model_loading, top_classes
 from .result import SeparationResult, Track
 from .separator import BatchSeparation, PassSources, Separator
 
@@ -301,13 +301,13 @@ class Pipeline:
         audible = ~out.silent & (ext.pow(2).sum(dim=1) > 0)
         cid = torch.full((xb.shape[0],), -1, dtype=torch.long)
         conf = torch.zeros(xb.shape[0])
-        t5i = torch.full((xb.shape[0], TOP_K), -1, dtype=torch.long)
-        t5p = torch.zeros(xb.shape[0], TOP_K)
+        t5i = torch.full((xb.shape[0], self.cfg.separator.top_k), -1, dtype=torch.long)
+        t5p = torch.zeros(xb.shape[0], self.cfg.separator.top_k)
         emb = torch.zeros(xb.shape[0], self.guide.hidden_size)
         idx = audible.nonzero().squeeze(1).cpu()
         if idx.numel():
             g = self.guide(ext[idx.to(ext.device)], rows=idx)
-            conf[idx], cid[idx], t5p[idx], t5i[idx] = top_classes(g.probs.cpu())
+            conf[idx], cid[idx], t5p[idx], t5i[idx] = top_classes(g.probs.cpu(), self.cfg.separator.top_k)
             emb[idx] = g.embedding.cpu()
         return BatchSeparation(
             sources=ext.unsqueeze(1), residual=xb - ext, masks=out.masks[:, :1] * 0, kept=audible.cpu().unsqueeze(1),
@@ -326,7 +326,7 @@ class Pipeline:
         if not idx:
             return out
         g = self.guide(res[idx].to(self.guide.device), rows=torch.tensor(idx))
-        conf, cid, top_p, top_i = top_classes(g.probs.cpu())
+        conf, cid, top_p, top_i = top_classes(g.probs.cpu(), sc.top_k)
         for r, i in enumerate(idx):
             out[i] = {"class_id": int(cid[r]), "label": self.guide.labels[int(cid[r])], "confidence": float(conf[r]),
                       "top5": class_records(top_i[r], top_p[r], self.guide.labels)}

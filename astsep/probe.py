@@ -50,7 +50,7 @@ import torch
 
 from .audio import load_audio, write_bytes_atomic
 from .config import DEFAULT_MODEL, SAMPLE_RATE, GuideConfig
-from .errors import AstsepError, ConfigError
+from .errors import AstsepError, ConfigError, naming_option
 
 log = logging.getLogger(__name__)
 
@@ -455,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             from .guide import build_guide
             from .guide import quiet_model_loading
 
-            with quiet_model_loading():
-                guide = build_guide(args.model, GuideConfig(device=args.device), option="--model")
+            with quiet_model_loading(), naming_option("--model"):
+                guide = build_guide(args.model, GuideConfig(device=args.device))
         if "refiner" in kinds:
             module = load_refiner_module(args.refiner, args.device)
         progress = sys.stderr.isatty()

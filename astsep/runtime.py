@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SAMPLE_RATE, AstsepConfig, apply_overrides, load_config, parse_value, shortcut_overrides
-from .errors import AstsepError, ConfigError
+from .errors import AstsepError, ConfigError, naming_option
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ def _refiner_guide(opts: RunOptions, cfg: AstsepConfig, refiner):
     Sets ``cfg.guide.model`` to it, so that the run records the model it used."""
     if refiner is None or opts.model is not None or not refiner.guide_model:
         return None
+    from .ast_load import quiet_model_loading
     from .guide import build_guide
-    from .guide import quiet_model_loading
 
     if refiner.guide_model == "tiny":
         log.warning("refiner %s was trained on a random tiny AST (a smoke-test config): separating with that "
@@ -189,10 +189,12 @@ def _refiner_guide(opts: RunOptions, cfg: AstsepConfig, refiner):
 
 def build_pipeline(opts: RunOptions, cfg: AstsepConfig, refiner=None):
     """The :class:`astsep.pipeline.Pipeline` for ``cfg`` (loads the model), with ``refiner``; a
-    refiner without a ``model`` option separates with the AST it was trained on."""
+    refiner without a ``model`` option separates with the AST it was trained on. An AST that cannot be
+    loaded, or that the refiner cannot take, is an error naming ``--model``, the option that chooses it."""
     from .pipeline import Pipeline
 
-    return Pipeline(cfg, _refiner_guide(opts, cfg, refiner), refiner=refiner)
+    with naming_option("--model"):
+        return Pipeline(cfg, _refiner_guide(opts, cfg, refiner), refiner=refiner)
 
 
 def _checked(refiner, emb, what: str):

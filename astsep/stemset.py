@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AstsepError, ConfigError
-from .testing import SHARED_DATA
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +137,14 @@ def _at_level(x: np.ndarray, dbfs: float) -> np.ndarray:
 
 
 def make_stemset(out_dir: str | Path, n_tracks: int = 2, seconds: float = 6.0, rate: int = 44100,
-                 subset: str = "test", data: Path = SHARED_DATA) -> list[Path]:
-    """Write ``n_tracks`` (at most 3) tracks of ``seconds`` to ``out_dir/subset/``; returns their folders."""
+                 subset: str = "test", *, data: str | Path) -> list[Path]:
+    """Write ``n_tracks`` (at most 3) tracks of ``seconds`` to ``out_dir/subset/``; returns their folders.
+    ``data``: the shared recordings (its ``librosa`` folder gives the vocals and other stems)."""
     import soundfile as sf
 
     if not 1 <= n_tracks <= len(VOCALS):
         raise ConfigError(f"n_tracks must be 1..{len(VOCALS)}, not {n_tracks}")
-    lib = data / "librosa"
+    lib = Path(data) / "librosa"
     folders = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n_tracks):
@@ -178,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracks", type=int, default=3, help="number of tracks (1-3)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each track (at most 13.5)")
     p.add_argument("--rate", type=int, default=44100)
+    p.add_argument("--data", default="../shared/data", metavar="DIR",
+                   help="the shared recordings (default ../shared/data, from the working directory)")
     args = p.parse_args(argv)
     try:
-        folders = make_stemset(args.out, args.tracks, args.seconds, args.rate)
+        folders = make_stemset(args.out, args.tracks, args.seconds, args.rate, data=args.data)
     except AstsepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -3,22 +3,29 @@
 ``tiny_ast`` builds a small ``ASTForAudioClassification`` with transformers' own classes and the
 527 real AudioSet labels; ``full_ast`` builds the published checkpoint's architecture (same
 compute) with random weights.
+
+Their label names come from AudioSet's ``class_labels_indices.csv``: the file given, else the one
+named by ``$ASTSEP_AUDIOSET_LABELS`` (``tests/conftest.py`` and the benchmarks point it at the
+shared data), else generic names ``class_<i>``. This module knows no path of a checkout.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LABELS_ENV = "ASTSEP_AUDIOSET_LABELS"
 
 
 def audioset_labels(csv_path: str | Path | None = None) -> dict[int, str]:
-    """``{index: display_name}`` from AudioSet's ``class_labels_indices.csv``."""
-    path = Path(csv_path) if csv_path else SHARED_DATA / "audioset" / "class_labels_indices.csv"
-    if not path.is_file():
+    """``{index: display_name}`` from AudioSet's ``class_labels_indices.csv`` (``csv_path``, else
+    ``$ASTSEP_AUDIOSET_LABELS``); without one, the 527 generic names ``class_<i>``."""
+    path = csv_path or os.environ.get(LABELS_ENV)
+    path = Path(path) if path else None
+    if path is None or not path.is_file():
         return {i: f"class_{i}" for i in range(527)}
     with open(path, newline="") as fh:
         return {int(row["index"]): row["display_name"] for row in csv.DictReader(fh)}

@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from astsep.testing import SHARED_DATA, full_ast, tiny_ast  # noqa: E402
+from astsep.testing import full_ast, tiny_ast  # noqa: E402
+from shared_data import SHARED_DATA  # noqa: E402
 
 
 def main() -> None:

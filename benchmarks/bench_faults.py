@@ -41,6 +41,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import shared_data  # noqa: E402,F401 - the tiny AST's label names (its forced class is Siren, a danger)
 from astsep.delivery import BackendClient, Dispatcher, Outbox, RetryPolicy, flush  # noqa: E402
 
 for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):

@@ -54,7 +54,8 @@ from astsep.config import SAMPLE_RATE, AstsepConfig, LiveConfig  # noqa: E402
 from astsep.guide import ASTGuide, use_fast_settings  # noqa: E402
 from astsep.live import LiveListener, excerpt_logits  # noqa: E402
 from astsep.pipeline import Pipeline  # noqa: E402
-from astsep.testing import SHARED_DATA, force_class, full_ast  # noqa: E402
+from astsep.testing import force_class, full_ast  # noqa: E402
+from shared_data import SHARED_DATA  # noqa: E402
 
 ESC = SHARED_DATA / "esc50_one_per_class"
 SOUNDS = ("siren", "car_horn", "crying_baby", "door_wood_knock", "clock_alarm", "dog", "glass_breaking")

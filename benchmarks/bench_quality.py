@@ -35,7 +35,8 @@ from astsep.features import apply_mask, stft  # noqa: E402
 from astsep.metrics import sdri, si_sdri  # noqa: E402
 from astsep.oracle import Degradation, OracleGuide  # noqa: E402
 from astsep.pipeline import Pipeline  # noqa: E402
-from astsep.testing import SHARED_DATA, audioset_labels, full_ast  # noqa: E402
+from astsep.testing import audioset_labels, full_ast  # noqa: E402
+from shared_data import SHARED_DATA  # noqa: E402
 
 CONDITIONS = [  # (name, degradation spec); the figure's two sweeps are blur and noise
     ("oracle", ""), ("blur 0.5", "blur=0.5"), ("blur 1", "blur=1"), ("blur 2", "blur=2"),

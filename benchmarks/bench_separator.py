@@ -45,7 +45,8 @@ from astsep.audio import load_audio  # noqa: E402
 from astsep.config import AstsepConfig  # noqa: E402
 from astsep.guide import ASTGuide  # noqa: E402
 from astsep.pipeline import Pipeline  # noqa: E402
-from astsep.testing import SHARED_DATA, full_ast  # noqa: E402
+from astsep.testing import full_ast  # noqa: E402
+from shared_data import SHARED_DATA  # noqa: E402
 
 SEED = SHARED_DATA / "examples" / "seed_recording_16k.wav"
 ESC = SHARED_DATA / "esc50_one_per_class"

@@ -12,10 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for the networ
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from astsep.audio import load_audio  # noqa: E402
-from astsep.testing import force_class, tiny_ast  # noqa: E402
+from astsep.testing import LABELS_ENV, force_class, tiny_ast  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"  # beside the checkout (/work/wt-* too); never copied into it
+# the tiny ASTs' label names, in this process and in the infer.py / train.py processes the tests start
+os.environ.setdefault(LABELS_ENV, str(SHARED_DATA / "audioset" / "class_labels_indices.csv"))
 ESC = SHARED_DATA / "esc50_one_per_class"
 SEED_RECORDING = SHARED_DATA / "examples" / "seed_recording_16k.wav"
 

@@ -33,7 +33,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # `python tests/make_regression.py` from a checkout, not installed
 
-from astsep.testing import SHARED_DATA  # noqa: E402
+from conftest import SHARED_DATA  # noqa: E402 - sets the tiny ASTs' label file too
 
 SEED_RECORDING = SHARED_DATA / "examples" / "seed_recording_16k.wav"
 VECTORS = HERE / "data" / "separator_regression.json"

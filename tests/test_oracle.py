@@ -215,7 +215,7 @@ def test_a_flat_attention_map_does_not_take_everything(shared):
 
 
 def test_guidance_prior_keeps_a_contrasted_map_and_replaces_a_flat_one():
-    from astsep.separator import guidance_prior
+    from astsep.masking import guidance_prior
 
     sc = AstsepConfig().separator
     gen = torch.Generator().manual_seed(1)
@@ -237,7 +237,7 @@ def test_guidance_prior_keeps_a_contrasted_map_and_replaces_a_flat_one():
 def test_the_blind_split_groups_components_that_move_together():
     """``dominant_group``: components whose activations rise and fall together are one sound; the
     group of the most energetic component is returned, whatever the components' order."""
-    from astsep.separator import dominant_group
+    from astsep.masking import dominant_group
 
     gen = torch.Generator().manual_seed(3)
     T = 200
@@ -282,7 +282,7 @@ def test_per_source_nmf_refines_only_trusted_windows_and_helps_an_exact_grid(sha
 
 
 def test_sharpening_pushes_the_mask_towards_zero_and_one_and_keeps_its_side():
-    from astsep.separator import sharpen
+    from astsep.masking import sharpen
 
     m = torch.tensor([[[0.02, 0.3, 0.5, 0.7, 0.98]]])
     torch.testing.assert_close(sharpen(m, 1.0), m)
@@ -297,7 +297,7 @@ def test_the_steps_that_trust_the_grid_do_not_act_on_the_flat_map_fallback(share
     sharpened nor refined by the per-side NMF: the mask is the one those two steps turned off would
     give. The guide's own exact grid (``own`` = 1) is changed by them."""
     from astsep.features import patch_operators
-    from astsep.separator import guidance_prior, guided_mask, nmf, nmf_init
+    from astsep.masking import guidance_prior, guided_mask, nmf, nmf_init
 
     x, s, guide = oracle_for("siren", "dog")
     cfg = AstsepConfig()

@@ -190,9 +190,9 @@ def test_a_checkpoint_records_the_baseline_by_value_and_inference_warns_naming_w
     from astsep.pipeline import Pipeline
 
     sep_yaml = tmp_path / "sep.yaml"
-    sep_yaml.write_text("separator:\n  rounds: 2\n")
+    sep_yaml.write_text("separator:\n  rounds: 2\nguide:\n  trim_padding: true\n  pad_merge: 0\n")
     module = RefinerModule(refiner=dict(SMALL, query_dim=32), guide_model="tiny", separator_config=str(sep_yaml),
-                           trim_padding=True, pad_merge=0, query_source="pass")
+                           query_source="pass")
     s = clip("dog", 1.0)
     fit_and_save(module, [{"mixture": s + clip("rain", 1.0), "target": s}], tmp_path / "r.ckpt")
     sep_yaml.unlink()  # the checkpoint holds the values, not the path
@@ -250,5 +250,6 @@ def test_a_refiner_given_an_ast_of_another_size_is_refused_in_one_line_saying_wh
     line = one_error_line(proc)
     assert proc.returncode == 2
     assert "takes 32-dim AST embeddings" in line and "'tiny'" in line and "hidden size 16" in line
-    assert "leave --model out" in line
+    assert line.startswith("astsep: error: --model: refiner")  # the front end names its option, the library the model
+    assert "name no AST model to use the refiner's own guide" in line
     assert not (tmp_path / "out" / "events.json").exists()

@@ -29,12 +29,12 @@ SPEECH, BASS_GUITAR, SIREN = 0, 142, 396
 
 
 @pytest.fixture(scope="module")
-def stem_dir(tmp_path_factory):
+def stem_dir(tmp_path_factory, shared):
     """One 3 s track at 44.1 kHz stereo, MUSDB18-HQ layout (FluidSynth bass and drums, shared speech and music)."""
     if not stemset.fluidsynth_available():
         pytest.skip("FluidSynth or a GM SoundFont is missing (apt-get install fluidsynth fluid-soundfont-gm)")
     root = tmp_path_factory.mktemp("musdb")
-    stemset.make_stemset(root, n_tracks=1, seconds=3.0, rate=44100)
+    stemset.make_stemset(root, n_tracks=1, seconds=3.0, rate=44100, data=shared)
     return root
 
 
@@ -69,7 +69,7 @@ def test_a_bad_stem_map_is_refused_with_a_message_naming_the_problem(bad, messag
 @needs_museval
 @needs_fluidsynth
 def test_true_stems_score_high_and_swapped_stems_score_low(tmp_path, shared):
-    stemset.make_stemset(tmp_path, n_tracks=1, seconds=3.0, rate=16000)
+    stemset.make_stemset(tmp_path, n_tracks=1, seconds=3.0, rate=16000, data=shared)
     track = read_track(next((tmp_path / "test").iterdir()))
     refs = track.references
     rng = np.random.default_rng(0)

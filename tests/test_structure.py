@@ -5,6 +5,8 @@ those inside functions too.
 2. No private name (``_x``) crosses a module boundary: never ``from astsep.m import _x``, never
    ``m._x`` on an imported ``astsep`` module.
 3. The front ends (``astsep.frontends``) are leaves: no module outside them imports them.
+4. No module over ~500 lines; no function over 60 lines without a reason at its top (its docstring
+   says "Stays whole: ..." and why).
 
 Run alone: ``python -m pytest -q tests/test_structure.py``.
 """
@@ -135,6 +137,26 @@ def test_front_ends_are_imported_by_nothing_but_front_ends():
     bad = [f"{m} imports {t}" for m, targets in g.items() if not m.startswith(FRONTENDS)
            for t in targets if t.startswith(FRONTENDS)]
     assert bad == []
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_module_is_over_500_lines():
+    big = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert big == {}
+
+
+def test_no_function_is_over_60_lines_without_a_reason_at_its_top():
+    bare = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES and "Stays whole:" not in (ast.get_docstring(node) or ""):
+                    bare.append(f"{name}.{node.name} (line {node.lineno}): {lines} lines")
+    assert bare == []
 
 
 @pytest.mark.parametrize("source, found", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 import subprocess
 import sys
@@ -131,6 +133,7 @@ def test_print_config_shows_every_hyperparameter():
     model = yaml.safe_load(out.stdout)["model"]["separator_config"]
     expected = AstsepConfig().to_dict()
     expected["separator"]["rounds"] = 2
+    expected["guide"].update(trim_padding=True, pad_merge=0)  # the tiny config's, under their one name
     assert model == expected
 
 
@@ -253,12 +256,25 @@ def test_the_separator_config_is_taken_as_a_path_a_mapping_or_a_dataclass_and_st
         RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config={"separator": {"rounds": 0, "max_passes": 2}})
 
 
+def test_each_guide_setting_has_one_name_in_the_training_config():
+    sep = {"separator": {"max_passes": 2}, "guide": {"dtype": "bfloat16", "trim_padding": True, "pad_merge": 0}}
+    module = RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config=sep)
+    assert (module.cfg.guide.dtype, module.cfg.guide.trim_padding, module.cfg.guide.pad_merge) == ("bfloat16", True, 0)
+    assert module.hparams["separator_config"]["guide"]["model"] == "tiny"
+    for old in ("guide_dtype", "trim_padding", "pad_merge"):  # no second name beside separator_config.guide
+        assert old not in inspect.signature(RefinerModule).parameters
+    two = {"separator": {"max_passes": 2}, "guide": {"model": "/models/other-ast"}}
+    with pytest.raises(ConfigError, match=r"^model.separator_config.guide.model \(/models/other-ast\) and "
+                                          r"model.guide_model \(tiny\) name two ASTs: set model.guide_model only$"):
+        RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config=two)
+
+
 def test_a_checkpoint_rebuilds_the_whole_separator_config_without_its_yaml(tmp_path, shared):
     path = tmp_path / "sep.yaml"
     path.write_text("stft:\n  hop: 128\nseparator:\n  max_passes: 2\n  nmf_components: 8\n"
-                    "guide:\n  fbank_std: 4.0\nwindow:\n  overlap_sec: 0.25\ncategories:\n  sets:\n    help: [14]\n")
-    module = RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config=str(path), trim_padding=True,
-                           pad_merge=0, query_source="pass")
+                    "guide:\n  fbank_std: 4.0\n  trim_padding: true\n  pad_merge: 0\nwindow:\n  overlap_sec: 0.25\n"
+                    "categories:\n  sets:\n    help: [14]\n")
+    module = RefinerModule(refiner=SMALL_REFINER, guide_model="tiny", separator_config=str(path), query_source="pass")
     s = clip("dog", 1.0)
     fit_and_save(module, [{"mixture": s + clip("rain", 1.0), "target": s}], tmp_path / "r.ckpt")
     path.unlink()  # the checkpoint holds the values, not the path

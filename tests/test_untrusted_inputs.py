@@ -341,5 +341,5 @@ def test_a_crafted_pickle_model_with_allow_pickle_is_one_line(tmp_path: Path, ti
     rc, lines, err = _run(["infer.py", "-i", str(wav), "-o", str(tmp_path / "out"), "-m", str(model),
                            "--allow-pickle", "-q"])
     assert rc == 3 and len(lines) == 1 and "Traceback" not in err and "internal error" not in err, err
-    assert lines[0].startswith("astsep: error: cannot load AST model") and "weights file was refused" in lines[0]
+    assert lines[0].startswith("astsep: error: --model: cannot load AST model") and "weights file was refused" in lines[0]
     assert "posix.system" in lines[0] and not marker.exists()

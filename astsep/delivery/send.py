@@ -119,6 +119,7 @@ def _send(
     ignore_schedule: bool = False,
 ) -> None:
     """POST the entries among ``keys`` that are pending and due, in order, recording each outcome.
+    (Stays whole: one loop under the outbox's send lock, every branch updating the same entry and report.)
 
     A retryable answer (5xx, 429, a redirect) gives that entry its next retry time and the loop goes
     on with the next entry: one entry the backend keeps failing cannot hold back the others. A

@@ -49,6 +49,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``infer.py``'s options. (Stays whole: a flat list of options, in the order ``-h`` shows them.)"""
     p = _Parser(
         prog="infer.py",
         description="Separate recordings into sources with the AST-guided separator, classify each source "

@@ -50,7 +50,7 @@ class AlertStage:
 
         mono = item.audio.mean(axis=0)
         probs = torch.softmax(excerpt_logits(self.pipe.guide, torch.from_numpy(mono)).float(), dim=-1)
-        _, _, top_p, top_i = top_classes(probs[None].cpu())
+        _, _, top_p, top_i = top_classes(probs[None].cpu(), self.pipe.cfg.separator.top_k)
         cats = self.pipe.cfg.categories
         labels = self.pipe.guide.labels
         found = None

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import AstsepConfig, STFTConfig, settings_differences
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, ModelMismatchError
 from ..features import apply_mask
 from .network import MaskRefiner, RefinerConfig, refine
 
@@ -74,11 +74,11 @@ class Refiner:
         loader of ``infer.py --refiner`` and ``python -m astsep.evaluate --refiner``."""
         p = Path(path).expanduser()
         if not p.is_file():
-            raise ModelError(f"refiner checkpoint not found: {p} (--refiner takes a .ckpt written by train.py)")
+            raise ModelError(f"refiner checkpoint not found: {p} (a .ckpt written by train.py)")
         try:
             ck = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a crafted, torn or foreign file: one line, never a traceback
-            from ..guide import describe_load_error
+            from ..ast_load import describe_load_error
 
             raise ModelError(f"cannot read refiner checkpoint {p}: {describe_load_error(exc)}") from None
         if not isinstance(ck, dict) or "state_dict" not in ck or "hyper_parameters" not in ck:
@@ -109,16 +109,16 @@ class Refiner:
                    baseline if isinstance(baseline, dict) else None,
                    guide_model if isinstance(guide_model, str) else None, int(hp.get("guide_seed") or 0))
 
-    def check_guide(self, guide, option: str = "--model") -> None:
+    def check_guide(self, guide) -> None:
         """Refuse, before any audio is separated, an AST whose embeddings this refiner cannot take:
         a refiner trained on audio (AST embedding) queries takes embeddings of its guide's hidden size."""
         if self.query_source != "target_audio" or guide.hidden_size == self.query_dim:
             return
         trained = f"the guide {self.guide_model!r}" if self.guide_model else "its guide"
-        raise ConfigError(f"refiner {self.name} takes {self.query_dim}-dim AST embeddings (trained with {trained}, "
-                          f"hidden size {self.query_dim}) but {option} {guide.name} has hidden size {guide.hidden_size}: "
-                          f"leave {option} out to use the refiner's own guide, or train a refiner on this AST "
-                          "(model.guide_model in the training config)")
+        raise ModelMismatchError(f"refiner {self.name} takes {self.query_dim}-dim AST embeddings (trained with {trained}, "
+                                 f"hidden size {self.query_dim}) but the AST model {guide.name} has hidden size "
+                                 f"{guide.hidden_size}: name no AST model to use the refiner's own guide, or train a "
+                                 "refiner on this AST (model.guide_model in the training config)")
 
     def check_baseline(self, cfg: AstsepConfig) -> list[str]:
         """Warn when ``cfg`` makes other baseline masks than the refiner was trained on; returns the
@@ -130,7 +130,7 @@ class Refiner:
         diff = settings_differences(self.baseline, cfg)
         if diff:
             log.warning("refiner %s was trained on a baseline with other settings: %s; its masks may be worse "
-                        "than its validation scores (set these in --config to match)", self.name, "; ".join(diff))
+                        "than its validation scores (set these in the separator config to match)", self.name, "; ".join(diff))
         return diff
 
     @property
@@ -154,8 +154,8 @@ class Refiner:
             emb = self.text_encoder.encode_text(texts)
         else:
             missing = [t for t in texts if self.table is None or t not in self.table]
-            raise ConfigError(f"no text embedding for {missing[:3]}: pass --query-table TABLE holding these texts "
-                              "or --clap-ckpt CKPT (laion-clap) to embed text")
+            raise ConfigError(f"no text embedding for {missing[:3]}: the refiner needs a query table holding these "
+                              "texts or a CLAP text encoder (laion-clap) to embed them")
         return self._check_dim(emb, "text")
 
     def _check_dim(self, emb: torch.Tensor, what: str) -> torch.Tensor:
