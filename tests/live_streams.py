@@ -14,6 +14,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from astsep.config import AstsepConfig
@@ -58,6 +59,14 @@ def forced_pipe(class_id: int, name: str, runner_up: int | None = None) -> Pipel
             m.classifier.dense.bias[runner_up] = 18.0
     cfg = AstsepConfig()
     return Pipeline(cfg, ASTGuide.from_model(m, cfg.guide, name=name))
+
+
+
+@pytest.fixture(scope="module")
+def siren_pipe():
+    """A pipeline whose tiny AST names every sound *Siren* (danger): every source is an alert.
+    A test module that imports this fixture gets one per module."""
+    return forced_pipe(396, "siren tiny AST")
 
 
 class Stepper:

@@ -20,6 +20,7 @@ from astsep.guide import ASTGuide, load_ast_model
 from astsep.testing import full_ast, tiny_ast
 
 from conftest import ROOT, clip
+from infer_runner import infer_imports
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -195,26 +196,10 @@ def test_a_corrupt_weight_file_is_a_model_error_not_a_traceback(tmp_path):
         load_ast_model(str(tmp_path))
 
 
-# ``python infer.py`` as a user runs it, then which transformers modules it imported.
-RUN_INFER = """
-import json, runpy, sys
-sys.argv = ["infer.py"] + json.loads(sys.argv[1])
-code = 0
-try:
-    runpy.run_path("infer.py", run_name="__main__")
-except SystemExit as exc:
-    code = exc.code
-print(json.dumps({"code": code, "transformers": sorted(m for m in sys.modules if m.split(".")[0] == "transformers")}))
-"""
-
-
 @pytest.mark.parametrize("fast", [False, True], ids=["default", "fast"])
 def test_an_infer_run_on_a_safetensors_model_imports_no_transformers_at_all(tmp_path, tiny_model_dir, shared, fast):
     args = ["-i", str(clip_path("dog")), "-o", str(tmp_path / "out"), "-m", str(tiny_model_dir), "-q"]
-    proc = subprocess.run([sys.executable, "-c", RUN_INFER, json.dumps(args + (["--fast"] if fast else []))],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res, proc = infer_imports(args + (["--fast"] if fast else []))
     assert res["code"] == 0, proc.stderr[-1500:]
     assert res["transformers"] == [], res["transformers"][:10]
     assert json.loads((tmp_path / "out" / "events.json").read_text())["stats"]["model"] == str(tiny_model_dir)

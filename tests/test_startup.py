@@ -12,24 +12,12 @@ import sys
 import pytest
 
 from conftest import ROOT
-
-# Runs infer.py as `python infer.py ARGS` does, then reports its exit code and the heavy modules it imported.
-RUN_INFER = """
-import json, runpy, sys
-sys.argv = ["infer.py"] + json.loads(sys.argv[1])
-code = 0
-try:
-    runpy.run_path("infer.py", run_name="__main__")
-except SystemExit as exc:
-    code = exc.code
-print(json.dumps({"code": code, "heavy": sorted(m for m in ("torch", "transformers", "numpy") if m in sys.modules)}))
-"""
+from infer_runner import infer_imports
 
 
 def run_infer(*args: str) -> tuple[dict, str]:
-    proc = subprocess.run([sys.executable, "-c", RUN_INFER, json.dumps(list(args))], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+    res, proc = infer_imports(list(args), timeout=120)
+    return res, proc.stderr
 
 
 @pytest.mark.parametrize("case", ["help", "bad_option", "missing_input", "missing_inputs_with_logging"])

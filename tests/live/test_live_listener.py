@@ -16,12 +16,7 @@ from astsep.capture import ArraySource
 from astsep.config import LiveConfig
 from astsep.live import LiveListener, ManualClock, active_runs, listen
 from astsep.pipeline import Pipeline
-from live_streams import SIREN_AT, SR, Stepper, forced_pipe, siren_stream
-
-
-@pytest.fixture(scope="module")
-def siren_pipe() -> Pipeline:
-    return forced_pipe(396, "siren tiny AST")  # every source is "Siren" (danger)
+from live_streams import SIREN_AT, SR, Stepper, forced_pipe, siren_pipe, siren_stream  # noqa: F401 - siren_pipe: a fixture
 
 
 @pytest.fixture(scope="module")

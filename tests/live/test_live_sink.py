@@ -8,12 +8,7 @@ import pytest
 from astsep.config import LiveConfig
 from astsep.delivery import BackendClient, Outbox
 from astsep.live import LiveListener, ManualClock
-from live_streams import Backend, Stepper, forced_pipe, siren_stream
-
-
-@pytest.fixture(scope="module")
-def siren_pipe():
-    return forced_pipe(396, "siren tiny AST")
+from live_streams import Backend, Stepper, forced_pipe, siren_pipe, siren_stream  # noqa: F401 - siren_pipe: a fixture
 
 
 def test_every_event_is_in_the_outbox_when_the_callback_sees_it_and_sent_from_there(siren_pipe, tmp_path, shared):

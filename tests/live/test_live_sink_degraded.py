@@ -9,12 +9,7 @@ import pytest
 from astsep.config import LiveConfig
 from astsep.delivery import BackendClient, Outbox
 from astsep.live import LiveListener, ManualClock
-from live_streams import Backend, Stepper, forced_pipe, siren_stream
-
-
-@pytest.fixture(scope="module")
-def siren_pipe():
-    return forced_pipe(396, "siren tiny AST")
+from live_streams import Backend, Stepper, siren_pipe, siren_stream  # noqa: F401 - siren_pipe: a fixture
 
 
 def test_an_outbox_damaged_mid_run_still_delivers_every_event_shown(siren_pipe, tmp_path, shared):
