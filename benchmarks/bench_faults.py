@@ -216,19 +216,24 @@ def row_down_then_up(tmp: Path, n: int) -> Row:
     return Row("backend down (refused), then up", produced, b, "delay = downtime until the flush")
 
 
-def row_slow(tmp: Path, n: int) -> Row:
-    b = Backend().start()
-    slow_until = time.monotonic() + 3.0
-    b.rule = lambda key, k: Answer(delay=4.0) if time.monotonic() < slow_until else Answer()
-    box = tmp / "slow.sqlite3"
+def fault_for(tmp: Path, n: int, name: str, seconds: float, fault: Answer, title: str, note: str) -> Row:
+    """The backend answers ``fault`` for ``seconds``, then normally: ``n`` events produced with no
+    retries meanwhile, then the outbox flushed once the fault is over."""
+    until = time.monotonic() + seconds
+    b = Backend(rule=lambda key, k: fault if time.monotonic() < until else Answer()).start()
+    box = tmp / f"{name}.sqlite3"
     produced: dict[str, float] = {}
-    produce(Dispatcher(client(b.url, retries=0), box, user_id=6), keys_for("slow", n), produced)
-    while time.monotonic() < slow_until:
+    produce(Dispatcher(client(b.url, retries=0), box, user_id=6), keys_for(name, n), produced)
+    while time.monotonic() < until:
         time.sleep(0.05)
     recover(box, b.url)
     b.stop()
-    return Row("backend answering after 4 s (timeout 1 s) for 3 s", produced, b,
-               "the backend took requests the client had given up on; the resends carry the same key")
+    return Row(title, produced, b, note)
+
+
+def row_slow(tmp: Path, n: int) -> Row:
+    return fault_for(tmp, n, "slow", 3.0, Answer(delay=4.0), "backend answering after 4 s (timeout 1 s) for 3 s",
+                     "the backend took requests the client had given up on; the resends carry the same key")
 
 
 def row_500_then_200(tmp: Path, n: int) -> Row:
@@ -279,17 +284,8 @@ def row_redirect(tmp: Path, n: int) -> Row:
 
 
 def row_drip(tmp: Path, n: int) -> Row:
-    drip_until = time.monotonic() + 2.0
-    b = Backend(rule=lambda key, k: Answer(drip=0.3) if time.monotonic() < drip_until else Answer()).start()
-    box = tmp / "drip.sqlite3"
-    produced: dict[str, float] = {}
-    produce(Dispatcher(client(b.url, retries=0), box, user_id=6), keys_for("drip", n), produced)
-    while time.monotonic() < drip_until:
-        time.sleep(0.05)
-    recover(box, b.url)
-    b.stop()
-    return Row("backend dripping its answer (1 byte / 0.3 s) for 2 s", produced, b,
-               "cut at the 1 s total deadline; the backend had taken them: resends carry the same key")
+    return fault_for(tmp, n, "drip", 2.0, Answer(drip=0.3), "backend dripping its answer (1 byte / 0.3 s) for 2 s",
+                     "cut at the 1 s total deadline; the backend had taken them: resends carry the same key")
 
 
 def row_huge_body(tmp: Path, n: int) -> Row:
