@@ -759,6 +759,31 @@ def test_a_new_alert_is_sent_before_an_old_failing_entry_and_that_one_waits_its_
     assert entry["next_at"] - time.time() == pytest.approx(1.0, abs=0.3)
 
 
+def test_a_run_that_makes_a_waiting_event_again_sends_it_now_and_leaves_other_waiting_ones(
+    start_server: Callable[[], FakeBackend], tmp_path: Path
+) -> None:
+    """CI's flake, made exact: run 1 meets a dead backend, so its first event waits for its retry
+    time; run 2 (same audio, same ids) starts within that time, backend up. All of run 2's events go
+    out now; an entry of some other run that is still waiting keeps its own schedule."""
+    outbox = Outbox(tmp_path / "ob.sqlite3")
+    policy = RetryPolicy(base_delay=600, max_delay=600, park_after=3600)
+    dead = make_client(f"http://127.0.0.1:{free_port()}/sound-events/", retries=0)
+    other = deliver([make_event(9)], dead, outbox, user_id=6, angle=0, policy=policy)
+    events = [make_event(i) for i in range(3)]
+    run1 = deliver(events, dead, outbox, user_id=6, angle=0, policy=policy)
+    assert run1.delivered == 0 and other.delivered == 0
+    waiting = [e["key"] for e in outbox.pending() if (e.get("next_at") or 0) > time.time()]
+    assert len(waiting) == 2  # make_event(9) and run 1's first event, each after one failed round
+
+    server = start_server()
+    with make_client(server.url) as client:
+        run2 = deliver(events, client, outbox, user_id=6, angle=0, policy=policy, flush_due=True)
+    ids = [e["event_id"] for e in events]
+    assert run2.delivered == 3 and sorted(server.keys()) == sorted(ids)
+    assert [outbox.state(k) for k in ids] == ["delivered"] * 3
+    assert outbox.state(make_event(9)["event_id"]) == "pending"  # not sent: sorted(server.keys()) above
+
+
 def test_each_entry_has_its_own_backoff_schedule() -> None:
     policy = RetryPolicy(base_delay=2, max_delay=60, park_after=10)
     assert [policy.delay(n) for n in (1, 2, 3, 4, 5, 6, 7)] == [2, 4, 8, 16, 32, 60, 60]

@@ -102,8 +102,8 @@ class Dispatcher:
             return add_batch(batch, self.outbox)
 
     def send(self, keys: Iterable[str] = ()) -> DeliveryReport:
-        """Send ``keys`` (from :meth:`queue`) first, then every other entry whose own retry time has
-        come. Never raises: outbox trouble switches to an in-memory outbox and sends again."""
+        """Send ``keys`` (from :meth:`queue`) first, now even if an earlier failure set them a later
+        retry time, then every other entry whose own retry time has come. Never raises: outbox trouble switches to an in-memory outbox and sends again."""
         keys = list(keys)
         for _ in range(2):
             box = self.outbox

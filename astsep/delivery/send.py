@@ -117,6 +117,7 @@ def _send(
     policy: RetryPolicy,
     include_parked: bool = False,
     ignore_schedule: bool = False,
+    now_keys: Iterable[str] = (),
 ) -> None:
     """POST the entries among ``keys`` that are pending and due, in order, recording each outcome.
     (Stays whole: one loop under the outbox's send lock, every branch updating the same entry and report.)
@@ -125,7 +126,9 @@ def _send(
     on with the next entry: one entry the backend keeps failing cannot hold back the others. A
     request that got no HTTP answer (connection refused, timeout) ends the loop: the backend is
     unreachable, and every further entry would wait through the same retries for nothing.
+    ``now_keys`` go out whatever their own retry time (a run that made the event again names it).
     """
+    now_keys = set(now_keys)
     try:
         with outbox.sending(lock_timeout):
             for key in keys:
@@ -135,7 +138,7 @@ def _send(
                 now = time.time()
                 if entry.get("parked_at") and not include_parked:
                     continue
-                if entry.get("next_at") and entry["next_at"] > now and not ignore_schedule:
+                if entry.get("next_at") and entry["next_at"] > now and not (ignore_schedule or key in now_keys):
                     report.waiting += 1
                     continue
                 result = client.post(entry["payload"] or {}, key)
@@ -268,7 +271,9 @@ def send_queued(
     flush_due: bool = True,
     report: DeliveryReport | None = None,
 ) -> DeliveryReport:
-    """Send the entries ``keys`` (just queued by :func:`queue_events`) first, then, with
+    """Send the entries ``keys`` (just queued by :func:`queue_events`) first, each now even when an
+    earlier failure gave it a later retry time (this call made the event again: a run re-processing
+    the same audio after the backend came back delivers all of its events), then, with
     ``flush_due``, every other pending entry whose own retry time has come; never raises for
     network problems. See :func:`deliver`."""
     report = report if report is not None else DeliveryReport()
@@ -277,7 +282,7 @@ def send_queued(
     rest = [k for k in outbox.due_keys() if k not in chosen] if flush_due else []
     if first or rest:
         _send(first + rest, client, outbox, report, lock_timeout=lock_timeout, policy=policy,
-              ignore_schedule=False)
+              ignore_schedule=False, now_keys=first)
         report.pending = len(set(first) & set(outbox.pending_keys()))
     else:
         report.outbox_pending = len(outbox.pending_keys())
@@ -303,7 +308,7 @@ def deliver(
     2xx → marked delivered; rejected → kept in ``outbox.rejected()``; retryable → left pending with
     the reason and its own next retry time (``policy``) for a later :func:`flush`. Events whose id
     the outbox already holds as delivered or rejected are not sent again; ones it holds as pending
-    are (re)sent. With ``flush_due``, the other pending entries whose retry time has come are sent
+    are (re)sent now, even before their own retry time (parked ones excepted). With ``flush_due``, the other pending entries whose retry time has come are sent
     after this call's events (a new alert is never queued behind an old failing one).
 
     ``lock_timeout`` is how many seconds to wait for another process's send loop to finish (None:
