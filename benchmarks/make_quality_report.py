@@ -50,7 +50,8 @@ def main() -> int:
         report = (Path(tmp) / "report.md").read_text()
     shown = " ".join(a if a != args.refiner else Path(args.refiner).name for a in argv)
     head = ("# Refiner quality on held-out sounds\n\n"
-            f"Written by `python benchmarks/make_quality_report.py --refiner {Path(args.refiner).name}`, which runs\n"
+            f"Written by `python benchmarks/make_quality_report.py -n {args.num_mixtures} --seconds {args.seconds:g} "
+            f"--refiner {Path(args.refiner).name}`, which runs\n"
             f"`python -m astsep.evaluate {shown} --out DIR` ({took / 60:.1f} min on {torch.get_num_threads()} "
             "CPU threads, shared machine).\n" + (f"{args.note}\n" if args.note else "") + "\n")
     body = report.replace("# Separation quality", "## Held-out sounds, six guide conditions", 1)

@@ -130,3 +130,36 @@ def test_the_dev_config_refiner_stays_small_and_starts_as_the_baseline():
     masks = torch.rand(1, 3, 513, 63).clamp(0.01, 0.99)
     out = net(torch.rand(1, 513, 63), masks, torch.zeros(1, cfg["model"]["refiner"]["query_dim"]))
     torch.testing.assert_close(out, masks[:, 0], atol=1e-5, rtol=0)
+
+
+CTX = RefinerConfig(n_masks=3, query_dim=16, channels=8, max_channels=16, depth=3, cond_dim=16, own_mask=True,
+                    residual=True, context=True)
+
+
+def test_context_channels_are_the_profiles_and_activities_of_the_pass_and_the_rest():
+    from astsep.refiner.network import context_features
+
+    g = torch.Generator().manual_seed(0)
+    mag = torch.rand(1, 5, 8, generator=g) + 0.1
+    own = torch.zeros(1, 5, 8)
+    own[..., :3] = 1.0  # the pass holds frames 0-2 whole, the rest frames 3-7
+    ctx = context_features(mag, own, 1e-5)
+    assert ctx.shape == (1, 4, 5, 8)
+    power = mag.square()
+    torch.testing.assert_close(ctx[0, 0, :, 5], 0.5 * torch.log(power[0, :, :3].sum(-1) / (3 + 1e-3)))
+    torch.testing.assert_close(ctx[0, 1, :, 0], 0.5 * torch.log(power[0, :, 3:].sum(-1) / (5 + 1e-3)))
+    torch.testing.assert_close(ctx[0, 2, 2, :3], 0.5 * torch.log(power[0, :, :3].mean(0)))
+    assert bool((ctx[0, 2, :, 3:] < -11).all())  # no pass energy there: the floor
+    torch.testing.assert_close(ctx[0, 3, 4, 3:], 0.5 * torch.log(power[0, :, 3:].mean(0)))
+
+
+def test_a_context_refiner_starts_as_the_baseline_and_its_inputs_ignore_the_level():
+    net = MaskRefiner(CTX)
+    g = torch.Generator().manual_seed(1)
+    mag = torch.rand(2, 201, 40, generator=g) + 1e-3
+    masks = torch.rand(2, 3, 201, 40, generator=g).clamp(0.01, 0.99)
+    assert net.features(mag, masks).shape[1] == 2 + 3 + 4
+    torch.testing.assert_close(net(mag, masks, torch.zeros(2, 16)), masks[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(net.features(10.0 * mag, masks), net.features(mag, masks), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="own_mask"):
+        MaskRefiner(RefinerConfig(context=True))

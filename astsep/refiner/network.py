@@ -51,6 +51,12 @@ class RefinerConfig:
     # passes the refiner re-estimates at inference (1: pass 1 only, the others keep their baseline
     # masks; 0: every kept pass); set to what it was trained on
     refine_passes: int = 0
+    # with own_mask: four more input channels of context a small receptive field cannot gather, all
+    # from the mixture and the pass's own mask (what inference has): the mask-weighted mean power per
+    # bin over the whole clip of the pass's estimate and of the rest (their spectral profiles), and
+    # the per-frame mean power of each (their activity), as log magnitudes, broadcast over the other
+    # axis, so each bin can be weighed against what the source and the rest sound like elsewhere
+    context: bool = False
     # "unet": the FiLM U-Net above (all levels down from full F×T resolution); "bandsplit": a light
     # full-resolution stem and head around a wider core that runs on frequency bands
     # (:class:`BandSplitCore`; needs own_mask and residual: it only corrects the pass's own mask)
@@ -115,6 +121,8 @@ class MaskRefiner(nn.Module):
             raise ValueError(f"depth must be >= 0 and channels >= 1, got {cfg.depth}, {cfg.channels}")
         if cfg.residual and not cfg.own_mask:
             raise ValueError("residual=True refines the pass's own mask: it needs own_mask=True")
+        if cfg.context and not cfg.own_mask:
+            raise ValueError("context=True is computed from the pass's own mask: it needs own_mask=True")
         if cfg.arch not in ("unet", "bandsplit"):
             raise ValueError(f"refiner arch must be 'unet' or 'bandsplit', got {cfg.arch!r}")
         in_cond = 2 * cfg.query_dim + 2 + (cfg.n_masks if cfg.own_mask else 0)
@@ -124,10 +132,10 @@ class MaskRefiner(nn.Module):
         if cfg.arch == "bandsplit":
             if not cfg.residual:
                 raise ValueError("arch='bandsplit' corrects the pass's own mask: it needs own_mask=True and residual=True")
-            self.core = BandSplitCore(cfg, 2 + cfg.n_masks)
+            self.core = BandSplitCore(cfg, 2 + cfg.n_masks + (CONTEXT_CHANNELS if cfg.context else 0))
             return
         widths = [min(cfg.channels * 2**i, cfg.max_channels) for i in range(cfg.depth + 1)]
-        c_in = 1 + cfg.n_masks + (1 if cfg.own_mask else 0)
+        c_in = 1 + cfg.n_masks + (1 if cfg.own_mask else 0) + (CONTEXT_CHANNELS if cfg.context else 0)
         self.down = nn.ModuleList()
         for w in widths[:-1]:
             self.down.append(ConvBlock(c_in, w, cfg.cond_dim, cfg.groups))
@@ -177,7 +185,8 @@ class MaskRefiner(nn.Module):
     def features(self, mixture_mag: torch.Tensor, baseline_masks: torch.Tensor,
                  pass_index: torch.Tensor | None = None) -> torch.Tensor:
         """Input channels ``(B, 1+K, F, T)``: standardised log-magnitude, then the K masks (with
-        ``own_mask``: ``(B, 2+K, F, T)``, the refined pass's own mask before the K masks)."""
+        ``own_mask``: ``(B, 2+K, F, T)``, the refined pass's own mask before the K masks; with ``context``
+        :data:`CONTEXT_CHANNELS` more after them, from :func:`context_features`)."""
         if baseline_masks.shape[1] != self.cfg.n_masks:
             raise ValueError(f"got {baseline_masks.shape[1]} baseline masks, the refiner expects n_masks={self.cfg.n_masks}")
         if baseline_masks.shape[0] != mixture_mag.shape[0] or baseline_masks.shape[2:] != mixture_mag.shape[1:]:
@@ -188,9 +197,15 @@ class MaskRefiner(nn.Module):
         std = logmag.std(dim=(1, 2), keepdim=True).clamp_min(1e-3) if logmag[0].numel() > 1 else torch.ones_like(mean)
         logmag = (logmag - mean) / std
         masks = baseline_masks.to(logmag.dtype)
+        parts = [logmag.unsqueeze(1)]
         if self.cfg.own_mask:
-            masks = torch.cat([self.own(masks, pass_index), masks], dim=1)
-        return torch.cat([logmag.unsqueeze(1), masks], dim=1)
+            own = self.own(masks, pass_index)
+            parts.append(own)
+        parts.append(masks)
+        if self.cfg.context:
+            ctx = context_features(mixture_mag.to(logmag.dtype), own[:, 0], self.cfg.log_floor)
+            parts.append((ctx - mean.unsqueeze(1)) / std.unsqueeze(1))
+        return torch.cat(parts, dim=1)
 
     def own(self, baseline_masks: torch.Tensor, pass_index: torch.Tensor | None) -> torch.Tensor:
         """The refined pass's baseline mask ``(B, 1, F, T)`` of ``baseline_masks (B, K, F, T)``."""
@@ -228,6 +243,26 @@ class MaskRefiner(nn.Module):
         """``sigmoid(logit(own mask) + correction)``: a zero correction gives back the baseline's mask."""
         own = self.own(baseline_masks.to(correction.dtype), pass_index)[:, 0].clamp(1e-3, 1 - 1e-3)
         return torch.sigmoid(correction + torch.log(own) - torch.log1p(-own))
+
+
+CONTEXT_CHANNELS = 4
+
+
+def context_features(mixture_mag: torch.Tensor, own: torch.Tensor, floor: float) -> torch.Tensor:
+    """``(B, 4, F, T)`` log magnitudes from ``mixture_mag (B,F,T)`` and the pass's mask ``own (B,F,T)``:
+    the estimate's and the rest's profiles (mean power per bin over the frames, each frame weighted
+    by its mask) and activities (mean power per frame over the bins), each broadcast over the other axis."""
+    power = mixture_mag.square()
+    rest = 1.0 - own
+    eps = 1e-3
+    prof_src = (own * power).sum(-1) / (own.sum(-1) + eps)  # (B, F)
+    prof_rest = (rest * power).sum(-1) / (rest.sum(-1) + eps)
+    act_src = (own * power).mean(-2)  # (B, T)
+    act_rest = (rest * power).mean(-2)
+    B, Fb, T = mixture_mag.shape
+    chans = [prof_src[:, :, None].expand(B, Fb, T), prof_rest[:, :, None].expand(B, Fb, T),
+             act_src[:, None, :].expand(B, Fb, T), act_rest[:, None, :].expand(B, Fb, T)]
+    return 0.5 * torch.log(torch.stack(chans, dim=1).clamp_min(floor * floor))
 
 
 class CoreBlock(nn.Module):
