@@ -35,6 +35,7 @@ from .features import PatchLayout, patch_energy, patch_operators, stft
 from .guide import GuideOutput
 
 _ABSENT_LOGIT = -30.0  # classes of no known source: softmax probability ~1e-13
+EMBEDDINGS = ("zeros", "profile")  # what Degradation.embed may be
 
 
 @dataclass
@@ -48,6 +49,11 @@ class Degradation:
     floor: float = 0.0  # floor + (1 - floor) * g (a constant the map never goes below)
     random: bool = False  # a uniformly random grid instead of the oracle's
     seed: int = 0  # noise and random grids
+    # what the oracle's embedding of a signal carries: "zeros" (nothing, the default: the oracle does
+    # not know what a sound sounds like) or "profile" (the named source's spectral profile, log power
+    # in ``hidden_size`` log-spaced bands, standardised: a query that knows the sound, as a strong
+    # audio encoder would; for diagnosis, it is computed from the clean source)
+    embed: str = "zeros"
 
     @classmethod
     def parse(cls, text: str) -> "Degradation":
@@ -61,6 +67,11 @@ class Degradation:
                 raise ConfigError(f"unknown oracle degradation {key!r} (known: {', '.join(kinds)})")
             if key == "random" and not sep:
                 values[key] = True
+                continue
+            if key == "embed":
+                if raw.strip() not in EMBEDDINGS:
+                    raise ConfigError(f"oracle embed must be one of {', '.join(EMBEDDINGS)}, not {raw!r}")
+                values[key] = raw.strip()
                 continue
             try:
                 if key == "random":
@@ -78,11 +89,13 @@ class Degradation:
 
     def describe(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name):g}" for f in fields(self)
-                 if f.name not in ("random", "seed", "noise_db") and getattr(self, f.name) != f.default]
+                 if f.name not in ("random", "seed", "noise_db", "embed") and getattr(self, f.name) != f.default]
         if self.noise_db is not None:
             parts.append(f"noise_db={self.noise_db:g}")
         if self.random:
             parts.append("random")
+        if self.embed != "zeros":
+            parts.append(f"embed={self.embed}")
         return ",".join(parts)
 
     def apply(self, g: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -101,6 +114,20 @@ class Degradation:
             rms = g.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
             g = g + torch.randn(g.shape, generator=generator).to(g) * rms * 10 ** (-self.noise_db / 20)
         return g.clamp(0, 1)
+
+
+def spectral_profile(power: torch.Tensor, bands: int) -> torch.Tensor:
+    """``(b, bands)``: the log of ``power (b, F, T)`` averaged over the frames and over ``bands``
+    log-spaced frequency bands (bin 0 joins the first), standardised per row (zero mean, unit variance)."""
+    Fb = power.shape[1]
+    edges = torch.unique(torch.logspace(0, torch.log10(torch.tensor(float(Fb))), bands + 1).round().long())
+    edges[0] = 0
+    edges[-1] = Fb
+    per_bin = power.mean(dim=2)  # (b, F)
+    means = [per_bin[:, a:z].mean(dim=1) for a, z in zip(edges[:-1].tolist(), edges[1:].tolist())]
+    prof = torch.log(torch.stack(means, dim=1).clamp_min(1e-12))
+    prof = F.interpolate(prof.unsqueeze(1), size=bands, mode="linear", align_corners=True).squeeze(1)
+    return (prof - prof.mean(dim=1, keepdim=True)) / prof.std(dim=1, keepdim=True).clamp_min(1e-6)
 
 
 def gaussian_blur(g: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -225,7 +252,11 @@ class OracleGuide:
         probs.scatter_add_(1, self.class_ids[rows], p_src)
         logits = probs.clamp_min(1e-13).log().clamp_min(_ABSENT_LOGIT)
         full = F.pad(grid, (0, self.time_patches - tp))
-        return GuideOutput(logits=logits, grid=full, embedding=torch.zeros(b, self._hidden), tp_valid=tp,
+        if self.degradation.embed == "profile":
+            embedding = spectral_profile(left[torch.arange(b), top], self._hidden)
+        else:
+            embedding = torch.zeros(b, self._hidden)
+        return GuideOutput(logits=logits, grid=full, embedding=embedding, tp_valid=tp,
                            calibrated=True)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -316,3 +316,27 @@ def test_the_steps_that_trust_the_grid_do_not_act_on_the_flat_map_fallback(share
     assert float(own.trust[0]) >= sc.source_nmf_min_trust  # an exact grid is trusted
     torch.testing.assert_close(fallback.mask, base.mask)
     assert float((own.mask - base.mask).abs().max()) > 0.05
+
+
+def test_a_profile_embedding_describes_the_named_source_and_zeros_say_nothing(shared):
+    """``embed=profile`` (a query that knows the sound, for diagnosis): the oracle's embedding of the
+    mixture is the target's spectral profile, and once the target is taken, the interferer's."""
+    from astsep.oracle import spectral_profile
+
+    spec = parse_guide_spec("oracle:blur=1,embed=profile")
+    assert spec.embed == "profile" and Degradation.parse(spec.describe()) == spec
+    assert parse_guide_spec("oracle").embed == "zeros"
+    with pytest.raises(ConfigError, match="embed"):
+        parse_guide_spec("oracle:embed=clap")
+    x, s, guide = oracle_for("siren", "dog", spec)
+    st = STFTConfig()
+    S, N = stft(s.unsqueeze(0), st).abs().pow(2), stft((x - s).unsqueeze(0), st).abs().pow(2)
+    emb = guide(x.unsqueeze(0)).embedding
+    assert emb.shape == (1, 768)
+    torch.testing.assert_close(emb, spectral_profile(S, 768), atol=1e-4, rtol=0)
+    assert float(torch.nn.functional.cosine_similarity(emb, spectral_profile(N, 768))) < 0.9
+    X = stft(x.unsqueeze(0), st)
+    taken = istft((S < N).float() * X, st, x.numel())  # the target's bins removed
+    after = guide(taken).embedding
+    assert float(torch.nn.functional.cosine_similarity(after, spectral_profile(N, 768))) > 0.9
+    assert bool((OracleGuide(x, torch.stack([s, x - s]), [0, 1], LABELS)(x.unsqueeze(0)).embedding == 0).all())
