@@ -68,6 +68,10 @@ def test_every_example_is_seeded_by_its_index_with_its_own_degradation(shared):
     with pytest.raises(ConfigError, match="data.degradation"):
         ClassSplitDataModule(shared_dir=str(SHARED), degradation={"blurr": [0, 1]})
     assert DegradationSampler().exact_prob > 0
+    assert not any("embed" in s for s in specs)  # the oracle's embedding says nothing unless asked
+    told = ClassSplitDataModule(shared_dir=str(SHARED), segment_seconds=0.5, train_examples=16,
+                                degradation={"embed": "profile"}).train_dataset()
+    assert all("embed=profile" in told[i]["degradation"] for i in range(16))
 
 
 def _oracle_batch(n: int = 2, seconds: float = 1.0) -> dict:
@@ -156,3 +160,27 @@ def test_an_untrained_residual_refiner_returns_the_baseline_mask_of_its_pass():
     with pytest.raises(ValueError, match="own_mask"):
         MaskRefiner(RefinerConfig(**dict(SMALL, own_mask=False)))
     assert dataclasses.asdict(RefinerConfig())["own_mask"] is False  # older checkpoints load as before
+
+
+def test_synthetic_sources_are_seeded_varied_and_only_in_training_mixtures(shared):
+    import numpy as np
+
+    from astsep.data.synthetic import KINDS, synthetic_source
+
+    draws = [synthetic_source(np.random.default_rng(k), 8000) for k in range(40)]
+    assert {kind for kind, _ in draws} == set(KINDS)
+    for kind, x in draws:
+        assert x.shape == (8000,) and bool(torch.isfinite(x).all()) and abs(float(x.abs().max()) - 1.0) < 1e-6
+    kind, again = synthetic_source(np.random.default_rng(3), 8000)
+    assert kind == draws[3][0] and torch.equal(again, draws[3][1])
+    dm = ClassSplitDataModule(shared_dir=str(SHARED), segment_seconds=0.5, train_examples=32, val_mixtures=32,
+                              synthetic_prob=0.5)
+    train, val = dm.train_dataset(), dm.val_dataset()
+    names = [train[i]["name"] for i in range(32)]
+    assert 4 <= sum("synthetic" in n for n in names) <= 28
+    assert not any("synthetic" in val[i]["name"] for i in range(32))
+    e = next(train[i] for i in range(32) if "synthetic" in train[i]["name"])
+    torch.testing.assert_close(e["mixture"], e["target"] + e["interferer"])
+    assert e["target_label"] != e["interferer_label"]
+    with pytest.raises(ConfigError, match="synthetic_prob"):
+        ClassSplitDataModule(shared_dir=str(SHARED), synthetic_prob=1.5).train_dataset()

@@ -46,6 +46,7 @@ from ..config import SAMPLE_RATE
 from ..errors import ConfigError
 from ..oracle import Degradation
 from .audiocaps import MixtureDataModule, mix_at_snr
+from .synthetic import synthetic_source
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +130,16 @@ class DegradationSampler:
     gamma_prob: float = 0.3
     floor: tuple[float, float] = (0.0, 0.3)
     floor_prob: float = 0.2
+    embed: str = "zeros"  # the oracle's embedding (Degradation.embed); "profile": a query that knows the sound
 
     def draw(self, rng: np.random.Generator) -> Degradation:
         seed = int(rng.integers(0, 2**31 - 1))
         u = float(rng.uniform())
         if u < self.exact_prob:
-            return Degradation(seed=seed)
+            return Degradation(seed=seed, embed=self.embed)
         if u < self.exact_prob + self.random_prob:
-            return Degradation(random=True, seed=seed)
-        d = Degradation(blur=round(float(rng.uniform(*self.blur)), 3), seed=seed)
+            return Degradation(random=True, seed=seed, embed=self.embed)
+        d = Degradation(blur=round(float(rng.uniform(*self.blur)), 3), seed=seed, embed=self.embed)
         if rng.uniform() < self.noise_prob:
             d.noise_db = round(float(rng.uniform(*self.noise_db)), 2)
         if rng.uniform() < self.gamma_prob:
@@ -160,7 +162,7 @@ class ClassSplitMixtures(Dataset):
     def __init__(self, sounds: list[Sound], length: int, seed: int, segment_seconds: float = 3.0,
                  snr_db: tuple[float, float] = (-5.0, 5.0), gain_db: tuple[float, float] = (-6.0, 6.0),
                  degradations: DegradationSampler | None = None, silence_dbfs: float = -50.0,
-                 pair_probs: tuple[float, float, float] = (0.6, 0.2, 0.2)):
+                 pair_probs: tuple[float, float, float] = (0.6, 0.2, 0.2), synthetic_prob: float = 0.0):
         groups = {g: [s for s in sounds if s.group == g] for g in ("esc50", "speech", "music")}
         if len(groups["esc50"]) < 2:
             raise ConfigError("class-split mixtures need at least two ESC-50 classes")
@@ -170,6 +172,9 @@ class ClassSplitMixtures(Dataset):
         self.snr_db, self.gain_db = tuple(snr_db), tuple(gain_db)
         self.degradations = degradations or DegradationSampler()
         self.silence_dbfs = silence_dbfs
+        if not 0.0 <= synthetic_prob <= 1.0:
+            raise ConfigError(f"synthetic_prob must be in [0, 1], got {synthetic_prob}")
+        self.synthetic_prob = float(synthetic_prob)
         probs = [p if groups[g] else 0.0 for p, g in zip(pair_probs, ("esc50", "speech", "music"))]
         self.pair_probs = np.asarray(probs) / sum(probs)
 
@@ -205,13 +210,23 @@ class ClassSplitMixtures(Dataset):
         if rng.uniform() < 0.5:
             a, b = b, a  # either one is the target
         tgt, itf = self._crop(a, rng), self._crop(b, rng)
+        a_key, a_label, b_key, b_label = a.key, a.label, b.key, b.label
+        if self.synthetic_prob and rng.uniform() < self.synthetic_prob:
+            # the target, the interferer or both (a third each) become synthetic sources (astsep.data.synthetic)
+            side = int(rng.integers(3))
+            if side in (0, 2):
+                kind, tgt = synthetic_source(rng, self.n)
+                a_key, a_label = f"synthetic_{kind}", f"synthetic {kind}"
+            if side in (1, 2):
+                kind, itf = synthetic_source(rng, self.n)
+                b_key, b_label = f"synthetic_{kind}", f"synthetic {kind}" + (" 2" if f"synthetic {kind}" == a_label else "")
         snr = float(rng.uniform(*self.snr_db))
         gain = float(rng.uniform(*self.gain_db))
         mixture, target = mix_at_snr(tgt, itf, snr, gain)
         deg = self.degradations.draw(rng)
         return {"mixture": mixture.float(), "target": target.float(), "interferer": (mixture - target).float(),
-                "degradation": degradation_spec(deg), "target_label": a.label, "interferer_label": b.label,
-                "caption": f"the sound of {a.label}", "name": f"{index:05d}_{a.key}+{b.key}@{snr:+.1f}dB"}
+                "degradation": degradation_spec(deg), "target_label": a_label, "interferer_label": b_label,
+                "caption": f"the sound of {a_label}", "name": f"{index:05d}_{a_key}+{b_key}@{snr:+.1f}dB"}
 
 
 class ClassSplitDataModule(MixtureDataModule):
@@ -228,19 +243,23 @@ class ClassSplitDataModule(MixtureDataModule):
         snr_db, gain_db: ranges (dB, uniform) of the interferer's SNR and the overall gain.
         degradation: :class:`DegradationSampler` fields (exact_prob, blur, noise_db, ...).
         silence_dbfs: crops quieter than this are redrawn (up to 8 times).
+        synthetic_prob: share of the *training* mixtures in which the target, the interferer or both are
+            synthetic sources (:mod:`astsep.data.synthetic`); validation and test mixtures stay real.
         seed: the base seed; training, validation and test use ``seed``, ``seed + 1``, ``seed + 2``.
     """
 
     def __init__(self, shared_dir: str = "../shared/data", segment_seconds: float = 3.0, train_examples: int = 1024,
                  val_mixtures: int = 48, test_mixtures: int = 48, batch_size: int = 8, num_workers: int = 0,
                  snr_db: tuple[float, float] = (-5.0, 5.0), gain_db: tuple[float, float] = (-6.0, 6.0),
-                 degradation: dict | None = None, silence_dbfs: float = -50.0, seed: int = 1234):
+                 degradation: dict | None = None, silence_dbfs: float = -50.0, synthetic_prob: float = 0.0,
+                 seed: int = 1234):
         super().__init__()
         self.save_hyperparameters()
         self.shared_dir, self.segment_seconds = shared_dir, segment_seconds
         self.train_examples, self.val_mixtures, self.test_mixtures = train_examples, val_mixtures, test_mixtures
         self.batch_size, self.num_workers = batch_size, num_workers
         self.snr_db, self.gain_db, self.silence_dbfs, self.seed = tuple(snr_db), tuple(gain_db), silence_dbfs, seed
+        self.synthetic_prob = synthetic_prob
         try:
             self.sampler = DegradationSampler(**(degradation or {}))
         except TypeError as exc:
@@ -254,14 +273,14 @@ class ClassSplitDataModule(MixtureDataModule):
             self.held_out_sounds = split_sounds(self.shared_dir, "held_out")
             log.info("class split: %d training sounds, %d held out", len(self.train_sounds), len(self.held_out_sounds))
 
-    def _dataset(self, part: str, length: int, seed: int) -> ClassSplitMixtures:
+    def _dataset(self, part: str, length: int, seed: int, synthetic_prob: float = 0.0) -> ClassSplitMixtures:
         self.setup()
         sounds = self.train_sounds if part == "train" else self.held_out_sounds
         return ClassSplitMixtures(sounds, length, seed, self.segment_seconds, self.snr_db, self.gain_db, self.sampler,
-                                  self.silence_dbfs)
+                                  self.silence_dbfs, synthetic_prob=synthetic_prob)
 
     def train_dataset(self) -> ClassSplitMixtures:
-        return self._dataset("train", self.train_examples, self.seed)
+        return self._dataset("train", self.train_examples, self.seed, self.synthetic_prob)
 
     def val_dataset(self) -> ClassSplitMixtures:
         return self._dataset("train", self.val_mixtures, self.seed + 1)
