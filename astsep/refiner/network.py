@@ -260,9 +260,13 @@ def context_features(mixture_mag: torch.Tensor, own: torch.Tensor, floor: float)
     act_src = (own * power).mean(-2)  # (B, T)
     act_rest = (rest * power).mean(-2)
     B, Fb, T = mixture_mag.shape
-    chans = [prof_src[:, :, None].expand(B, Fb, T), prof_rest[:, :, None].expand(B, Fb, T),
-             act_src[:, None, :].expand(B, Fb, T), act_rest[:, None, :].expand(B, Fb, T)]
-    return 0.5 * torch.log(torch.stack(chans, dim=1).clamp_min(floor * floor))
+
+    def log_mag(p: torch.Tensor) -> torch.Tensor:  # on the (B, F) / (B, T) summaries, before broadcasting
+        return 0.5 * torch.log(p.clamp_min(floor * floor))
+
+    chans = [log_mag(prof_src)[:, :, None].expand(B, Fb, T), log_mag(prof_rest)[:, :, None].expand(B, Fb, T),
+             log_mag(act_src)[:, None, :].expand(B, Fb, T), log_mag(act_rest)[:, None, :].expand(B, Fb, T)]
+    return torch.stack(chans, dim=1)
 
 
 class CoreBlock(nn.Module):
