@@ -11,7 +11,11 @@ loss and the validation metrics are the same functions.
   least-squares projection of the estimate first.
 - ``sdri`` / ``si_sdri``: improvement over the unprocessed mixture, ``metric(ŝ, s) - metric(x, s)``.
 - ``sdr_sisdr_loss``: CLAPSep's ``-λ·SDR - (1-λ)·SI-SDR``, averaged over the batch;
-  :class:`SdrSiSdrLoss` is the same as an ``nn.Module`` (the refiner's default, injectable loss).
+  :class:`SdrSiSdrLoss` is the same as an ``nn.Module`` (the refiner's default, injectable loss),
+  optionally plus ``spectral_weight`` times ``compressed_spectral_loss``.
+- ``compressed_spectral_loss``: the L1 distance of power-law compressed STFT magnitudes
+  (``|S|^0.3``), relative to the reference's, per signal: a dense, per-bin term that also weighs the
+  quiet bins a waveform SDR barely sees.
 - ``best_source``: the source of a separation that scores best against the target (oracle
   selection), how the baseline separator is scored.
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["sdr", "si_sdr", "sdri", "si_sdri", "sdr_sisdr_loss", "SdrSiSdrLoss", "separation_metrics",
+__all__ = ["sdr", "si_sdr", "sdri", "si_sdri", "sdr_sisdr_loss", "SdrSiSdrLoss", "compressed_spectral_loss", "separation_metrics",
            "METRICS", "best_source"]
 
 METRICS = ("sdr", "sdri", "si_sdr", "si_sdri")  # the keys of separation_metrics, in report order
@@ -90,25 +94,58 @@ def sdr_sisdr_loss(estimate: torch.Tensor, reference: torch.Tensor, sdr_weight: 
     return value.mean()
 
 
+def compressed_spectral_loss(estimate: torch.Tensor, reference: torch.Tensor, power: float = 0.3,
+                             n_fft: int = 1024, hop: int = 256) -> torch.Tensor:
+    """``Σ| |Ŝ|^p − |S|^p | / Σ|S|^p`` per signal over the STFT's bins, ``(..., N) -> (...)`` (0: equal).
+
+    ``p`` compresses the magnitudes as perceptual and speech-enhancement losses do, so quiet bins count
+    too; the sum is relative to the reference's, so the level of a signal does not scale it (bins
+    below ~1e-5 in magnitude, where the ε that keeps the gradient finite counts, are treated as
+    silence). Hann window, float32.
+    """
+    _check(estimate, reference)
+    if not 0.0 < power <= 2.0:
+        raise ValueError(f"power must be in (0, 2], got {power}")
+    shape = estimate.shape[:-1]
+    est, ref = estimate.float().reshape(-1, estimate.shape[-1]), reference.float().reshape(-1, reference.shape[-1])
+    window = torch.hann_window(n_fft, device=est.device)
+
+    def compressed(x: torch.Tensor) -> torch.Tensor:
+        spec = torch.stft(x, n_fft, hop, window=window, return_complex=True)
+        # (|S|² + ε)^(p/2) − ε^(p/2): |S|^p, 0 at silence, with a finite gradient there (|S|^p has none)
+        return (spec.real.square() + spec.imag.square() + 1e-10) ** (power / 2) - 1e-10 ** (power / 2)
+
+    e, r = compressed(est), compressed(ref)
+    value = (e - r).abs().sum(dim=(-2, -1)) / r.sum(dim=(-2, -1)).clamp_min(1e-6)
+    return value.reshape(shape)
+
+
 class SdrSiSdrLoss(nn.Module):
-    """:func:`sdr_sisdr_loss` as a module: ``(estimate (B,N), reference (B,N)) -> ()``.
+    """:func:`sdr_sisdr_loss` as a module: ``(estimate (B,N), reference (B,N)) -> ()``, plus
+    ``spectral_weight`` × the batch mean of :func:`compressed_spectral_loss` when it is not 0.
 
     The refiner's default training loss (``model.loss`` in the training configs); any module or
     function of ``(estimate, reference)`` returning a scalar can take its place.
     """
 
-    def __init__(self, sdr_weight: float = 0.5, eps: float | None = None):
+    def __init__(self, sdr_weight: float = 0.5, eps: float | None = None, spectral_weight: float = 0.0):
         super().__init__()
         if not 0.0 <= sdr_weight <= 1.0:
             raise ValueError(f"sdr_weight must be in [0, 1], got {sdr_weight}")
+        if spectral_weight < 0:
+            raise ValueError(f"spectral_weight must be >= 0, got {spectral_weight}")
         self.sdr_weight = sdr_weight
         self.eps = eps
+        self.spectral_weight = spectral_weight
 
     def forward(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return sdr_sisdr_loss(estimate, reference, self.sdr_weight, self.eps)
+        value = sdr_sisdr_loss(estimate, reference, self.sdr_weight, self.eps)
+        if self.spectral_weight:
+            value = value + self.spectral_weight * compressed_spectral_loss(estimate, reference).mean()
+        return value
 
     def extra_repr(self) -> str:
-        return f"sdr_weight={self.sdr_weight}"
+        return f"sdr_weight={self.sdr_weight}, spectral_weight={self.spectral_weight}"
 
 
 def separation_metrics(estimate: torch.Tensor, mixture: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio, signal_noise_ratio
 
-from astsep.metrics import SdrSiSdrLoss, best_source, sdr, sdr_sisdr_loss, sdri, separation_metrics, si_sdr, si_sdri
+from astsep.metrics import SdrSiSdrLoss, best_source, compressed_spectral_loss, sdr, sdr_sisdr_loss, sdri, separation_metrics, si_sdr, si_sdri
 from conftest import clip
 
 
@@ -75,6 +75,41 @@ def test_the_loss_module_is_the_loss_function(signals):
     torch.testing.assert_close(SdrSiSdrLoss(0.3)(est, s), sdr_sisdr_loss(est, s, sdr_weight=0.3))
     with pytest.raises(ValueError, match="sdr_weight"):
         SdrSiSdrLoss(-0.1)
+
+
+def test_compressed_spectral_loss_is_zero_for_the_reference_grows_with_interference_and_ignores_level(signals):
+    s, n, est = signals
+    assert compressed_spectral_loss(s, s).abs().max() < 1e-5
+    mild, strong = compressed_spectral_loss(s + 0.1 * n, s), compressed_spectral_loss(s + 0.5 * n, s)
+    assert mild.shape == (3,) and bool((strong > mild).all()) and bool((mild > 0).all())
+    # relative to the reference's compressed magnitudes: the level of the pair (over the training gains,
+    # -6 to +6 dB) does not change it
+    for g in (0.5, 2.0):
+        torch.testing.assert_close(compressed_spectral_loss(g * est, g * s), compressed_spectral_loss(est, s),
+                                   rtol=3e-2, atol=1e-3)  # within 3 %: ε counts in near-silent bins
+    # batched over any leading shape, like the other metrics
+    torch.testing.assert_close(compressed_spectral_loss(est.view(3, 1, -1), s.view(3, 1, -1))[:, 0],
+                               compressed_spectral_loss(est, s))
+    with pytest.raises(ValueError, match="power"):
+        compressed_spectral_loss(est, s, power=0.0)
+
+
+def test_compressed_spectral_loss_has_finite_gradients_even_from_silence(signals):
+    s, _, _ = signals
+    z = torch.zeros_like(s, requires_grad=True)
+    value = compressed_spectral_loss(z, s).sum()
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(z.grad).all()
+    torch.testing.assert_close(compressed_spectral_loss(z.detach(), s), torch.ones(3), rtol=1e-3, atol=1e-3)
+
+
+def test_the_loss_module_adds_the_weighted_spectral_term_only_when_asked(signals):
+    s, _, est = signals
+    torch.testing.assert_close(SdrSiSdrLoss(0.5, spectral_weight=0.0)(est, s), sdr_sisdr_loss(est, s))
+    torch.testing.assert_close(SdrSiSdrLoss(0.5, spectral_weight=3.0)(est, s),
+                               sdr_sisdr_loss(est, s) + 3.0 * compressed_spectral_loss(est, s).mean())
+    with pytest.raises(ValueError, match="spectral_weight"):
+        SdrSiSdrLoss(0.5, spectral_weight=-1.0)
 
 
 def test_best_source_picks_the_kept_source_closest_to_the_target_else_the_mixture(signals):
