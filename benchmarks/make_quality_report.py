@@ -48,12 +48,13 @@ def main() -> int:
         if code:
             return code
         report = (Path(tmp) / "report.md").read_text()
+    threads = torch.get_num_threads()
     shown = " ".join(a if a != args.refiner else Path(args.refiner).name for a in argv)
     head = ("# Refiner quality on held-out sounds\n\n"
             f"Written by `python benchmarks/make_quality_report.py -n {args.num_mixtures} --seconds {args.seconds:g} "
             f"--refiner {Path(args.refiner).name}`, which runs\n"
-            f"`python -m astsep.evaluate {shown} --out DIR` ({took / 60:.1f} min on {torch.get_num_threads()} "
-            "CPU threads, shared machine).\n" + (f"{args.note}\n" if args.note else "") + "\n")
+            f"`python -m astsep.evaluate {shown} --out DIR` ({took / 60:.1f} min on {threads} "
+            f"CPU thread{'s' if threads != 1 else ''}, shared machine).\n" + (f"{args.note}\n" if args.note else "") + "\n")
     body = report.replace("# Separation quality", "## Held-out sounds, six guide conditions", 1)
     Path(args.out).write_text(head + body)
     sys.stdout.write(head + body)
