@@ -92,7 +92,11 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    cfg = yaml.safe_load(Path(args.config).read_text())["data"]
+    for what, path in (("checkpoint", args.refiner), ("config", args.config)):
+        if not Path(path).is_file():
+            print(f"bench_refiner_gap: error: {what} not found: {path}", file=sys.stderr)
+            return 2
+    cfg = yaml.safe_load(Path(args.config).read_text()).get("data") or {}
     if cfg.get("class_path", "").rsplit(".", 1)[-1] != "ClassSplitDataModule":
         print(f"bench_refiner_gap: error: {args.config} does not train on ClassSplitDataModule", file=sys.stderr)
         return 2
