@@ -28,6 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import STFTConfig
+from .features import stft
+
 __all__ = ["sdr", "si_sdr", "sdri", "si_sdri", "sdr_sisdr_loss", "SdrSiSdrLoss", "compressed_spectral_loss", "separation_metrics",
            "METRICS", "best_source"]
 
@@ -95,23 +98,23 @@ def sdr_sisdr_loss(estimate: torch.Tensor, reference: torch.Tensor, sdr_weight: 
 
 
 def compressed_spectral_loss(estimate: torch.Tensor, reference: torch.Tensor, power: float = 0.3,
-                             n_fft: int = 1024, hop: int = 256) -> torch.Tensor:
+                             stft_cfg: STFTConfig | None = None) -> torch.Tensor:
     """``Σ| |Ŝ|^p − |S|^p | / Σ|S|^p`` per signal over the STFT's bins, ``(..., N) -> (...)`` (0: equal).
 
     ``p`` compresses the magnitudes as perceptual and speech-enhancement losses do, so quiet bins count
     too; the sum is relative to the reference's, so the level of a signal does not scale it (bins
     below ~1e-5 in magnitude, where the ε that keeps the gradient finite counts, are treated as
-    silence). Hann window, float32.
+    silence). On :func:`astsep.features.stft` (the masks' STFT unless ``stft_cfg`` says otherwise), float32.
     """
     _check(estimate, reference)
     if not 0.0 < power <= 2.0:
         raise ValueError(f"power must be in (0, 2], got {power}")
     shape = estimate.shape[:-1]
     est, ref = estimate.float().reshape(-1, estimate.shape[-1]), reference.float().reshape(-1, reference.shape[-1])
-    window = torch.hann_window(n_fft, device=est.device)
+    cfg = stft_cfg or STFTConfig()
 
     def compressed(x: torch.Tensor) -> torch.Tensor:
-        spec = torch.stft(x, n_fft, hop, window=window, return_complex=True)
+        spec = stft(x, cfg)
         # (|S|² + ε)^(p/2) − ε^(p/2): |S|^p, 0 at silence, with a finite gradient there (|S|^p has none)
         return (spec.real.square() + spec.imag.square() + 1e-10) ** (power / 2) - 1e-10 ** (power / 2)
 

@@ -37,12 +37,12 @@ sys.path.insert(0, str(ROOT))
 from astsep.data import ClassSplitDataModule  # noqa: E402
 from astsep.lit import RefinerModule  # noqa: E402
 from astsep.metrics import best_source, separation_metrics  # noqa: E402
-from astsep.oracle import Degradation  # noqa: E402
+from astsep.oracle import parse_guide_spec  # noqa: E402
 
 
 def kind(spec: str) -> str:
     """A coarse name for an ``oracle:...`` degradation spec."""
-    d = Degradation.parse(spec.split(":", 1)[1] if ":" in spec else "")
+    d = parse_guide_spec(spec)
     if d.random:
         return "random grid"
     if d.blur == 0 and d.noise_db is None and d.gamma == 1 and d.floor == 0:
