@@ -43,8 +43,82 @@ ESC50_TO_AUDIOSET: dict[str, str] = {
     "toilet_flush": "Toilet flush", "train": "Train", "vacuum_cleaner": "Vacuum cleaner",
     "washing_machine": "Mechanisms", "water_drops": "Drip", "wind": "Wind",
 }
+# Every AudioSet class that fits an ESC-50 class (its own name in ESC50_TO_AUDIOSET first, then
+# synonyms, the specific sounds it is made of, and its near parent; never a top-level class such as
+# Animal, Vehicle or Music): what "a fitting label" means when a tagger's labels are scored.
+ESC50_FITTING: dict[str, tuple[str, ...]] = {
+    "airplane": ("Fixed-wing aircraft, airplane", "Aircraft", "Propeller, airscrew", "Aircraft engine", "Jet engine"),
+    "breathing": ("Breathing", "Snort", "Gasp", "Pant", "Wheeze", "Snoring", "Sigh"),
+    "brushing_teeth": ("Toothbrush", "Electric toothbrush"),
+    "can_opening": ("Liquid", "Burst, pop", "Hiss", "Pour"),
+    "car_horn": ("Vehicle horn, car horn, honking", "Car", "Air horn, truck horn", "Toot"),
+    "cat": ("Cat", "Meow", "Purr", "Caterwaul", "Hiss"),
+    "chainsaw": ("Chainsaw", "Power tool", "Tools"),
+    "chirping_birds": ("Chirp, tweet", "Bird", "Bird vocalization, bird call, bird song"),
+    "church_bells": ("Church bell", "Bell", "Change ringing (campanology)"),
+    "clapping": ("Clapping", "Applause", "Hands"),
+    "clock_alarm": ("Alarm clock", "Alarm", "Telephone bell ringing", "Buzzer", "Beep, bleep", "Ringtone"),
+    "clock_tick": ("Tick-tock", "Tick", "Clock"),
+    "coughing": ("Cough", "Throat clearing"),
+    "cow": ("Cattle, bovinae", "Moo", "Livestock, farm animals, working animals"),
+    "crackling_fire": ("Crackle", "Fire"),
+    "crickets": ("Cricket", "Insect"),
+    "crow": ("Crow", "Caw", "Bird", "Bird vocalization, bird call, bird song"),
+    "crying_baby": ("Baby cry, infant cry", "Crying, sobbing", "Whimper"),
+    "dog": ("Dog", "Bark", "Howl", "Bow-wow", "Growling", "Yip", "Whimper (dog)"),
+    "door_wood_creaks": ("Creak", "Squeak", "Door"),
+    "door_wood_knock": ("Knock", "Door", "Tap", "Wood"),
+    "drinking_sipping": ("Gurgling", "Liquid", "Slosh", "Chewing, mastication"),
+    "engine": ("Engine", "Idling", "Medium engine (mid frequency)", "Heavy engine (low frequency)",
+               "Light engine (high frequency)", "Engine starting", "Motor vehicle (road)"),
+    "fireworks": ("Fireworks", "Firecracker", "Explosion", "Burst, pop"),
+    "footsteps": ("Walk, footsteps", "Run", "Shuffle"),
+    "frog": ("Frog", "Croak"),
+    "glass_breaking": ("Shatter", "Breaking", "Glass"),
+    "hand_saw": ("Sawing", "Filing (rasp)", "Wood", "Tools"),
+    "helicopter": ("Helicopter", "Aircraft"),
+    "hen": ("Fowl", "Chicken, rooster", "Cluck"),
+    "insects": ("Insect", "Fly, housefly", "Bee, wasp, etc.", "Buzz", "Mosquito"),
+    "keyboard_typing": ("Typing", "Computer keyboard", "Typewriter"),
+    "laughing": ("Laughter", "Giggle", "Chuckle, chortle", "Belly laugh", "Snicker", "Baby laughter"),
+    "mouse_click": ("Clicking", "Tick", "Computer keyboard"),
+    "pig": ("Pig", "Oink", "Grunt"),
+    "pouring_water": ("Pour", "Water", "Liquid", "Trickle, dribble", "Splash, splatter", "Drip"),
+    "rain": ("Rain", "Raindrop", "Rain on surface"),
+    "rooster": ("Chicken, rooster", "Crowing, cock-a-doodle-doo", "Fowl"),
+    "sea_waves": ("Waves, surf", "Ocean"),
+    "sheep": ("Sheep", "Bleat", "Livestock, farm animals, working animals"),
+    "siren": ("Siren", "Civil defense siren", "Police car (siren)", "Ambulance (siren)",
+              "Fire engine, fire truck (siren)", "Emergency vehicle"),
+    "sneezing": ("Sneeze",),
+    "snoring": ("Snoring", "Breathing", "Snort"),
+    "thunderstorm": ("Thunderstorm", "Thunder", "Rain"),
+    "toilet_flush": ("Toilet flush", "Water"),
+    "train": ("Train", "Rail transport", "Railroad car, train wagon", "Train wheels squealing", "Train horn"),
+    "vacuum_cleaner": ("Vacuum cleaner",),
+    "washing_machine": ("Mechanisms", "Engine", "Hum"),
+    "water_drops": ("Drip", "Water", "Liquid", "Trickle, dribble"),
+    "wind": ("Wind", "Wind noise (microphone)", "Rustle"),
+}
 SPEECH_LABEL = "Speech"
 MUSIC_LABEL = "Music"
+SPEECH_FITTING = ("Speech", "Male speech, man speaking", "Female speech, woman speaking", "Narration, monologue",
+                  "Conversation", "Speech synthesizer")
+MUSIC_FITTING = ("Music", "Musical instrument", "Piano", "Keyboard (musical)", "Trumpet", "Brass instrument", "Drum",
+                 "Drum kit", "Bass guitar", "Orchestra", "Violin, fiddle", "Bowed string instrument",
+                 "String section", "Classical music", "Waltz", "Ragtime", "Jazz", "Pop music", "Electronic music",
+                 "Plucked string instrument", "Guitar", "Percussion", "Bass drum", "Snare drum", "Cymbal",
+                 "Hi-hat", "Drum machine", "Synthesizer")
+
+
+def fitting_labels(key: str, group: str) -> tuple[str, ...]:
+    """The AudioSet display names that fit a sound of the class split (``key``: its ESC-50 class, or
+    a speech / music recording; ``group``: ``esc50`` | ``speech`` | ``music``)."""
+    if group == "speech":
+        return SPEECH_FITTING
+    if group == "music":
+        return MUSIC_FITTING
+    return ESC50_FITTING[key]
 # librosa example recordings used as music (file name fragments)
 MUSIC_FILES = ("sweet-waltz", "ragtime", "Hungarian_Dance", "Lets_Go_Fishin", "Sugar_Plum", "Vibe_Ace",
                "Drum-bass", "solo-trumpet")
@@ -62,6 +136,8 @@ class DevMixture:
     interferer: torch.Tensor
     target_label: str  # AudioSet display name
     interferer_label: str
+    target_fitting: tuple[str, ...] = ()  # every AudioSet display name that fits the target (fitting_labels)
+    interferer_fitting: tuple[str, ...] = ()
 
 
 def _segment(x: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
