@@ -22,11 +22,12 @@ import torch
 from .audio import load_audio, samples_to_mono_16k
 from .config import AstsepConfig, apply_overrides, load_config, shortcut_overrides
 from .errors import AudioError, ConfigError
-from .guide import ASTGuide, use_fast_settings
+from .guide import use_fast_settings
+from .guidance import Guide
 from .pipeline import Pipeline
 from .result import SeparationResult
 
-_GUIDES: dict[str, ASTGuide] = {}
+_GUIDES: dict[str, Guide] = {}
 
 
 def _frozen(section: Any) -> str:
@@ -41,7 +42,7 @@ def get_pipeline(cfg: AstsepConfig) -> Pipeline:
     The pipeline itself holds a frozen copy of the whole ``cfg``: later changes to the caller's
     object do not leak into it."""
     cfg = copy.deepcopy(cfg)
-    key = _frozen(cfg.guide)
+    key = _frozen(cfg.guide) + _frozen(cfg.tagger) + _frozen(cfg.stft)  # a tagger's grid depends on both
     guide = _GUIDES.get(key)
     if guide is None:
         pipe = Pipeline(cfg)
@@ -52,7 +53,7 @@ def get_pipeline(cfg: AstsepConfig) -> Pipeline:
 
 def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: int | None = None, *,
              model: str | None = None, config: AstsepConfig | str | os.PathLike | None = None,
-             guide: ASTGuide | None = None, max_passes: int | None = None, min_eratio: float | None = None,
+             guide: Guide | None = None, max_passes: int | None = None, min_eratio: float | None = None,
              device: str | None = None, cache_dir: str | None = None, keep_traces: bool = False,
              refiner=None, query=None, fast: bool = False) -> SeparationResult:
     """Separate a recording into sources, classify them, and describe them as events.
@@ -62,9 +63,10 @@ def separate(audio: str | os.PathLike | torch.Tensor | np.ndarray, sample_rate: 
             ``(channels, N)`` with at most 8 channels (an ambiguous shape is refused); integer PCM
             (int16, int32, …) is scaled by its dtype's range.
         sample_rate: rate of ``audio`` in Hz when it is samples (required then); ignored for paths.
-        model: AST Hub id or local folder (default: the config's, ``MIT/ast-finetuned-audioset-10-10-0.4593``).
+        model: AST Hub id or local folder, or an EfficientAT tagger folder (``../shared/models/efficientat_mn04_as``;
+            :mod:`astsep.guide_loader`) (default: the config's, ``MIT/ast-finetuned-audioset-10-10-0.4593``).
         config: an :class:`AstsepConfig` or a YAML path (``configs/separator.yaml``).
-        guide: an already built :class:`ASTGuide` (tests, notebooks); overrides ``model``.
+        guide: an already built guide (:class:`~astsep.guidance.Guide`: tests, notebooks); overrides ``model``.
         max_passes, min_eratio, device, cache_dir: override the config (checked like a config file's
             values; any other key: ``astsep.config.apply_overrides(cfg, {"section.key": value})``).
         keep_traces: keep per-pass internals (needed for debug figures).

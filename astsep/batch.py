@@ -157,7 +157,8 @@ def _module_class():
             self.model_load = 0.0
 
         def on_predict_start(self) -> None:
-            from .guide import build_guide, resolve_device, use_fast_settings
+            from .guide import resolve_device, use_fast_settings
+            from .guide_loader import load_guide
             from .pipeline import Pipeline
 
             t0 = time.perf_counter()
@@ -166,7 +167,7 @@ def _module_class():
                 self.cfg.guide.device = str(device)
             if self.fast:
                 use_fast_settings(self.cfg.guide)
-            self.pipe = Pipeline(self.cfg, build_guide(self.cfg.guide.model, self.cfg.guide))
+            self.pipe = Pipeline(self.cfg, load_guide(self.cfg))
             self.model_load = time.perf_counter() - t0
             log.info("rank %d: model %s on %s in %.2f s", self.global_rank, self.cfg.guide.model, device,
                      self.model_load)

@@ -28,12 +28,13 @@ from .config_base import check_int as _int
 from .config_base import check_str as _str
 from .config_base import describe as _describe
 from .config_service import DOA_METHODS, DeliveryConfig, DOAConfig, LiveConfig
+from .config_tagger import TaggerConfig
 from .errors import ConfigError
 from .yamlfile import load_yaml
 
 __all__ = ["DEFAULT_MODEL", "DOA_METHODS", "MAX_WINDOW_SEC", "N_AUDIOSET_CLASSES", "PRECISIONS", "SAMPLE_RATE",
            "AstsepConfig", "CategoryConfig", "DOAConfig", "DeliveryConfig", "GuideConfig", "LiveConfig",
-           "STFTConfig", "SeparatorConfig", "WindowConfig", "apply_overrides", "baseline_settings",
+           "STFTConfig", "SeparatorConfig", "TaggerConfig", "WindowConfig", "apply_overrides", "baseline_settings",
            "config_from_dict", "config_from_settings", "config_keys", "load_config", "parse_value",
            "settings_differences", "shortcut_overrides", "type_name", "SEPARATION_SECTIONS", "DEFAULT_CATEGORIES",
            "BASELINE_GUIDE_KEYS", "UNCOMPARED_KEYS"]
@@ -267,6 +268,7 @@ class AstsepConfig:
     stft: STFTConfig = field(default_factory=STFTConfig)
     separator: SeparatorConfig = field(default_factory=SeparatorConfig)
     guide: GuideConfig = field(default_factory=GuideConfig)
+    tagger: TaggerConfig = field(default_factory=TaggerConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     categories: CategoryConfig = field(default_factory=CategoryConfig)
     # what infer.py --live, its direction of arrival and delivery to the backend use
@@ -311,7 +313,7 @@ def _build(cls, data: dict[str, Any], where: str):
 
 # The sections that shape what a separation gives; a run's events.json records these (stats.config).
 # live, doa and delivery decide which windows are separated and where events go, not the separation.
-SEPARATION_SECTIONS = ("stft", "separator", "guide", "window", "categories")
+SEPARATION_SECTIONS = ("stft", "separator", "guide", "tagger", "window", "categories")
 
 # What makes two baselines the same: every STFT and separator value and these guide values. The
 # device, cache and model-loading options do not change the masks; ``dtype`` is recorded but not

@@ -36,7 +36,8 @@ class LiveConfig:
     # The fast alert stage (astsep.live): one AST forward on the last alert_sec seconds (padding
     # trimmed, no separation) alert_post_trigger_sec after an onset, then every alert_hop_sec while
     # loud (above trigger_dbfs, with either trigger). An alertable class (danger / help / warning)
-    # among its top 5 at or above alert_threshold (softmax probability) is sent at once, marked
+    # among its top 5 at or above alert_threshold (the guide's probability: softmax for the AST, sigmoid for a
+    # multi-label tagger) is sent at once, marked
     # provisional; the separation stage's result for the same sound updates that event.
     alert_stage: bool = True
     # 1 s: the first excerpt after an onset is then half the new sound (a 2 s one: a quarter), and

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             table = text_table(enc, args.csv)
         else:
             from .config import GuideConfig
-            from .guide import build_guide
+            from .guide_loader import build_guide
             from .query import ASTQueryEncoder
 
             enc = ASTQueryEncoder(build_guide(args.ast_model, GuideConfig(device=args.device, trim_padding=True)))

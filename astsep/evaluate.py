@@ -329,10 +329,10 @@ def _ast_guide(args, model: str, cfg, refiner, conditions: list):
     error loading it, or a refiner it does not fit, names ``--model``."""
     if not any(d is None for _, _, d in conditions) or (refiner is None and args.no_baseline):
         return None
-    from .guide import build_guide
+    from .guide_loader import load_guide
 
     with naming_option("--model"):
-        guide = build_guide(model, cfg.guide, refiner.guide_seed if refiner is not None else 0)
+        guide = load_guide(cfg, model, refiner.guide_seed if refiner is not None else 0)
         if refiner is not None:
             refiner.check_guide(guide)
     return guide
@@ -425,13 +425,13 @@ def main_musdb(args: argparse.Namespace) -> int:
         default_config = DEFAULT_SEPARATOR_CONFIG if DEFAULT_SEPARATOR_CONFIG.is_file() else None
         cfg = load_config(args.separator_config or default_config)
         cfg.guide.device = args.device
-        from .guide import build_guide
+        from .guide_loader import load_guide
         from .guide import quiet_model_loading
         from .pipeline import Pipeline
 
         guide_model = args.model or DEFAULT_MODEL
         with quiet_model_loading(), naming_option("--model"):
-            pipe = Pipeline(cfg, build_guide(guide_model, cfg.guide))
+            pipe = Pipeline(cfg, load_guide(cfg, guide_model))
         subsets = ("train", "test") if args.subset == "both" else (args.subset,)
         results = evaluate_musdb(args.musdb, pipe, stem_map, subsets, args.tracks, args.max_seconds, args.out,
                                  progress=sys.stderr.isatty())

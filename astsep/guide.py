@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,51 +51,18 @@ from .ast_load import (  # noqa: F401 - re-exported: `from astsep.guide import l
     resolve_device,
     use_fast_settings,
 )
-from .config import GuideConfig, SeparatorConfig
+from .config import GuideConfig
 from .errors import ConfigError
 from .features import PatchLayout, ast_input
+from .guidance import GuideOutput
 from .guide_cache import GuideCache, file_stats, fingerprint_files, fingerprint_params, weight_files
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class GuideOutput:
-    """Batched AST results. ``tp_valid`` time patches of ``grid`` cover real audio."""
-
-    logits: torch.Tensor  # (B, C) float32
-    grid: torch.Tensor  # (B, Fp, Tp) float32, rows sum to < 1 (CLS→patch share of attention)
-    embedding: torch.Tensor  # (B, H) float32
-    tp_valid: int
-    # True when ``grid`` already is the named sound's share of the energy per patch (an oracle);
-    # False for attention, whose scale the separator normalises
-    calibrated: bool = False
-
-    @property
-    def probs(self) -> torch.Tensor:
-        # AudioSet is multi-label; AST checkpoints are trained with BCE. The reference reports
-        # softmax probabilities, and its thresholds (0.7, 0.8) are calibrated on those.
-        return torch.softmax(self.logits, dim=-1)
-
-
-def top_classes(probs: torch.Tensor, k: int = SeparatorConfig.top_k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The most probable class and the ``k`` most probable ones of class probabilities ``(..., C)``.
-
-    Returns ``(confidence (...), class_id (...), top_probs (..., k), top_ids (..., k))``, best
-    first; with fewer than ``k`` classes (an oracle's own label list) the tail is padded with
-    probability 0 and id −1.
-    """
-    confidence, class_id = probs.max(dim=-1)
-    top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    if top_i.shape[-1] < k:
-        top_p = torch.nn.functional.pad(top_p, (0, k - top_p.shape[-1]))
-        top_i = torch.nn.functional.pad(top_i, (0, k - top_i.shape[-1]), value=-1)
-    return confidence, class_id, top_p, top_i
-
-
-
 class ASTGuide:
-    """Runs the AST on batches of 16 kHz windows, with a content-addressed cache.
+    """Runs the AST on batches of 16 kHz windows, with a content-addressed cache: a
+    :class:`astsep.guidance.Guide` whose grid is the CLS→patch attention.
 
     Counters: ``forwards`` (windows run through the AST), ``batches`` (AST calls),
     ``cache_hits`` (windows answered from the cache).
@@ -143,6 +109,8 @@ class ASTGuide:
         self.batches = 0
         self.cache_hits = 0
         self.forward_seconds = 0.0
+
+    multilabel = False  # softmax probabilities: the reference's thresholds are calibrated on those
 
     @classmethod
     def from_pretrained(cls, cfg: GuideConfig) -> "ASTGuide":
@@ -192,11 +160,12 @@ class ASTGuide:
 
     # --- forward ------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> GuideOutput:
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None, pass_index: int = 0) -> GuideOutput:
         """Guide a batch ``(B, N)`` of 16 kHz windows of equal length (at most 10.24 s are seen).
 
-        ``rows``: which windows of the batch being separated these are. The AST judges by content
-        alone and ignores it; guides built for known items (:class:`astsep.oracle.OracleGuide`) use it.
+        ``rows``: which windows of the batch being separated these are; ``pass_index``: which pass asks.
+        The AST judges by content alone and ignores both; guides built for known items
+        (:class:`astsep.oracle.OracleGuide`) use ``rows``.
         """
         if x.dim() == 1:
             x = x.unsqueeze(0)
@@ -304,15 +273,18 @@ class ASTGuide:
         return scores.softmax(dim=-1).mean(dim=1)[:, 0]  # (B, S)
 
     @torch.no_grad()
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def classify(self, x: torch.Tensor, rows: torch.Tensor | None = None, excerpt: bool = False) -> torch.Tensor:
+        """Softmax probabilities ``(B, C)`` of ``(B, N)`` signals: the guide's own (cached) answer, or for an
+        ``excerpt`` (live alerts: seen once) uncached, with the zero padding trimmed (merged as
+        ``cfg.pad_merge`` says) whatever the guide's own setting."""
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        if not excerpt:
+            return self(x, rows).probs
+        feats, real = ast_input(x.float().to(self.device), self.max_frames, self.cfg.fbank_mean, self.cfg.fbank_std)
+        return torch.softmax(self.forward_features(feats.to(self.dtype), real)["logits"].float(), dim=-1)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled AST embedding ``(B, H)`` of ``(B, N)`` windows (cached like every forward)."""
-        return self(x).embedding
-
-
-def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0) -> ASTGuide:
-    """``ASTGuide`` from a Hub id / local folder, or ``"tiny"`` (random tiny AST, smoke tests)."""
-    if model == "tiny":
-        from .testing import tiny_ast
-
-        return ASTGuide.from_model(tiny_ast(seed=seed), guide_cfg, name=f"tiny-ast-{seed}")
-    return ASTGuide.from_pretrained(dataclasses.replace(guide_cfg, model=model))
+        return self(x, rows).embedding

@@ -58,7 +58,7 @@ from torch import nn
 from .config import AstsepConfig, GuideConfig, baseline_settings, config_from_dict, config_from_settings, load_config
 from .errors import ConfigError
 from .features import apply_mask, stft
-from .guide import build_guide
+from .guide_loader import build_guide
 from .lit_callbacks import AutoWandbLogger, ProgressLog, ValidateOnLastStep, check_logger_packages  # noqa: F401 - re-exported
 from .metrics import METRICS, SdrSiSdrLoss, best_source, separation_metrics
 from .refiner.cache import BaselineCache, baseline_key

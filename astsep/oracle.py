@@ -1,6 +1,6 @@
 """An oracle guide: what a perfect AST could say, built from known sources, for research and diagnosis.
 
-:class:`OracleGuide` has the :class:`~astsep.guide.ASTGuide` interface. It is built for a batch
+:class:`OracleGuide` is a :class:`~astsep.guidance.Guide`, like the AST. It is built for a batch
 of mixtures whose sources are known (``sources (B, S, N)`` with a class each). Asked about a
 signal, it answers like the AST would, but exactly:
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .config import GuideConfig, STFTConfig
 from .errors import ConfigError
 from .features import PatchLayout, patch_energy, patch_operators, stft
-from .guide import GuideOutput
+from .guidance import GuideOutput
 
 _ABSENT_LOGIT = -30.0  # classes of no known source: softmax probability ~1e-13
 EMBEDDINGS = ("zeros", "profile")  # what Degradation.embed may be
@@ -212,7 +212,7 @@ class OracleGuide:
         return h.hexdigest()
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> GuideOutput:
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None, pass_index: int = 0) -> GuideOutput:
         if x.dim() == 1:
             x = x.unsqueeze(0)
         x = x.float().cpu()
@@ -259,5 +259,11 @@ class OracleGuide:
         return GuideOutput(logits=logits, grid=full, embedding=embedding, tp_valid=tp,
                            calibrated=True)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x).embedding
+    multilabel = False  # softmax probabilities, like the AST whose interface it stands in for
+
+    def classify(self, x: torch.Tensor, rows: torch.Tensor | None = None, excerpt: bool = False) -> torch.Tensor:
+        """``(B, C)`` probabilities of ``x``, rows ``rows`` of the mixtures it knows (default: all, in order)."""
+        return self(x, rows).probs
+
+    def embed(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self(x, rows).embedding

@@ -28,7 +28,9 @@ from .audio import AudioInfo, dbfs, rms_db
 from .config import SAMPLE_RATE, SEPARATION_SECTIONS, AstsepConfig, WindowConfig
 from .errors import ConfigError
 from .events import active_span, class_records, content_key, event_id, merge_window_events
-from .guide import ASTGuide, quiet_model_loading, top_classes
+from .guidance import Guide, top_classes
+from .guide import quiet_model_loading
+from .guide_loader import load_guide
 from .result import SeparationResult, Track
 from .separator import BatchSeparation, PassSources, Separator
 
@@ -86,13 +88,13 @@ def crossfade_weights(starts: list[int], win: int, n: int, ramp: int) -> list[to
 
 # --- the pipeline -----------------------------------------------------------------------------
 class Pipeline:
-    """Holds the configuration, the AST guide (and its cache) and the separator."""
+    """Holds the configuration, the guide (AST or tagger, and its cache) and the separator."""
 
-    def __init__(self, cfg: AstsepConfig | None = None, guide: ASTGuide | None = None, refiner=None):
+    def __init__(self, cfg: AstsepConfig | None = None, guide: Guide | None = None, refiner=None):
         self.cfg = cfg or AstsepConfig()
         if guide is None:
             with quiet_model_loading():
-                guide = ASTGuide.from_pretrained(self.cfg.guide)
+                guide = load_guide(self.cfg)
         self.guide = guide
         self.separator = Separator(self.cfg, self.guide)
         self.refiner = refiner.to(self.guide.device) if refiner is not None else None
@@ -102,6 +104,14 @@ class Pipeline:
         if self.refiner is not None:
             self.refiner.check_guide(self.guide)  # its queries are this AST's embeddings: same size
             self.refiner.check_baseline(self.cfg)  # warns, naming the keys, if trained on another baseline
+
+    @property
+    def residual_confidence(self) -> float:
+        """The probability at which a residual is named as a sound: the AST's softmax threshold
+        (``separator.residual_confidence``), or a multi-label tagger's sigmoid one (``tagger.residual_confidence``)."""
+        if getattr(self.guide, "multilabel", False):
+            return self.cfg.tagger.residual_confidence
+        return self.cfg.separator.residual_confidence
 
     def run_config(self) -> AstsepConfig:
         """The config this pipeline separates with: its own, with the guide section its AST runs with."""
@@ -220,7 +230,7 @@ class Pipeline:
         """The residual track (named by its class when every classified window agrees confidently),
         its events, and one event per sound where overlapping windows saw it twice."""
         sc = self.cfg.separator
-        confident = [c for c in st.residual_cls if c is not None and c["confidence"] >= sc.residual_confidence]
+        confident = [c for c in st.residual_cls if c is not None and c["confidence"] >= self.residual_confidence]
         classified = [c for c in st.residual_cls if c is not None]
         same = bool(classified) and len(confident) == len(classified) and len({c["class_id"] for c in confident}) == 1
         res_label = confident[0]["label"] if same else ("rest" if st.query is not None else "residual")
@@ -306,9 +316,10 @@ class Pipeline:
         emb = torch.zeros(xb.shape[0], self.guide.hidden_size)
         idx = audible.nonzero().squeeze(1).cpu()
         if idx.numel():
-            g = self.guide(ext[idx.to(ext.device)], rows=idx)
-            conf[idx], cid[idx], t5p[idx], t5i[idx] = top_classes(g.probs.cpu(), self.cfg.separator.top_k)
-            emb[idx] = g.embedding.cpu()
+            sel = ext[idx.to(ext.device)]
+            probs = self.guide.classify(sel, rows=idx).cpu()
+            conf[idx], cid[idx], t5p[idx], t5i[idx] = top_classes(probs, self.cfg.separator.top_k)
+            emb[idx] = self.guide.embed(sel, rows=idx).cpu()
         return BatchSeparation(
             sources=ext.unsqueeze(1), residual=xb - ext, masks=out.masks[:, :1] * 0, kept=audible.cpu().unsqueeze(1),
             class_ids=cid.unsqueeze(1), confidences=conf.unsqueeze(1), top5_ids=t5i.unsqueeze(1),
@@ -325,8 +336,8 @@ class Pipeline:
         idx = cand.nonzero().squeeze(1).tolist()
         if not idx:
             return out
-        g = self.guide(res[idx].to(self.guide.device), rows=torch.tensor(idx))
-        conf, cid, top_p, top_i = top_classes(g.probs.cpu(), sc.top_k)
+        probs = self.guide.classify(res[idx].to(self.guide.device), rows=torch.tensor(idx)).cpu()
+        conf, cid, top_p, top_i = top_classes(probs, sc.top_k)
         for r, i in enumerate(idx):
             out[i] = {"class_id": int(cid[r]), "label": self.guide.labels[int(cid[r])], "confidence": float(conf[r]),
                       "top5": class_records(top_i[r], top_p[r], self.guide.labels)}
@@ -364,7 +375,7 @@ class Pipeline:
         sc = self.cfg.separator
         span = active_span(seg, sc.active_threshold_db, sc.silence_dbfs)
         s0, s1 = span if span else (0.0, 0.0)
-        confident = cls is not None and cls["confidence"] >= sc.residual_confidence
+        confident = cls is not None and cls["confidence"] >= self.residual_confidence
         return {
             "event_id": event_id(input_key, w_idx, "residual"),
             "kind": "residual",

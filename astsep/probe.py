@@ -247,6 +247,8 @@ def ast_features(guide, x: torch.Tensor, kind: str) -> torch.Tensor:
     from .features import ast_input
 
     layer = int(kind.split(":")[1])
+    if not hasattr(guide.model, "config"):
+        raise ConfigError(f"--features {kind} needs an AST guide; a tagger gives 'pooled' (its embedding)")
     n_layers = int(guide.model.config.num_hidden_layers)
     if layer > n_layers:
         raise ConfigError(f"--features {kind}: this AST has layers 0..{n_layers}")
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         split = make_split(examples, cfg, groups)
         guide = module = None
         if any(k != "refiner" for k in kinds):
-            from .guide import build_guide
+            from .guide_loader import build_guide
             from .guide import quiet_model_loading
 
             with quiet_model_loading(), naming_option("--model"):

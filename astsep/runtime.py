@@ -177,14 +177,14 @@ def _refiner_guide(opts: RunOptions, cfg: AstsepConfig, refiner):
     if refiner is None or opts.model is not None or not refiner.guide_model:
         return None
     from .ast_load import quiet_model_loading
-    from .guide import build_guide
+    from .guide_loader import load_guide
 
     if refiner.guide_model == "tiny":
         log.warning("refiner %s was trained on a random tiny AST (a smoke-test config): separating with that "
                     "same random guide, whose labels mean nothing", refiner.name)
     cfg.guide.model = refiner.guide_model
     with quiet_model_loading():
-        return build_guide(refiner.guide_model, cfg.guide, refiner.guide_seed)
+        return load_guide(cfg, refiner.guide_model, refiner.guide_seed)
 
 
 def build_pipeline(opts: RunOptions, cfg: AstsepConfig, refiner=None):

@@ -23,7 +23,7 @@ import torch
 from .audio import rms_db
 from .config import AstsepConfig
 from .features import apply_mask, istft, patch_operators, stft
-from .guide import ASTGuide, GuideOutput, top_classes
+from .guidance import Guide, GuideOutput, top_classes
 from .masking import (  # noqa: F401 - dominant_group, sharpen: re-exported, the pass's steps were here before
     dominant_group,
     guidance_prior,
@@ -117,12 +117,12 @@ class PassResult:
 
 
 class Separator:
-    """Deterministic multi-pass separator over a guide (:class:`ASTGuide` or an oracle).
+    """Deterministic multi-pass separator over any :class:`~astsep.guidance.Guide` (AST, tagger, oracle).
 
     ``separate_batch(x)`` takes ``(B, N)`` float32 windows at 16 kHz, ``N`` ≤ 10.24 s of samples.
     """
 
-    def __init__(self, cfg: AstsepConfig, guide: ASTGuide):
+    def __init__(self, cfg: AstsepConfig, guide: Guide):
         self.cfg = cfg
         self.guide = guide
 
@@ -241,7 +241,7 @@ class Separator:
             ast_sig = apply_mask(cur, gain.unsqueeze(1).expand_as(P), st, n_samples)
         else:
             ast_sig = istft(cur, st, n_samples)
-        g_out = self.guide(ast_sig, rows=rows)
+        g_out = self.guide(ast_sig, rows=rows, pass_index=k)
         conf, cid, top5p, top5i = top_classes(g_out.probs.to(dev), self.cfg.separator.top_k)  # padded with −1 below k classes
 
         tp = int(g_out.tp_valid)
@@ -259,6 +259,8 @@ class Separator:
         g, prior, contrast = guidance_prior(g_out.grid[:, :, :tp].to(dev), g_out.calibrated, fallback, up_f, up_t, sc)
         own = None if g_out.calibrated else own_map_weight(contrast, sc)
         est = guided_mask(P, g, prior, W, H, pool_f, pool_t, sc, own)
+        if g_out.done is not None:  # the guide says nothing is left to separate: the pass takes nothing
+            est.mask = est.mask * (~g_out.done.to(dev)).float().view(-1, 1, 1)
         return PassResult(est.mask, P, prior, g, est.component_share, est.trust, contrast, g_out, cid, conf, top5i,
                           top5p, W, H)
 

@@ -26,6 +26,11 @@ and stops at its first drop).
                                     [--all-passes] [--hops 2 2.5 ...] [--hop-background-dbfs -55]
                                     [--alert-sec 1] [--alert-hop 1] [--json out.json]
 
+``--real`` adds the real mn04 tagger as the guide of both stages (no forced class) on a stream alternating
+sounds an alert device must report (siren, crying baby, knock, alarm clock, breaking glass) and everyday ones
+(dog, cat, car horn, typing, laughter, footsteps, engine, rooster, clapping, sneezing): latencies as above,
+and the alert hit rate (an alert event within the sound's span; with a fitting label) and false-alarm rate.
+
 ``--device cuda`` runs the AST in bfloat16 (the guide's precision for a GPU; ``--fast`` adds the
 trimmed padding there), ``--device cpu`` in float32 (default) or int8 (``--fast``) on ``--threads``.
 """
@@ -52,7 +57,7 @@ from astsep.audio import load_audio  # noqa: E402
 from astsep.capture import ArraySource  # noqa: E402
 from astsep.config import SAMPLE_RATE, AstsepConfig, LiveConfig  # noqa: E402
 from astsep.guide import ASTGuide, use_fast_settings  # noqa: E402
-from astsep.live import LiveListener, excerpt_logits  # noqa: E402
+from astsep.live import LiveListener, excerpt_probs  # noqa: E402
 from astsep.pipeline import Pipeline  # noqa: E402
 from astsep.testing import force_class, full_ast  # noqa: E402
 from shared_data import SHARED_DATA  # noqa: E402
@@ -60,6 +65,12 @@ from shared_data import SHARED_DATA  # noqa: E402
 ESC = SHARED_DATA / "esc50_one_per_class"
 SOUNDS = ("siren", "car_horn", "crying_baby", "door_wood_knock", "clock_alarm", "dog", "glass_breaking")
 SIREN = 396
+TAGGER = SHARED_DATA.parent / "models" / "efficientat_mn04_as"
+# --real: sounds a sound-alert device must report (their fitting classes are in a danger / help / warning
+# set) among everyday ones it must not, takes from both ESC-50 folders (esc50_more first: other recordings)
+ALERTABLE = ("siren", "crying_baby", "door_wood_knock", "clock_alarm", "glass_breaking")
+EVERYDAY = ("dog", "cat", "car_horn", "keyboard_typing", "laughing", "footsteps", "engine", "rooster", "clapping",
+            "sneezing")
 
 
 def _level(x: np.ndarray, dbfs: float) -> np.ndarray:
@@ -67,9 +78,21 @@ def _level(x: np.ndarray, dbfs: float) -> np.ndarray:
     return (x * (10 ** (dbfs / 20) / max(rms, 1e-12))).astype(np.float32)
 
 
+def real_sounds(count: int) -> list[tuple[str, Path]]:
+    """``count`` (class, clip) pairs alternating alertable and everyday classes, other takes each round."""
+    out = []
+    for i in range(count):
+        pool = ALERTABLE if i % 2 == 0 else EVERYDAY
+        cls = pool[(i // 2) % len(pool)]
+        takes = sorted((SHARED_DATA / "esc50_more").glob(f"{cls}__*.flac")) + sorted(ESC.glob(f"{cls}__*.flac"))
+        out.append((cls, takes[(i // (2 * len(pool))) % len(takes)]))
+    return out
+
+
 def make_stream(sounds: int, spacing: float, sound_sec: float, lead: float = 2.0,
-                background_dbfs: float = -55.0) -> tuple[np.ndarray, list[float]]:
-    """(samples, onset seconds): background + ``sounds`` clips, the first at ``lead`` seconds."""
+                background_dbfs: float = -55.0, clips: list[Path] | None = None) -> tuple[np.ndarray, list[float]]:
+    """(samples, onset seconds): background + ``sounds`` clips (``clips``, else :data:`SOUNDS` in turn), the
+    first at ``lead`` seconds."""
     total = lead + sounds * spacing + 1.0
     n = int(total * SAMPLE_RATE)
     bg, _ = load_audio(next(ESC.glob("rain__*.flac")))
@@ -77,7 +100,8 @@ def make_stream(sounds: int, spacing: float, sound_sec: float, lead: float = 2.0
     x = _level(bg, background_dbfs)
     onsets = []
     for i in range(sounds):
-        clip, _ = load_audio(next(ESC.glob(f"{SOUNDS[i % len(SOUNDS)]}__*.flac")))
+        path = clips[i] if clips else next(ESC.glob(f"{SOUNDS[i % len(SOUNDS)]}__*.flac"))
+        clip, _ = load_audio(path)
         c = clip.numpy()
         # the clip's loudest sound_sec (ESC-50 clips often start with silence)
         m = int(sound_sec * SAMPLE_RATE)
@@ -110,8 +134,44 @@ def pipeline(fast: bool, threads: int, max_passes: int | None = None, device: st
     pipe = Pipeline(cfg, ASTGuide(model, cfg.guide, name="full-size random AST (Siren)"))
     noise = torch.zeros(int(4.096 * SAMPLE_RATE)).uniform_(-0.1, 0.1)
     pipe.run(noise, "warm-up")
-    excerpt_logits(pipe.guide, noise[: int(alert_sec * SAMPLE_RATE)])  # the alert stage's shape
+    excerpt_probs(pipe.guide, noise[: int(alert_sec * SAMPLE_RATE)])  # the alert stage's shape
     return pipe
+
+
+def real_pipeline(threads: int, model: str, device: str = "cpu", alert_sec: float = 1.0) -> Pipeline:
+    """The pipeline on a real guide (``model``: the mn04 tagger folder), warmed up like :func:`pipeline`'s."""
+    from astsep.guide_loader import load_guide
+
+    torch.set_num_threads(threads)
+    cfg = AstsepConfig()
+    cfg.guide.device = device
+    pipe = Pipeline(cfg, load_guide(cfg, model))
+    noise = torch.zeros(int(4.096 * SAMPLE_RATE)).uniform_(-0.1, 0.1)
+    pipe.run(noise, "warm-up")
+    excerpt_probs(pipe.guide, noise[: int(alert_sec * SAMPLE_RATE)])
+    return pipe
+
+
+def alert_scores(got: list[tuple[dict, float]], onsets: list[float], classes: list[str], sound_sec: float,
+                 labels: list[str]) -> dict:
+    """Per inserted sound: was an alert (an event whose category is not ``other``) reported within its span,
+    and did its label fit the sound? Hit rate over the alertable sounds, false alarms over the everyday ones."""
+    from astsep.devset import ESC50_FITTING
+
+    hits, right, false = 0, 0, 0
+    n_alert = sum(c in ALERTABLE for c in classes)
+    for onset, cls in zip(onsets, classes):
+        evs = [ev for ev, _ in got if ev.get("category", "other") != "other"
+               and onset - 0.5 <= (ev.get("start_sec") or -1) <= onset + sound_sec]
+        if cls in ALERTABLE:
+            hits += bool(evs)
+            right += any(ev.get("label") in ESC50_FITTING[cls] for ev in evs)
+        else:
+            false += bool(evs)
+    n_every = len(classes) - n_alert
+    return {"alertable": n_alert, "hit_rate": round(hits / max(1, n_alert), 3),
+            "hit_rate_right_label": round(right / max(1, n_alert), 3), "everyday": n_every,
+            "false_alarm_rate": round(false / max(1, n_every), 3)}
 
 
 def load() -> float:
@@ -151,8 +211,8 @@ def live_config(args, **kw) -> LiveConfig:
                       cut_passes_when_behind=not args.all_passes, **kw)
 
 
-def latency_case(pipe: Pipeline, name: str, args) -> dict:
-    x, onsets = make_stream(args.sounds, args.spacing, args.sound_sec)
+def latency_case(pipe: Pipeline, name: str, args, real: list[tuple[str, Path]] | None = None) -> dict:
+    x, onsets = make_stream(args.sounds, args.spacing, args.sound_sec, clips=[p for _, p in real] if real else None)
     lcfg = live_config(args, hop_sec=args.hop, hold_off_sec=args.hold_off)
     load0 = load()
     listener, got = run_stream(pipe, x, lcfg)
@@ -184,6 +244,8 @@ def latency_case(pipe: Pipeline, name: str, args) -> dict:
                        "max_queue_wait_sec": round(st.max_queue_wait_sec, 3)},
         "load_avg_1min": [load0, load()],
     }
+    if real:
+        out["alerts"] = alert_scores(got, onsets, [c for c, _ in real], args.sound_sec, pipe.guide.labels)
     print(json.dumps(out), flush=True)
     out["per_sound"] = {k: [round(v, 3) for v in lat[k]] for k in lat}  # in the --json file only
     out["events"] = [{k: ev.get(k) for k in ("stage", "revision", "start_sec", "end_sec", "window_end_sec",
@@ -258,6 +320,9 @@ def main() -> None:
                    help="hop-trigger hops to choose from for the smallest hop without drops (--fast)")
     p.add_argument("--hop-windows", type=int, default=6, help="analyses (hops) of stream per hop tried")
     p.add_argument("--max-passes", type=int, default=None, help="separation passes per window (default: the config's 3)")
+    p.add_argument("--real", nargs="?", const=str(TAGGER), default=None, metavar="MODEL",
+                   help="also run the real mn04 tagger (default folder: ../shared/models/efficientat_mn04_as) on a stream "
+                        "of alertable sounds among everyday ones: latency, hit rate, false alarms")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     results = {"args": vars(args), "live_config": dataclasses.asdict(live_config(args)), "cases": [],
@@ -272,6 +337,11 @@ def main() -> None:
             best, cases = smallest_hop(pipe, res["separation"]["sec_per_window"], args.hops, args.hop_windows, args)
             results["cases"] += cases
             results["smallest_hop_without_drops"] = best
+        del pipe
+    if args.real:
+        real = real_sounds(args.sounds)
+        pipe = real_pipeline(args.threads, args.real, args.device, args.alert_sec)
+        results["cases"].append(latency_case(pipe, "mn04 tagger", args, real))
         del pipe
     results["wall_sec"] = round(time.perf_counter() - t0, 1)
     print(json.dumps({"smallest_hop_without_drops": results["smallest_hop_without_drops"],

@@ -13,7 +13,8 @@ against a 10 s input (peak memory must not grow with input length beyond the out
 With ``--throughput``: windows per second, 10.24 s windows batched across files.
 
 Then what a command-line user waits for: ``python infer.py`` run as a fresh process on the same
-recording with a full-size random AST saved as a model folder, default and ``--fast``: whole-process
+recording with a full-size random AST saved as a model folder, default and ``--fast``, and with the real
+EfficientAT mn04 tagger (``../shared/models/efficientat_mn04_as``, tagger in the loop): whole-process
 wall time (interpreter, imports, model load, decoding, processing, writing) beside the processing
 time the run reports, and how long ``infer.py -h`` and a missing input take to answer.
 ``--process-only`` prints only these. With ``--reference PATH/separator.py`` (a checkout of the
@@ -49,6 +50,7 @@ from astsep.testing import full_ast  # noqa: E402
 from shared_data import SHARED_DATA  # noqa: E402
 
 SEED = SHARED_DATA / "examples" / "seed_recording_16k.wav"
+TAGGER = SHARED_DATA.parent / "models" / "efficientat_mn04_as"  # real trained EfficientAT mn04 weights
 ESC = SHARED_DATA / "esc50_one_per_class"
 
 
@@ -227,6 +229,8 @@ def whole_process(runs: int, device: str, reference: str | None = None) -> None:
             times = [wall(args) for _ in range(runs)]
             print(f"infer.py {name}: answered in {fmt(statistics.median(times))} s median (min {fmt(min(times))})")
         paths = {"default": [], "--fast": ["--fast"]}
+        if TAGGER.is_dir():  # the real mn04 tagger as the guide (tagger in the loop), in the same rounds
+            paths["mn04 tagger"] = ["-m", str(TAGGER)]
         walls: dict[str, list[float]] = {name: [] for name in paths}
         stages: dict[str, list[dict]] = {name: [] for name in paths}
         ref_runs: list[dict] = []
@@ -258,7 +262,7 @@ def whole_process(runs: int, device: str, reference: str | None = None) -> None:
             rest = [w - s["total"] for w, s in zip(walls[name], stages[name])]
             print(f"{name}: whole process {fmt(med)} s median of {runs} "
                   f"(min {fmt(min(walls[name]))}); in that run: processing {fmt(st['total'])} s "
-                  f"(AST {fmt(st['ast'])} s), model load {fmt(st['model_load'])} s, decode {fmt(st['decode'])} s, "
+                  f"(guide {fmt(st['ast'])} s), model load {fmt(st['model_load'])} s, decode {fmt(st['decode'])} s, "
                   f"write {fmt(st.get('write', 0.0))} s, interpreter + imports + rest {fmt(walls[name][i] - inside)} s; "
                   f"processing is {100 * st['total'] / walls[name][i]:.0f} % of the wait; "
                   f"whole process minus processing {fmt(statistics.median(rest))} s median")

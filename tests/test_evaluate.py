@@ -13,7 +13,7 @@ import torch
 from astsep.config import STFTConfig, load_config
 from astsep.evaluate import (DEFAULT_SEPARATOR_CONFIG, build_parser, guide_conditions, main, oracle_irm, read_eval_csv,
                              separate_item)
-from astsep.guide import build_guide
+from astsep.guide_loader import build_guide
 from astsep.lit import RefinerModule
 from astsep.metrics import si_sdr
 from astsep.refiner import Refiner

@@ -10,7 +10,7 @@ import torch
 from astsep.config import AstsepConfig, STFTConfig
 from astsep.errors import ConfigError
 from astsep.features import istft, patch_energy, patch_operators, stft
-from astsep.guide import GuideOutput
+from astsep.guidance import GuideOutput
 from astsep.metrics import si_sdr
 from astsep.oracle import Degradation, OracleGuide, parse_guide_spec
 from astsep.separator import Separator
@@ -96,7 +96,7 @@ class _Confident:
         self.inner, self.confidence = guide, confidence
         self.labels, self.layout, self.hidden_size = guide.labels, guide.layout, guide.hidden_size
 
-    def __call__(self, x, rows=None) -> GuideOutput:
+    def __call__(self, x, rows=None, pass_index=0) -> GuideOutput:
         out = self.inner(x, rows)
         p = torch.tensor([self.confidence, 1 - self.confidence]).clamp_min(1e-6).log()
         return GuideOutput(p.expand(x.shape[0], -1).clone(), out.grid, out.embedding, out.tp_valid, out.calibrated)
@@ -196,7 +196,7 @@ class _Flat:
         self.inner = guide
         self.labels, self.layout, self.hidden_size = guide.labels, guide.layout, guide.hidden_size
 
-    def __call__(self, x, rows=None) -> GuideOutput:
+    def __call__(self, x, rows=None, pass_index=0) -> GuideOutput:
         out = self.inner(x, rows)
         gen = torch.Generator().manual_seed(0)
         flat = (1 + 0.02 * torch.randn(out.grid.shape, generator=gen)) * (out.grid.abs().sum(dim=1, keepdim=True) > 0)

@@ -18,7 +18,8 @@ from astsep.config import AstsepConfig, load_config
 from astsep.errors import AudioError, ConfigError
 from astsep.audio import dbfs, rms_db
 from astsep.events import active_span, class_records
-from astsep.guide import ASTGuide, top_classes
+from astsep.guide import ASTGuide
+from astsep.guidance import top_classes
 from astsep.pipeline import Pipeline, crossfade_weights, window_starts
 from astsep.testing import force_class, tiny_ast
 

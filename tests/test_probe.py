@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from astsep import probe
-from astsep.guide import build_guide
+from astsep.guide_loader import build_guide
 from astsep.config import GuideConfig
 from conftest import ESC, SHARED_DATA
 

@@ -83,8 +83,12 @@ class Sound:
         return self.audio
 
 
-def split_sounds(shared_dir: str | Path, part: str) -> list[Sound]:
-    """The sounds of ``part`` (``"train"`` or ``"held_out"``) of the fixed class split, in a fixed order."""
+def split_sounds(shared_dir: str | Path, part: str, more: bool = False) -> list[Sound]:
+    """The sounds of ``part`` (``"train"`` or ``"held_out"``) of the fixed class split, in a fixed order.
+
+    ``more``: add the clips of ``esc50_more/`` (1 to 8 more takes of every ESC-50 class), each on the side
+    of its class, so a held-out class stays held out in both folders (all takes of one recording share
+    a class, so they share a side too)."""
     from ..devset import ESC50_TO_AUDIOSET
 
     if part not in ("train", "held_out"):
@@ -98,6 +102,16 @@ def split_sounds(shared_dir: str | Path, part: str) -> list[Sound]:
     for f in esc:
         cls = f.name.split("__")[0]
         sounds.append(Sound(cls, "esc50", ESC50_TO_AUDIOSET[cls], f))
+    if more:
+        more_dir = root / "esc50_more"
+        extra = sorted(more_dir.glob("*.flac"))
+        if not extra:
+            raise ConfigError(f"esc50_more/ clips not found under {root}")
+        for f in extra:
+            cls = f.name.split("__")[0]
+            if cls not in ESC50_TO_AUDIOSET:
+                raise ConfigError(f"{f.name}: unknown ESC-50 class {cls!r}")
+            sounds.append(Sound(cls, "esc50", ESC50_TO_AUDIOSET[cls], f))
     for group, names, label in (("speech", SPEECH_FILES, SPEECH_LABEL), ("music", MUSIC_FILES, MUSIC_LABEL)):
         for name in names:
             found = sorted(p for p in lib_dir.glob("*.ogg") if name in p.name)
@@ -204,6 +218,8 @@ class ClassSplitMixtures(Dataset):
         if kind == "esc50":
             i, j = rng.choice(len(esc), 2, replace=False)
             a, b = esc[int(i)], esc[int(j)]
+            while a.key == b.key:  # two takes of one class (esc50_more): draw the interferer again
+                b = esc[int(rng.integers(len(esc)))]
         else:
             pool = self.groups[kind]
             a, b = pool[int(rng.integers(len(pool)))], esc[int(rng.integers(len(esc)))]
@@ -287,3 +303,30 @@ class ClassSplitDataModule(MixtureDataModule):
 
     def test_dataset(self) -> ClassSplitMixtures:
         return self._dataset("held_out", self.test_mixtures, self.seed + 2)
+
+
+def class_split_dev(shared_dir: str | Path, part: str, n: int, seconds: float = 5.0, seed: int = 29,
+                    snr_db: float = 0.0) -> list:
+    """``n`` seeded 0 dB dev mixtures (:class:`astsep.devset.DevMixture`) of one side of the class split,
+    both ESC-50 folders included (:func:`split_sounds` with ``more``): ``part="train"`` to tune on,
+    ``part="held_out"`` to score on (no sound, class or recording of one side is on the other).
+
+    ESC-50 + ESC-50 of two classes (60 %), speech + ESC-50 (20 %), music + ESC-50 (20 %), either one the
+    target; a ``seconds`` crop of each (quiet crops redrawn), the interferer at ``snr_db``. Each carries the
+    AudioSet labels that fit its target and interferer (:func:`astsep.devset.fitting_labels`)."""
+    from ..devset import DevMixture, fitting_labels
+
+    sounds = split_sounds(shared_dir, part, more=True)
+    data = ClassSplitMixtures(sounds, n, seed + (0 if part == "train" else 1_000), segment_seconds=seconds,
+                              snr_db=(snr_db, snr_db), gain_db=(0.0, 0.0))
+    groups = {s.key: s.group for s in sounds}
+    out = []
+    for i in range(n):
+        ex = data[i]
+        a_key, b_key = ex["name"].split("_", 1)[1].rsplit("@", 1)[0].split("+")
+        kind = "esc50" if groups[a_key] == groups[b_key] == "esc50" else (
+            groups[a_key] if groups[a_key] != "esc50" else groups[b_key])
+        out.append(DevMixture(ex["name"], kind, snr_db, ex["mixture"], ex["target"], ex["interferer"],
+                              ex["target_label"], ex["interferer_label"], fitting_labels(a_key, groups[a_key]),
+                              fitting_labels(b_key, groups[b_key])))
+    return out

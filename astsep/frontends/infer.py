@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, metavar="DIR",
                    help="output folder (one input: files go straight in; several: one subfolder per input)")
     p.add_argument("-m", "--model", default=None,
-                   help=f"AST model: Hub id or local folder saved with save_pretrained (default {DEFAULT_MODEL})")
+                   help=f"the guide: an AST (Hub id or local folder saved with save_pretrained; default {DEFAULT_MODEL}) "
+                        "or an EfficientAT tagger folder (real weights: ../shared/models/efficientat_mn04_as)")
     p.add_argument("--config", default=None, metavar="YAML",
                    help="separator config (default configs/separator.yaml when present); any key of it can also "
                         "be given as --section.key VALUE (listed below)")

@@ -47,7 +47,7 @@ Python API::
     LiveListener(pipeline, on_event=print).run(source)   # or a callback
 """
 
-from .alert import AlertStage, excerpt_logits
+from .alert import AlertStage, excerpt_probs
 from .clock import Clock, ManualClock, SystemClock
 from .listener import LiveListener, listen
 from .occurrences import Occurrences, angle_apart, apply_update, retraction
@@ -60,5 +60,5 @@ from .trigger import Analysis, RingBuffer, Triggers
 
 __all__ = ["ALERT_KINDS", "AlertStage", "Analysis", "Clock", "LiveListener", "LiveStats",
            "ManualClock", "Occurrences", "OutboxSink", "Recorder", "RingBuffer", "SeparationStage", "SystemClock",
-           "Triggers", "active_runs", "angle_apart", "apply_update", "direction", "excerpt_logits", "listen",
+           "Triggers", "active_runs", "angle_apart", "apply_update", "direction", "excerpt_probs", "listen",
            "live_event", "retraction"]

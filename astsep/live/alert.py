@@ -1,4 +1,4 @@
-"""The fast alert stage: one AST forward on a short excerpt, no separation.
+"""The fast alert stage: one guide forward (AST or tagger) on a short excerpt, no separation.
 
 An alertable class (category other than ``other``, unless ``emit_other``) among the excerpt's top 5
 at or above ``alert_threshold`` is a detection at once; the separation stage confirms, updates or
@@ -14,20 +14,13 @@ from .separation import active_runs
 from .trigger import Analysis
 
 
-def excerpt_logits(guide, x) -> "torch.Tensor":  # noqa: F821 - torch is imported when called
-    """The AST's logits ``(C,)`` for one excerpt ``x`` ``(N,)``: the guide's model with the zero
-    padding trimmed (merged as ``guide.cfg.pad_merge`` says) whatever the guide's own setting,
-    uncached (an excerpt is seen once). A guide without a model of its own (an oracle) is called."""
+def excerpt_probs(guide, x) -> "torch.Tensor":  # noqa: F821 - torch is imported when called
+    """Class probabilities ``(C,)`` of one excerpt ``x`` ``(N,)``: the guide's ``classify`` of an excerpt
+    (uncached; softmax for the AST, its zero padding trimmed; sigmoid for a multi-label tagger)."""
     import torch
 
-    from ..features import ast_input
-
     with torch.no_grad():
-        if not hasattr(guide, "forward_features"):
-            return guide(x[None].to(guide.device)).logits[0]
-        cfg = guide.cfg
-        feats, real = ast_input(x[None].float(), guide.max_frames, cfg.fbank_mean, cfg.fbank_std)
-        return guide.forward_features(feats.to(guide.device, guide.dtype), real)["logits"][0]
+        return guide.classify(x[None].to(guide.device), excerpt=True)[0].float()
 
 
 class AlertStage:
@@ -45,11 +38,11 @@ class AlertStage:
 
         from ..audio import dbfs
         from ..events import class_records
-        from ..guide import top_classes
+        from ..guidance import top_classes
         from ..pipeline import round_db  # the separation events' level_dbfs, the same way
 
         mono = item.audio.mean(axis=0)
-        probs = torch.softmax(excerpt_logits(self.pipe.guide, torch.from_numpy(mono)).float(), dim=-1)
+        probs = excerpt_probs(self.pipe.guide, torch.from_numpy(mono))
         _, _, top_p, top_i = top_classes(probs[None].cpu(), self.pipe.cfg.separator.top_k)
         cats = self.pipe.cfg.categories
         labels = self.pipe.guide.labels
