@@ -8,14 +8,18 @@ A tagger says *what* sounds, well (its top-3 labels fit 43 of the 50 shared ESC-
   the named class's probability (``4 × T/32``), interpolated onto the patch grid; an uncalibrated
   grid, which the separator treats like attention. Measured: no better than a random model.
 - ``loop`` (the default), the tagger *in the loop*: the window's power spectrogram is factorised
-  (NMF, ``components`` templates × activations, the separator's own KL updates), each component is
-  rebuilt as a signal (its Wiener share of the mixture STFT), and the tagger labels every component
-  in one batch. A component's evidence for the named class ``c`` against the competing one ``d`` (the
-  class the components not voting for ``c`` vote for most) is the log-odds difference
-  ``logit p_k(c) − logit p_k(d)``; its share of the target is a sigmoid of that, scaled by
-  ``sharpness``. ``iterations`` > 0 repeats the vote with the target and rest rebuilt from the
-  current shares (the mask ↔ tagger loop). The grid is the target's share of the energy in every
-  patch: calibrated, like an oracle's, so the separator fits the mask to it.
+  (NMF, ``components`` templates × activations, the separator's KL updates), each component is rebuilt
+  as a signal (its Wiener share of the mixture STFT) and the tagger embeds every component in one batch.
+  ``assign: cluster`` (the default) splits the components into two sounds by those embeddings (a
+  spectral split, then an energy-weighted 2-means), rebuilds and tags both groups, and names one of
+  them (``name_by``: the louder, or the one the tagger is surer of); its label is its group's tags
+  weighed with the window's (``label_mix``). Two groups the tagger hears alike are one sound: in the
+  first pass the window is given to it whole; in a later pass nothing more is separated
+  (``GuideOutput.done``: what is left stays the residual, classified whole). The grid is the named
+  sound's share of the energy in every patch: calibrated, like an oracle's, so the separator fits its
+  mask to it. ``assign: rival | prob`` instead give each component to the mixture's top class by its
+  own tags (with ``iterations``: the mask ↔ tagger loop); measured far below the clustering
+  (``benchmarks/README.md``), kept to compare.
 
 Shapes: windows ``(B, N)`` at 16 kHz (resampled to 32 kHz for the tagger, which was trained there);
 logits ``(B, 527)`` multi-label (sigmoid); grids ``(B, 12, 101)``; embeddings ``(B, 384)``.

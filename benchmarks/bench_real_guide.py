@@ -106,6 +106,31 @@ def score_run(pipe: Pipeline, m) -> dict:
     return row
 
 
+def ceiling(guide, m) -> dict:
+    """What limits the loop on one mixture (SI-SDRi against the closer reference, the guide's own mask, no
+    separator): the components given by their true target share (> 1/2: the best any split of these NMF
+    components can do) beside the embedding clustering's split."""
+    from astsep.features import apply_mask, stft
+
+    x = m.mixture.view(1, -1)
+    n = x.shape[-1]
+    X, P, C, _ = guide.decompose(x, int(guide.tcfg.seed))
+    _, emb = guide.tag_components(X, C, n)
+    mask, _, _, _ = guide.cluster(X, C, P, emb, n, one_sound=2.0)  # never "one sound": the split itself
+    S = stft(m.target.view(1, -1), guide.stft_cfg).abs().pow(2)
+    Nz = stft(m.interferer.view(1, -1), guide.stft_cfg).abs().pow(2)
+    own = S / (S + Nz).clamp_min(1e-20)
+    energy = (C * P.unsqueeze(1)).sum(dim=(2, 3)).clamp_min(1e-20)
+    share = (C * (own * P).unsqueeze(1)).sum(dim=(2, 3)) / energy  # (1, K) true target share
+    best = torch.einsum("bk,bkft->bft", (share > 0.5).float(), C)
+
+    def named(M):
+        est = apply_mask(X, M, guide.stft_cfg, n)[0]
+        return max(db(est, m.mixture, m.target), db(est, m.mixture, m.interferer))
+
+    return {"oracle_components": named(best), "cluster": named(mask)}
+
+
 def mixture_labels(guide, m) -> dict:
     top = guide.classify(m.mixture.view(1, -1))[0].topk(3).indices.tolist()
     out = {}
@@ -134,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES),
                    help="guidance candidates: loop, classmap, or name=key:value,... over the tagger section")
     p.add_argument("--no-oracle", action="store_true", help="skip the exact-oracle and IRM rows")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also print what limits the loop: the NMF components split by their true shares, beside "
+                        "the embedding clustering's split (the guide's own masks, no separator)")
     p.add_argument("--json", default=None, metavar="PATH", help="write every row of every candidate here")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
@@ -170,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{mean(rows, 'best_file'):.2f} | {label_rate(rows, 1):.0f} % | {label_rate(rows, 3):.0f} % | {secs:.2f} |")
     print(f"| mn04 on the unseen mixture alone (no separation) | – | – | – | {label_rate(mix_rows, 1):.0f} % | "
           f"{label_rate(mix_rows, 3):.0f} % | – |")
+    if args.ceiling:
+        cl = [ceiling(plain, m) for m in mixes]
+        print(f"| loop's own mask: NMF components split by their true shares (its ceiling) | – | "
+              f"{mean(cl, 'oracle_components'):.2f} | | | | |")
+        print(f"| loop's own mask: the embedding clustering's split | – | {mean(cl, 'cluster'):.2f} | | | | |")
     if not args.no_oracle:
         labels = plain.labels
         orows = []

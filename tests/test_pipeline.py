@@ -345,7 +345,7 @@ def test_events_json_holds_the_whole_config_by_value_and_rebuilds_the_same_run(t
     first = astsep.separate(x, 16000, config=cfg, guide=ASTGuide(tiny_ast(seed=0), cfg.guide), max_passes=2)
     first.write(tmp_path / "run")
     recorded = json.loads((tmp_path / "run" / "events.json").read_text())["stats"]["config"]
-    assert set(recorded) == {"stft", "separator", "guide", "window", "categories"}
+    assert set(recorded) == {"stft", "separator", "guide", "tagger", "window", "categories"}
     assert recorded["separator"]["max_passes"] == 2 and recorded["window"]["overlap_sec"] == 0.5
     rebuilt = config_from_dict(recorded)  # the run, reproduced from its output folder alone
     assert rebuilt == apply_overrides(cfg, {"separator.max_passes": 2})

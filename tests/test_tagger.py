@@ -169,3 +169,34 @@ def test_infer_py_separates_and_labels_with_the_tagger(tmp_path):
     assert all(e["label"] in labels for e in events["events"])
     total = sum(torch.from_numpy(sf.read(f, dtype="float32")[0]) for f in out.glob("*.wav"))
     assert float((total - m.mixture).abs().max()) < 1e-4
+
+
+class DoneAfterFirst:
+    """An oracle that says, from the second pass on, that nothing is left to separate (``done``)."""
+
+    def __init__(self, inner: OracleGuide):
+        self.inner = inner
+        self.labels, self.layout, self.hidden_size = inner.labels, inner.layout, inner.hidden_size
+        self.time_patches, self.max_frames, self.multilabel = inner.time_patches, inner.max_frames, False
+        self.device, self.cfg, self.name = inner.device, inner.cfg, "done-after-first"
+
+    def __call__(self, x, rows=None, pass_index=0):
+        out = self.inner(x, rows)
+        out.done = torch.full((x.shape[0],), pass_index > 0)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_guide_that_says_done_ends_the_passes_and_leaves_the_rest_in_the_residual():
+    m = class_split_dev(SHARED / "data", "train", 1)[0]
+    labels = ["a", "b"]
+    oracle = OracleGuide(m.mixture[None], torch.stack([m.target, m.interferer])[None], [[0, 1]], labels)
+    cfg = AstsepConfig()
+    out = Pipeline(cfg, DoneAfterFirst(oracle)).run(m.mixture, m.name, keep_traces=True)
+    kept = [bool(t["kept"]) for t in out.traces[0][2]["traces"]]
+    assert kept[0] and not any(kept[1:])
+    full = Pipeline(cfg, OracleGuide(m.mixture[None], torch.stack([m.target, m.interferer])[None], [[0, 1]], labels))
+    assert sum(bool(t["kept"]) for t in full.run(m.mixture, m.name, keep_traces=True).traces[0][2]["traces"]) > 1
+    assert float((sum(out.sources.values()) - m.mixture).abs().max()) < 1e-4

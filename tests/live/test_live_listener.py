@@ -49,9 +49,9 @@ class Spending:
         self.box[0].spend(self.seconds)
         return self.real.run(*args, **kwargs)
 
-    def forward_features(self, *args, **kwargs):
+    def classify(self, *args, **kwargs):  # the alert stage's one call per excerpt
         self.box[0].spend(self.seconds)
-        return self.real.forward_features(*args, **kwargs)
+        return self.real.classify(*args, **kwargs)
 
 
 def test_a_siren_gives_one_occurrence_its_alert_at_a_known_latency_then_the_update(siren_pipe, shared):
