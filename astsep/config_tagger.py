@@ -44,6 +44,11 @@ class TaggerConfig:
     # a residual is named as a sound (and gets its class's category) when its top sigmoid probability
     # reaches this: the multi-label counterpart of separator.residual_confidence (the AST's softmax 0.70)
     residual_confidence: float = 0.5
+    # the live alert stage fires on an alertable class at this sigmoid probability of a 1 s excerpt: the
+    # multi-label counterpart of live.alert_threshold (0.5, the AST's softmax). Chosen on the training-side
+    # classes' clips (benchmarks/README.md): 0.5 caught 14 % of the alertable ones, 0.05 77 % (23 % of the
+    # everyday ones alerted too), the best hit-minus-false-alarm rate
+    alert_threshold: float = 0.05
     # the tagger's class names (AudioSet's class_labels_indices.csv); null: found beside its weights
     labels: str | None = None
 
@@ -55,6 +60,7 @@ class TaggerConfig:
         _int(sec, "nmf_iterations", self.nmf_iterations, lo=1)
         _str(sec, "assign", self.assign, choices=TAGGER_ASSIGN)
         _float(sec, "residual_confidence", self.residual_confidence, lo=0, hi=1)
+        _float(sec, "alert_threshold", self.alert_threshold, lo=0, hi=1)
         _float(sec, "one_sound", self.one_sound)
         _float(sec, "one_sound_later", self.one_sound_later)
         _float(sec, "label_mix", self.label_mix, lo=0, hi=1)

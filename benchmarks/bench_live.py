@@ -138,13 +138,16 @@ def pipeline(fast: bool, threads: int, max_passes: int | None = None, device: st
     return pipe
 
 
-def real_pipeline(threads: int, model: str, device: str = "cpu", alert_sec: float = 1.0) -> Pipeline:
+def real_pipeline(threads: int, model: str, device: str = "cpu", alert_sec: float = 1.0,
+                  alert_threshold: float | None = None) -> Pipeline:
     """The pipeline on a real guide (``model``: the mn04 tagger folder), warmed up like :func:`pipeline`'s."""
     from astsep.guide_loader import load_guide
 
     torch.set_num_threads(threads)
     cfg = AstsepConfig()
     cfg.guide.device = device
+    if alert_threshold is not None:
+        cfg.tagger.alert_threshold = alert_threshold
     pipe = Pipeline(cfg, load_guide(cfg, model))
     noise = torch.zeros(int(4.096 * SAMPLE_RATE)).uniform_(-0.1, 0.1)
     pipe.run(noise, "warm-up")
@@ -172,6 +175,32 @@ def alert_scores(got: list[tuple[dict, float]], onsets: list[float], classes: li
     return {"alertable": n_alert, "hit_rate": round(hits / max(1, n_alert), 3),
             "hit_rate_right_label": round(right / max(1, n_alert), 3), "everyday": n_every,
             "false_alarm_rate": round(false / max(1, n_every), 3)}
+
+
+# the training side of the class split (astsep.data.classsplit.HELD_OUT holds siren, knock, cat, typing, laughter)
+CALIBRATE_ALERTABLE = ("crying_baby", "clock_alarm", "glass_breaking")
+CALIBRATE_EVERYDAY = ("dog", "car_horn", "footsteps", "engine", "rooster", "clapping", "sneezing", "pouring_water",
+                      "toilet_flush")
+
+
+def alert_curve(pipe: Pipeline, thresholds=(0.03, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5)) -> dict:
+    """The alert stage's decision on the loudest second of every clip (both ESC-50 folders) of the training-side
+    classes: the share of alertable / everyday clips whose best alertable class reaches each threshold."""
+    alert_ids = [i for ids in pipe.cfg.categories.sets.values() for i in ids]
+    best = {}
+    for group, classes in (("alertable", CALIBRATE_ALERTABLE), ("everyday", CALIBRATE_EVERYDAY)):
+        vals = []
+        for cls in classes:
+            for f in sorted((SHARED_DATA / "esc50_more").glob(f"{cls}__*.flac")) + sorted(ESC.glob(f"{cls}__*.flac")):
+                x = load_audio(f)[0].numpy()
+                m = SAMPLE_RATE
+                s0 = int(np.argmax(np.convolve(x ** 2, np.ones(m), "valid"))) if x.size > m else 0
+                p = excerpt_probs(pipe.guide, torch.from_numpy(x[s0:s0 + m]))
+                vals.append(float(p[alert_ids].max()))
+        best[group] = np.asarray(vals)
+    return {"clips": {g: int(v.size) for g, v in best.items()},
+            "curve": [{"threshold": t, "hit": round(float((best["alertable"] >= t).mean()), 3),
+                       "false_alarm": round(float((best["everyday"] >= t).mean()), 3)} for t in thresholds]}
 
 
 def load() -> float:
@@ -323,13 +352,16 @@ def main() -> None:
     p.add_argument("--real", nargs="?", const=str(TAGGER), default=None, metavar="MODEL",
                    help="also run the real mn04 tagger (default folder: ../shared/models/efficientat_mn04_as) on a stream "
                         "of alertable sounds among everyday ones: latency, hit rate, false alarms")
+    p.add_argument("--real-only", action="store_true", help="with --real: skip the forced-Siren AST cases")
+    p.add_argument("--tagger-alert-threshold", type=float, default=None,
+                   help="with --real: tagger.alert_threshold (default: the config's)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     results = {"args": vars(args), "live_config": dataclasses.asdict(live_config(args)), "cases": [],
                "smallest_hop_without_drops": None, "cpu_count": os.cpu_count(),
                "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     t0 = time.perf_counter()
-    for fast in ([True] if args.skip_default else [False, True]):
+    for fast in ([] if args.real_only else [True] if args.skip_default else [False, True]):
         pipe = pipeline(fast, args.threads, args.max_passes, args.device, args.alert_sec)
         res = latency_case(pipe, "fast" if fast else "default", args)
         results["cases"].append(res)
@@ -340,8 +372,10 @@ def main() -> None:
         del pipe
     if args.real:
         real = real_sounds(args.sounds)
-        pipe = real_pipeline(args.threads, args.real, args.device, args.alert_sec)
+        pipe = real_pipeline(args.threads, args.real, args.device, args.alert_sec, args.tagger_alert_threshold)
         results["cases"].append(latency_case(pipe, "mn04 tagger", args, real))
+        results["alert_curve"] = alert_curve(pipe)
+        print(json.dumps({"alert_curve": results["alert_curve"]}), flush=True)
         del pipe
     results["wall_sec"] = round(time.perf_counter() - t0, 1)
     print(json.dumps({"smallest_hop_without_drops": results["smallest_hop_without_drops"],

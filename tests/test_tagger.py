@@ -200,3 +200,21 @@ def test_a_guide_that_says_done_ends_the_passes_and_leaves_the_rest_in_the_resid
     full = Pipeline(cfg, OracleGuide(m.mixture[None], torch.stack([m.target, m.interferer])[None], [[0, 1]], labels))
     assert sum(bool(t["kept"]) for t in full.run(m.mixture, m.name, keep_traces=True).traces[0][2]["traces"]) > 1
     assert float((sum(out.sources.values()) - m.mixture).abs().max()) < 1e-4
+
+
+def test_the_alert_stage_judges_a_tagger_on_its_own_sigmoid_threshold(guide):
+    from astsep.audio import load_audio
+    from astsep.config import LiveConfig
+    from astsep.live.alert import AlertStage
+    from astsep.live.trigger import Analysis
+
+    clip = load_audio(sorted((SHARED / "data" / "esc50_more").glob("siren__*.flac"))[0])[0]
+    excerpt = Analysis(0, clip[16000:32000].numpy()[None], "level", 0.0)  # one second of a siren
+    cfg = AstsepConfig()
+    probs = guide.classify(clip[16000:32000][None])[0]
+    top = float(probs[[i for ids in cfg.categories.sets.values() for i in ids]].max())
+    assert cfg.tagger.alert_threshold < top < cfg.live.alert_threshold  # the softmax threshold would miss it
+    hit = AlertStage(Pipeline(cfg, guide), LiveConfig()).detect(excerpt)
+    assert hit is not None and hit["category"] == "danger" and "siren" in hit["label"].lower()
+    strict = apply_overrides(cfg, {"tagger.alert_threshold": min(1.0, top + 0.01)})
+    assert AlertStage(Pipeline(strict, guide), LiveConfig()).detect(excerpt) is None

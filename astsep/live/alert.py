@@ -31,7 +31,8 @@ class AlertStage:
         self.cfg = cfg
 
     def detect(self, item: Analysis) -> dict | None:
-        """The most probable alertable class of the excerpt's top 5 at or above ``alert_threshold``,
+        """The most probable alertable class of the excerpt's top 5 at or above ``alert_threshold``
+        (``tagger.alert_threshold`` for a multi-label tagger),
         as a detection in seconds of the excerpt (``start_sec`` / ``end_sec``: the sound's span,
         :meth:`span`), with ``kind: "mixture"``; None when there is none."""
         import torch
@@ -47,8 +48,11 @@ class AlertStage:
         cats = self.pipe.cfg.categories
         labels = self.pipe.guide.labels
         found = None
+        # a multi-label tagger's sigmoid probabilities have their own scale (tagger.alert_threshold)
+        threshold = self.pipe.cfg.tagger.alert_threshold if getattr(self.pipe.guide, "multilabel", False) \
+            else self.cfg.alert_threshold
         for p, cid in zip(top_p[0].tolist(), top_i[0].tolist()):
-            if p < self.cfg.alert_threshold:
+            if p < threshold:
                 break
             if cid >= 0 and (self.cfg.emit_other or cats.category(cid) != "other"):
                 found = (p, cid)
