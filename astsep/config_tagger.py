@@ -31,9 +31,12 @@ class TaggerConfig:
     # are one sound, and the window is given to it (> 1: never)
     one_sound: float = 0.8  # ... in the first pass (the mixture itself)
     one_sound_later: float = 0.3  # ... in later passes (what earlier passes left: most often one sound)
-    # the named sound's label: its group's tag probabilities weighed (geometrically) with the mixture's,
-    # this share the mixture's (0: the group's alone)
+    # label_by group: the group's tag probabilities weighed (geometrically) with the window's, this share
+    # the window's (0: the group's alone)
     label_mix: float = 0.5
+    # the named sound's label: contrast (what the window holds, times how much more the named group holds
+    # it than the other) or group (its group's tags weighed with the window's by label_mix)
+    label_by: str = "contrast"
     # cluster: which group is named first: sure (the tagger's top probability) or energy (the louder)
     name_by: str = "energy"
     ensemble: int = 1  # cluster: factorisations (NMF seeds) clustered and averaged per window
@@ -64,6 +67,7 @@ class TaggerConfig:
         _float(sec, "one_sound", self.one_sound)
         _float(sec, "one_sound_later", self.one_sound_later)
         _float(sec, "label_mix", self.label_mix, lo=0, hi=1)
+        _str(sec, "label_by", self.label_by, choices=("contrast", "group"))
         _str(sec, "name_by", self.name_by, choices=("sure", "energy"))
         _int(sec, "ensemble", self.ensemble, lo=1)
         _float(sec, "sharpness", self.sharpness, lo=0, lo_open=True)
