@@ -169,18 +169,8 @@ class ASTGuide:
         """
         if x.dim() == 1:
             x = x.unsqueeze(0)
-        cached = self.cache.size > 0 or self.cache.dir is not None
-        keys = [self.key(row) for row in x] if cached else [None] * x.shape[0]
-        found = [self.cache.get(k) if k is not None else None for k in keys]
-        miss = [i for i, f in enumerate(found) if f is None]
-        self.cache_hits += len(keys) - len(miss)
-        if miss:
-            fresh = self._forward(x[miss].to(self.device))
-            for j, i in enumerate(miss):
-                item = {name: t[j].detach().to("cpu", torch.float32).clone() for name, t in fresh.items()}
-                if keys[i] is not None:
-                    self.cache.put(keys[i], item)
-                found[i] = item
+        found, hits = self.cache.fetch(x, self.key, lambda rows: self._forward(rows.to(self.device)))
+        self.cache_hits += hits
         tp_valid = self.layout.valid_time_patches(x.shape[-1], self.max_frames, self.time_patches)
         grid = torch.stack([f["grid"] for f in found])
         return GuideOutput(

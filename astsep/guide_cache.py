@@ -111,6 +111,27 @@ class GuideCache:
             except OSError as exc:
                 log.warning("cannot write AST cache to %s: %s", d, exc)
 
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0 or self.dir is not None
+
+    def fetch(self, x: torch.Tensor, key, compute) -> tuple[list[dict], int]:
+        """Every row of ``x (B, N)`` from the cache, computing the missing ones in one batch.
+
+        ``key(row)`` is a row's content key; ``compute(rows (b, N))`` returns ``{name: (b, ...) tensor}``.
+        Returns one ``{name: tensor}`` per row (float32, on the CPU) and how many came from the cache."""
+        keys = [key(row) for row in x] if self.enabled else [None] * x.shape[0]
+        found = [self.get(k) if k is not None else None for k in keys]
+        miss = [i for i, f in enumerate(found) if f is None]
+        if miss:
+            fresh = compute(x[miss])
+            for j, i in enumerate(miss):
+                item = {name: t[j].detach().to("cpu", torch.float32).clone() for name, t in fresh.items()}
+                if keys[i] is not None:
+                    self.put(keys[i], item)
+                found[i] = item
+        return found, len(keys) - len(miss)
+
     def _remember(self, key: str, item: dict) -> None:
         with self._lock:
             self.mem[key] = item

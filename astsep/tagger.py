@@ -192,19 +192,10 @@ class TaggerGuide:
         ``pass_index`` picks the one-sound threshold (``one_sound`` for the mixture, ``one_sound_later``)."""
         if x.dim() == 1:
             x = x.unsqueeze(0)
-        cached = self.cache.size > 0 or self.cache.dir is not None
         later = int(pass_index) > 0
-        keys = [self.key(r, later) for r in x] if cached else [None] * x.shape[0]
-        found = [self.cache.get(k) if k is not None else None for k in keys]
-        miss = [i for i, f in enumerate(found) if f is None]
-        self.cache_hits += len(keys) - len(miss)
-        if miss:
-            fresh = self._guide(x[miss].float().to(self.device), later)
-            for j, i in enumerate(miss):
-                item = {n: t[j].detach().to("cpu", torch.float32).clone() for n, t in fresh.items()}
-                if keys[i] is not None:
-                    self.cache.put(keys[i], item)
-                found[i] = item
+        found, hits = self.cache.fetch(x, lambda row: self.key(row, later),
+                                       lambda rows: self._guide(rows.float().to(self.device), later))
+        self.cache_hits += hits
         tp = self.layout.valid_time_patches(x.shape[-1], self.max_frames, self.time_patches)
         return GuideOutput(logits=torch.stack([f["logits"] for f in found]), grid=torch.stack([f["grid"] for f in found]),
                            embedding=torch.stack([f["embedding"] for f in found]), tp_valid=tp,
