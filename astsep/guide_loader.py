@@ -56,6 +56,9 @@ def build_guide(model: str, guide_cfg: GuideConfig, seed: int = 0, tagger_cfg: T
         from .testing import tiny_ast
 
         return ASTGuide.from_model(tiny_ast(seed=seed), guide_cfg, name=f"tiny-ast-{seed}")
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise ModelLoadError(f"model folder not found: {model} (an AST folder saved with save_pretrained, or an "
+                             f"EfficientAT tagger folder holding its mn*_as*.pt weights)")
     if is_tagger_path(model):
         from .tagger import TaggerGuide
 

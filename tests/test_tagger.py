@@ -218,3 +218,10 @@ def test_the_alert_stage_judges_a_tagger_on_its_own_sigmoid_threshold(guide):
     assert hit is not None and hit["category"] == "danger" and "siren" in hit["label"].lower()
     strict = apply_overrides(cfg, {"tagger.alert_threshold": min(1.0, top + 0.01)})
     assert AlertStage(Pipeline(strict, guide), LiveConfig()).detect(excerpt) is None
+
+
+def test_a_missing_model_folder_names_both_kinds_of_model(tmp_path):
+    from astsep.guide_loader import build_guide
+
+    with pytest.raises(ModelLoadError, match="model folder not found.*EfficientAT tagger folder"):
+        build_guide(str(tmp_path / "no-such-model"), AstsepConfig().guide)
