@@ -184,7 +184,12 @@ class PatchLayout:
                            int(config.time_stride))
 
 
-def _interp_matrix(coord: torch.Tensor, n: int) -> torch.Tensor:
+def htk_mel(f: torch.Tensor) -> torch.Tensor:
+    """Kaldi's HTK mel scale, ``1127 ln(1 + f / 700)``, of frequencies ``f`` in Hz."""
+    return 1127.0 * torch.log1p(f / 700.0)
+
+
+def interp_matrix(coord: torch.Tensor, n: int) -> torch.Tensor:
     """``(L, n)`` linear-interpolation weights at fractional positions ``coord`` (clamped to the ends)."""
     c = coord.clamp(0, n - 1)
     lo = c.floor().long().clamp(max=n - 1)
@@ -212,13 +217,12 @@ def _patch_ops(n_freqs: int, n_fft: int, n_frames: int, hop: int, tp: int, layou
     starts = torch.arange(tp, dtype=torch.float64).unsqueeze(1) * layout.time_stride
     pool_t = ((kf >= starts - 0.5) & (kf < starts + layout.patch - 0.5)).float()  # (tp, T)
     # bilinear upsampling from patch centres to bins and frames
-    mel = lambda f: 1127.0 * torch.log1p(f / 700.0)  # noqa: E731  (Kaldi's htk mel scale)
-    lo, hi = mel(torch.tensor(20.0, dtype=torch.float64)), mel(torch.tensor(SAMPLE_RATE / 2, dtype=torch.float64))
+    lo, hi = htk_mel(torch.tensor(20.0, dtype=torch.float64)), htk_mel(torch.tensor(SAMPLE_RATE / 2, dtype=torch.float64))
     delta = (hi - lo) / (layout.n_mels + 1)
     freqs = torch.arange(n_freqs, dtype=torch.float64) * SAMPLE_RATE / n_fft
-    band = (mel(freqs.clamp_min(20.0)) - lo) / delta - 1  # fractional mel band of every bin
-    up_f = _interp_matrix((band - (layout.patch - 1) / 2) / layout.freq_stride, Fp)  # (F, Fp)
-    up_t = _interp_matrix((kf - (layout.patch - 1) / 2) / layout.time_stride, tp)  # (T, tp)
+    band = (htk_mel(freqs.clamp_min(20.0)) - lo) / delta - 1  # fractional mel band of every bin
+    up_f = interp_matrix((band - (layout.patch - 1) / 2) / layout.freq_stride, Fp)  # (F, Fp)
+    up_t = interp_matrix((kf - (layout.patch - 1) / 2) / layout.time_stride, tp)  # (T, tp)
     return tuple(t.to(device) for t in (pool_f, pool_t, up_f, up_t))
 
 

@@ -22,9 +22,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .config import SeparatorConfig
 from .features import PatchLayout
-
-TOP_K = 5  # SeparatorConfig.top_k's default: the classes a pass reports
 
 
 @dataclass
@@ -96,7 +95,7 @@ class Guide(Protocol):
         ...
 
 
-def top_classes(probs: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_classes(probs: torch.Tensor, k: int = SeparatorConfig.top_k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The most probable class and the ``k`` most probable ones of class probabilities ``(..., C)``.
 
     Returns ``(confidence (...), class_id (...), top_probs (..., k), top_ids (..., k))``, best

@@ -28,6 +28,7 @@ Results are cached by content like the AST's (:class:`astsep.guide_cache.GuideCa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -37,12 +38,12 @@ import torch
 import torch.nn.functional as F
 import torchaudio.functional as AF
 
-from .config import SAMPLE_RATE, GuideConfig, STFTConfig, TaggerConfig
+from .config import SAMPLE_RATE, GuideConfig, SeparatorConfig, STFTConfig, TaggerConfig
 from .efficientat import TAGGER_RATE, MelFrontEnd, MobileNetTagger, file_sha256, load_tagger
-from .features import PatchLayout, apply_mask, patch_energy, patch_operators, stft
+from .features import PatchLayout, apply_mask, htk_mel, interp_matrix, patch_energy, patch_operators, stft
 from .guidance import GuideOutput
 from .guide_cache import GuideCache
-from .masking import nmf
+from .masking import nmf, nmf_init
 
 AST_MAX_FRAMES = 1024  # fbank frames of a full 10.24 s window: the patch grid every guide speaks
 TAGGER_F_MAX = 15000.0  # the tagger's mel range (Hz)
@@ -52,22 +53,12 @@ CLUSTER_STEPS = 20  # 2-means updates after the spectral start (it settles in a 
 def tagger_row_coords(freq_rows: int, layout: PatchLayout, f_max: float = TAGGER_F_MAX) -> torch.Tensor:
     """``(Fp,)`` fractional row of the tagger's feature map (``freq_rows`` rows evenly over its 0-15 kHz
     HTK mel axis) at the centre frequency of every AST frequency patch (20 Hz-8 kHz HTK mel axis)."""
-    mel = lambda f: 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)  # noqa: E731
+    mel = lambda f: htk_mel(torch.tensor(f, dtype=torch.float64))  # noqa: E731
     lo, hi = mel(20.0), mel(SAMPLE_RATE / 2)
     delta = (hi - lo) / (layout.n_mels + 1)
     centre_band = torch.arange(layout.freq_patches, dtype=torch.float64) * layout.freq_stride + (layout.patch - 1) / 2
     centre_mel = lo + (centre_band + 1) * delta
     return (centre_mel / mel(f_max) * freq_rows - 0.5).float()
-
-
-def interp_rows(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of ``values (..., R, T)`` at fractional rows ``coords (L,)`` → ``(..., L, T)``."""
-    R = values.shape[-2]
-    c = coords.clamp(0, R - 1)
-    lo = c.floor().long().clamp(max=R - 1)
-    hi = (lo + 1).clamp(max=R - 1)
-    w = (c - lo.float()).to(values.dtype).view(-1, 1)
-    return values[..., lo, :] * (1 - w) + values[..., hi, :] * w
 
 
 class TaggerGuide:
@@ -226,7 +217,8 @@ class TaggerGuide:
         per_pos = self.model.head(fmap.permute(0, 2, 3, 1))  # (b, R, T', C)
         idx = cls.view(-1, 1, 1, 1).expand(-1, per_pos.shape[1], per_pos.shape[2], 1)
         pmap = torch.sigmoid(per_pos.gather(3, idx).squeeze(3))  # (b, R, T')
-        rows = interp_rows(pmap, tagger_row_coords(pmap.shape[1], self.layout).to(pmap.device))  # (b, Fp, T')
+        up = interp_matrix(tagger_row_coords(pmap.shape[1], self.layout), pmap.shape[1]).to(pmap)  # (Fp, R)
+        rows = up @ pmap  # (b, Fp, T')
         # the map's T' positions cover the window's frames evenly; the grid's tp patches the audio part
         return F.interpolate(rows, size=tp, mode="linear", align_corners=False)
 
@@ -292,11 +284,8 @@ class TaggerGuide:
         X = stft(x, self.stft_cfg)
         P = X.abs().pow(2)
         b, Fb, T = P.shape
-        K = int(tc.components)
-        gen = torch.Generator().manual_seed(seed)
-        W = (torch.rand(Fb, K, generator=gen) + 0.1).to(P.device)
-        W = (W / W.sum(dim=0, keepdim=True)).expand(b, -1, -1).clone()
-        H = (torch.rand(K, T, generator=gen) + 0.1).to(P.device).unsqueeze(0) * P.mean(dim=(1, 2)).view(-1, 1, 1) * Fb / K
+        start = dataclasses.replace(SeparatorConfig(), nmf_components=int(tc.components), nmf_seed=int(seed))
+        W, H = nmf_init(b, Fb, T, P.mean(dim=(1, 2)), start, P.device)  # the separator's seeded start
         W, H = nmf(P, W, H, int(tc.nmf_iterations), 1e-12)
         parts = W.transpose(1, 2).unsqueeze(3) * H.unsqueeze(2)  # (b, K, F, T)
         return X, P, parts / parts.sum(dim=1, keepdim=True).clamp_min(1e-20), H
