@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from astsep.config import AstsepConfig, apply_overrides, load_config  # noqa: E402
+from astsep.config import AstsepConfig, apply_overrides, load_config, parse_value  # noqa: E402
 from astsep.data.classsplit import class_split_dev  # noqa: E402
 from astsep.devset import label_id  # noqa: E402
 from astsep.evaluate import oracle_irm  # noqa: E402
@@ -57,17 +57,9 @@ def parse_candidate(text: str) -> tuple[str, dict]:
     over = {}
     for part in filter(None, rest.split(",")):
         k, _, v = part.partition(":")
-        over[f"tagger.{k.strip()}"] = yaml_value(v.strip())
+        key = f"tagger.{k.strip()}"
+        over[key] = parse_value(key, v.strip())  # typed by the field, as infer.py's --tagger.key options
     return name, over
-
-
-def yaml_value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def db(est: torch.Tensor, mix: torch.Tensor, ref: torch.Tensor) -> float:
