@@ -1,6 +1,7 @@
 """Separation quality of the deterministic separator on the seeded dev mixtures (``astsep.devset``).
 
-For an oracle guide (perfect, then spoiled step by step) and for a full-size random AST it runs
+For an oracle guide (perfect, then spoiled step by step), a full-size random AST and a real guide (``--model``,
+default the shared EfficientAT mn04 tagger: real trained weights) it runs
 ``infer.py``'s pipeline on every mixture and prints SI-SDRi and SDRi (mean, median) of
 
 - ``pass 1``: the first pass's source (the oracle names the target first);
@@ -37,6 +38,8 @@ from astsep.oracle import Degradation, OracleGuide  # noqa: E402
 from astsep.pipeline import Pipeline  # noqa: E402
 from astsep.testing import audioset_labels, full_ast  # noqa: E402
 from shared_data import SHARED_DATA  # noqa: E402
+
+TAGGER = SHARED_DATA.parent / "models" / "efficientat_mn04_as"  # real trained weights (EfficientAT mn04)
 
 CONDITIONS = [  # (name, degradation spec); the figure's two sweeps are blur and noise
     ("oracle", ""), ("blur 0.5", "blur=0.5"), ("blur 1", "blur=1"), ("blur 2", "blur=2"),
@@ -122,6 +125,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N mixtures")
     ap.add_argument("--skip-ast", action="store_true", help="no full-size random AST run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=str(TAGGER) if TAGGER.is_dir() else None,
+                    help="a real guide to score too (best written file): default the shared mn04 tagger folder; "
+                         "'none' to skip")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
@@ -175,6 +181,18 @@ def main() -> None:
         print(f"{'random full-size AST':28s} {fmt(r['pass1']['si_sdri'])} {r['pass1']['si_sdri']['share_ge_6db']:6.2f} "
               f"{fmt(r['pass1']['sdri'])}   {fmt(r['written']['si_sdri'])} {fmt(r['written']['sdri'])}  "
               f"{r['separator_seconds_per_item']:.3f}   (written = best written file)")
+
+    if args.model and args.model != "none":
+        from astsep.guide_loader import load_guide
+
+        guide = load_guide(cfg, args.model)
+        t0 = time.perf_counter()
+        r = run_condition(items, cfg, labels, lambda it: guide, best_written=True)
+        r["wall_seconds"] = time.perf_counter() - t0
+        results["conditions"][f"real: {Path(args.model).name}"] = r
+        print(f"{'real ' + Path(args.model).name:28s} {fmt(r['pass1']['si_sdri'])} "
+              f"{r['pass1']['si_sdri']['share_ge_6db']:6.2f} {fmt(r['pass1']['sdri'])}   {fmt(r['written']['si_sdri'])} "
+              f"{fmt(r['written']['sdri'])}  {r['separator_seconds_per_item']:.3f}   (written = best written file)")
 
     (out_dir / "quality.json").write_text(json.dumps(results, indent=2))
     figure(results, out_dir / "quality_vs_degradation.png")
